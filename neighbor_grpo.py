@@ -1,0 +1,683 @@
+"""
+Neighbor GRPO: contrastive ODE policy optimisation for FLUX (He et al., CVPR 2026, arXiv 2511.16955).
+
+    python neighbor_grpo.py --preset=tiny         # random tiny FLUX-architecture model on CPU, ~1 minute
+    python neighbor_grpo.py                       # FLUX.1-dev, the paper's 8-step DPM++ setting
+    python neighbor_grpo.py --help                # every field with its default and where it comes from
+
+Any Config field can be set as --field=value. The file reads top to bottom like the algorithm:
+config -> models -> time grid and solvers -> rewards -> advantages -> surrogate and objective
+-> one iteration -> the loop -> main. "eq. N" and "Alg. 1" refer to the paper.
+"""
+
+import dataclasses
+import difflib
+import importlib
+import inspect
+import io
+import json
+import logging
+import math
+import os
+import string
+import sys
+import time
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# transformers warns at import that CLIP's image processor falls back to PIL without torchvision: harmless here
+logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class Config:
+    # model
+    model_path: str = "black-forest-labs/FLUX.1-dev"  # hub id or local dir; "tiny" builds a random tiny FLUX
+    resolution: int = 720  # image side in pixels (DanceGRPO/MixGRPO protocol)
+    guidance_scale: float = 3.5  # FLUX.1-dev embedded guidance, as FluxPipeline
+    max_sequence_length: int = 512  # T5 tokens per prompt (FluxPipeline default)
+    prompt_file: str = ""  # one prompt per line; "" = the built-in example prompts
+    # neighbourhood rollout (Sec. 3.3)
+    group_size: int = 12  # G candidates per prompt (Table 3)
+    noise_sigma: float = 0.3  # sigma, strength of the initial-noise perturbation (eq. 7, Table 4)
+    num_steps: int = 8  # T rollout steps (Table 1: 8-step DPM++)
+    rollout_solver: str = "dpm++2m"  # "dpm++2m" or "euler" (= DDIM, eta=0); the train solver is Euler (Sec. 3.4.3)
+    shift: float = 0.0  # static time shift (DanceGRPO: 3.0); 0 = FluxPipeline's resolution-dependent shift
+    rollout_batch_size: int = 12  # candidates per transformer call during the rollout
+    # policy update (Sec. 3.4, Alg. 1)
+    num_anchors: int = 4  # B anchors per group (Table 5)
+    num_train_steps: int = 4  # K transitions per anchor (Table 3)
+    distance: str = "mean"  # ||.||^2 of eq. 8 averaged ("mean") or summed ("sum") over latent elements (SPEC)
+    temperature: float = 1.0  # tau in softmax(-d / tau); the paper omits it (supp. eq. 19)
+    clip_range: float = 1e-4  # epsilon of the ratio clip (eq. 4; DanceGRPO, MixGRPO)
+    adv_p: float = 0.8  # p of the group-wise quasi-norm advantage reweighting (eq. 11, Table 6)
+    # rewards
+    rewards: tuple[str, ...] = ("hpsv2", "pickscore", "imagereward")  # built-in names or module.path:function
+    reward_weights: tuple[float, ...] = ()  # one weight per reward; () = equal weights (MixGRPO protocol)
+    reward_batch_size: int = 12  # images per VAE decode and reward call
+    # optimisation
+    iterations: int = 300  # GRPO iterations (paper)
+    groups_per_rank: int = 1  # prompt groups per process per iteration (paper: 1 per GPU)
+    lr: float = 1e-5  # AdamW learning rate (paper)
+    weight_decay: float = 1e-4  # AdamW weight decay (DanceGRPO)
+    max_grad_norm: float = 1.0  # gradient-norm clip before every optimizer step (DanceGRPO)
+    # system
+    seed: int = 0  # everything random derives from (seed, iteration, group index)
+    device: str = "auto"  # "auto" = cuda if available, else cpu
+    mixed_precision: str = "bf16"  # transformer compute dtype on GPU: "bf16" or "fp32"
+    out_dir: str = "runs/neighbor_grpo"  # log.jsonl, sample grids and the checkpoint go here
+    overwrite: bool = False  # allow a new run in an out_dir that already holds one
+    sample_every: int = 50  # iterations between sample grids (fixed prompts and noise, sigma = 0)
+    num_samples: int = 4  # images in a sample grid
+
+
+PRESETS = {
+    "flux-dev": {},  # the defaults are the paper's best 8-step setting
+    "tiny": dict(  # the same algorithm on a random tiny FLUX-architecture model, CPU, no download
+        model_path="tiny", resolution=64, max_sequence_length=64, rewards=("jpeg_compressibility",),
+        lr=1e-3, iterations=60, device="cpu", mixed_precision="fp32", out_dir="runs/tiny", sample_every=20,
+    ),
+}
+
+SOLVERS = ("euler", "dpm++2m")
+DISTANCES = ("mean", "sum")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work: the message names the field and the fix."""
+
+
+def _convert(name, text, annotation):
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    try:
+        if annotation is bool:
+            if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError
+            return text.lower() in ("1", "true", "yes")
+        if origin is tuple:
+            return tuple(args[0](x) for x in text.split(",") if x.strip() != "")
+        return annotation(text)
+    except ValueError:
+        raise ConfigError(f"--{name}={text}: expected {getattr(annotation, '__name__', annotation)}") from None
+
+
+def parse_config(argv):
+    """--preset=NAME first, then --field=value overrides (a bare --flag sets a bool to true)."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    overrides = {}
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(__doc__ + "\nPresets: " + ", ".join(PRESETS) + "\n\n" + inspect.getsource(Config))
+            sys.exit(0)
+        if not arg.startswith("--"):
+            raise ConfigError(f"argument {arg!r}: expected --field=value (see --help)")
+        key, _, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if key != "preset" and key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            raise ConfigError(f"--{key}: no such field" + (f"; did you mean --{close[0]}?" if close else "; see --help"))
+        overrides[key] = value if "=" in arg else "true"
+    preset = overrides.pop("preset", "flux-dev")
+    if preset not in PRESETS:
+        raise ConfigError(f"--preset={preset}: unknown preset; use one of {', '.join(PRESETS)}")
+    cfg = Config(**PRESETS[preset])
+    for key, value in overrides.items():
+        setattr(cfg, key, _convert(key, value, fields[key].type))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg):
+    """Fail before any model loads, with one line that names the field and the fix."""
+    G, B, T, K = cfg.group_size, cfg.num_anchors, cfg.num_steps, cfg.num_train_steps
+    checks = [
+        (G >= 2, f"group_size={G}: a group needs at least 2 candidates; use --group_size=12 (paper)"),
+        (1 <= B <= G, f"num_anchors={B}: anchors are drawn from the group, need 1 <= B <= group_size={G}"),
+        (T >= 1, f"num_steps={T}: need at least one rollout step; use --num_steps=8 (paper)"),
+        (1 <= K <= T, f"num_train_steps={K}: transitions are drawn from the rollout, need 1 <= K <= num_steps={T}"),
+        (0 < cfg.noise_sigma < 1, f"noise_sigma={cfg.noise_sigma}: must lie in (0, 1) (eq. 7); use 0.3 (paper)"),
+        (0 < cfg.adv_p <= 2, f"adv_p={cfg.adv_p}: the quasi-norm needs 0 < p <= 2 (eq. 11); use 0.8 (paper)"),
+        (cfg.clip_range > 0, f"clip_range={cfg.clip_range}: must be > 0; use 1e-4 (paper)"),
+        (cfg.temperature > 0, f"temperature={cfg.temperature}: must be > 0; use 1.0 (paper)"),
+        (cfg.rollout_solver in SOLVERS, f"rollout_solver={cfg.rollout_solver}: use one of {', '.join(SOLVERS)}"),
+        (cfg.distance in DISTANCES, f"distance={cfg.distance}: use one of {', '.join(DISTANCES)}"),
+        (cfg.shift >= 0, f"shift={cfg.shift}: must be >= 0 (0 = dynamic shift, DanceGRPO uses 3.0)"),
+        (cfg.resolution > 0 and cfg.resolution % 16 == 0,
+         f"resolution={cfg.resolution}: FLUX packs 2x2 latent patches, so use a positive multiple of 16"),
+        (len(cfg.rewards) >= 1, "rewards: name at least one reward, e.g. --rewards=hpsv2"),
+        (not cfg.reward_weights or len(cfg.reward_weights) == len(cfg.rewards),
+         f"reward_weights={cfg.reward_weights}: give one weight per reward in {cfg.rewards}, or none for equal weights"),
+        (cfg.lr >= 0, f"lr={cfg.lr}: must be >= 0; use 1e-5 (paper)"),
+        (cfg.iterations >= 0, f"iterations={cfg.iterations}: must be >= 0"),
+        (cfg.mixed_precision in ("bf16", "fp32"), f"mixed_precision={cfg.mixed_precision}: use bf16 or fp32"),
+        (min(cfg.groups_per_rank, cfg.rollout_batch_size, cfg.reward_batch_size) >= 1,
+         "groups_per_rank, rollout_batch_size and reward_batch_size must be >= 1"),
+        (cfg.sample_every >= 0 and cfg.num_samples >= 1, "sample_every must be >= 0 (0 = never) and num_samples >= 1"),
+    ]
+    for name in cfg.rewards:
+        checks.append((name in REWARDS or ":" in name,
+                       f"rewards: unknown reward {name!r}; use one of {', '.join(REWARDS)} or module.path:function"))
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+# -----------------------------------------------------------------------------
+# Models: FLUX through diffusers' FluxPipeline (transformer, VAE, CLIP + T5 text encoders)
+
+
+def build_tiny_flux(seed=0):
+    """A randomly initialised FLUX-architecture pipeline small enough for a CPU: same classes, tiny sizes."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+
+    torch.manual_seed(seed)
+    # character-level tokens: long prompts are truncated (CLIP at 77 as in FLUX), which is fine at this size
+    logging.getLogger("diffusers.pipelines.flux.pipeline_flux").setLevel(logging.ERROR)
+    chars = list(string.ascii_lowercase + string.digits + ",.!?'-")
+    clip_vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}  # character-level BPE vocabulary, built in memory
+    for c in chars:
+        clip_vocab[c], clip_vocab[c + "</w>"] = len(clip_vocab), len(clip_vocab) + 1
+    tokenizer = CLIPTokenizer(vocab=clip_vocab, merges=[], model_max_length=77)
+    t5_vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]  # unigram vocabulary
+    t5_vocab += [(c, -2.0) for c in chars] + [("\u2581" + c, -2.5) for c in chars]
+    tokenizer_2 = T5Tokenizer(vocab=t5_vocab, extra_ids=0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    text_encoder_2 = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer_2), d_model=32, d_ff=64, d_kv=16, num_layers=2, num_heads=2,
+        relative_attention_num_buckets=8))
+    transformer = FluxTransformer2DModel(  # FLUX.1-dev: 19 double + 38 single blocks of width 3072
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    vae = AutoencoderKL(  # FLUX's VAE has 16 latent channels and 8x downsampling; this one 4 and 2x
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1, latent_channels=4,
+        norm_num_groups=8, sample_size=64, scaling_factor=0.3611, shift_factor=0.1159,
+        use_quant_conv=False, use_post_quant_conv=False)
+    scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's scheduler config (only the time grid is used)
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
+
+
+def load_pipeline(cfg, device, dtype):
+    """FluxPipeline for cfg.model_path on device; the transformer is kept in fp32 for training."""
+    if cfg.model_path == "tiny":
+        pipe = build_tiny_flux(cfg.seed)
+    else:
+        from diffusers import FluxPipeline
+
+        try:
+            pipe = FluxPipeline.from_pretrained(cfg.model_path, torch_dtype=dtype)
+        except (OSError, ValueError) as e:
+            raise ConfigError(
+                f"model_path={cfg.model_path}: cannot load FLUX ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                "download black-forest-labs/FLUX.1-dev (huggingface-cli download) and pass its directory") from None
+        pipe.transformer.to(torch.float32)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+        module.requires_grad_(False).eval()
+    return pipe
+
+
+@dataclass
+class Condition:
+    """Everything besides (x, t) that FluxPipeline passes to the transformer, for one prompt."""
+
+    prompt_embeds: torch.Tensor  # [1, S, D_t5]
+    pooled: torch.Tensor  # [1, D_clip]
+    txt_ids: torch.Tensor  # [S, 3]
+    img_ids: torch.Tensor  # [L, 3]
+    guidance: torch.Tensor | None  # [1] or None for models without guidance embedding
+
+
+def latent_shape(pipe, resolution):
+    """(L, C) of the packed latents: 2x2 latent patches become tokens of 4 * latent_channels."""
+    side = resolution // pipe.vae_scale_factor // 2
+    return side * side, pipe.transformer.config.in_channels
+
+
+@torch.no_grad()
+def encode_prompt(pipe, prompt, cfg, cache):
+    """CLIP pooled + T5 embeddings of one prompt, computed once and cached."""
+    if prompt not in cache:
+        embeds, pooled, _ = pipe.encode_prompt(prompt, prompt_2=prompt, max_sequence_length=cfg.max_sequence_length)
+        cache[prompt] = (embeds, pooled)
+    embeds, pooled = cache[prompt]
+    device = pipe.transformer.device
+    side = cfg.resolution // pipe.vae_scale_factor // 2
+    img_ids = pipe._prepare_latent_image_ids(1, side, side, device, torch.float32)
+    txt_ids = torch.zeros(embeds.shape[1], 3, device=device)
+    guidance = torch.full([1], cfg.guidance_scale, device=device) if pipe.transformer.config.guidance_embeds else None
+    return Condition(embeds.to(device), pooled.to(device), txt_ids, img_ids, guidance)
+
+
+def velocity(transformer, x, t, cond, dtype=torch.float32):
+    """v_theta(x, t, c) for a batch x [N, L, C] at time t, called exactly as FluxPipeline calls it."""
+    n = x.shape[0]
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        v = transformer(
+            hidden_states=x,
+            timestep=torch.full((n,), float(t), device=x.device),  # FluxPipeline passes sigma * 1000 / 1000
+            guidance=None if cond.guidance is None else cond.guidance.expand(n),
+            pooled_projections=cond.pooled.expand(n, -1),
+            encoder_hidden_states=cond.prompt_embeds.expand(n, -1, -1),
+            txt_ids=cond.txt_ids,
+            img_ids=cond.img_ids,
+            return_dict=False,
+        )[0]
+    return v.float()
+
+
+@torch.no_grad()
+def decode_images(pipe, x, resolution):
+    """Packed latents [N, L, C] -> images [N, 3, H, W] in [0, 1], as FluxPipeline decodes them."""
+    vae = pipe.vae
+    latents = pipe._unpack_latents(x, resolution, resolution, pipe.vae_scale_factor)
+    latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+    images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+# -----------------------------------------------------------------------------
+# Time grid and solvers. Rectified flow: x_t = (1 - t) x0 + t eps, v = eps - x0, data prediction x0 = x - t v.
+
+
+def time_grid(num_steps, seq_len, scheduler_config, shift=0.0):
+    """t_0 = 1 > ... > t_T = 0: exactly FluxPipeline's sigmas for T steps (a static shift replaces the dynamic one)."""
+    t = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64)
+    if shift > 0:
+        t = shift * t / (1 + (shift - 1) * t)
+    else:  # diffusers' calculate_shift: mu grows linearly with the image sequence length
+        c = scheduler_config
+        slope = (c["max_shift"] - c["base_shift"]) / (c["max_image_seq_len"] - c["base_image_seq_len"])
+        mu = c["base_shift"] + slope * (seq_len - c["base_image_seq_len"])
+        t = math.exp(mu) / (math.exp(mu) + (1 / t - 1))
+    return torch.cat([t, t.new_zeros(1)]).tolist()
+
+
+def euler_step(x, v, t, t_next):
+    """One-step DDIM (eta = 0) = Euler for rectified flow: the TrainSolver (eq. 2)."""
+    return x + (t_next - t) * v
+
+
+def log_snr(t):
+    """lambda_t = log(alpha_t / sigma_t) with alpha_t = 1 - t, sigma_t = t."""
+    return math.log(1 - t) - math.log(t) if 0 < t < 1 else (-math.inf if t >= 1 else math.inf)
+
+
+def dpm_solver_pp_2m_step(x, v, k, grid, prev_x0):
+    """DPM-Solver++(2M), data prediction (Lu et al. 2022). Returns (x_{k+1}, x0 prediction at step k).
+
+    The step out of t = 1 (lambda = -inf) and the final step into t = 0 are first order; both then equal Euler.
+    """
+    t, t_next = grid[k], grid[k + 1]
+    x0 = x - t * v
+    if t_next == 0:
+        return x0, x0
+    h = log_snr(t_next) - log_snr(t)
+    d = x0
+    if prev_x0 is not None and grid[k - 1] < 1:  # second order: extrapolate the data prediction in lambda
+        r = (log_snr(t) - log_snr(grid[k - 1])) / h
+        d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0
+    return (t_next / t) * x - (1 - t_next) * math.expm1(-h) * d, x0
+
+
+@torch.no_grad()
+def rollout(v_fn, x, grid, solver):
+    """Integrate dx/dt = v from t = 1 to 0 on grid, keeping every state: returns [N, T + 1, L, C] in fp32."""
+    states, prev_x0 = [x.float()], None
+    for k in range(len(grid) - 1):
+        v = v_fn(states[-1], grid[k])
+        if solver == "euler":
+            nxt = euler_step(states[-1], v, grid[k], grid[k + 1])
+        else:
+            nxt, prev_x0 = dpm_solver_pp_2m_step(states[-1], v, k, grid, prev_x0)
+        states.append(nxt)
+    return torch.stack(states, dim=1)
+
+
+def perturbed_noise(base, delta, sigma):
+    """Neighbourhood of initial noises around base (eq. 7): unit variance is kept for any sigma."""
+    return math.sqrt(1 - sigma**2) * base + sigma * delta
+
+
+def draw_noise(pipe, n, resolution, gen, device):
+    """n standard normal latents drawn in FluxPipeline's unpacked shape, then packed to [n, L, C]."""
+    channels = pipe.transformer.config.in_channels // 4
+    side = 2 * (resolution // pipe.vae_scale_factor // 2)
+    noise = torch.randn(n, channels, side, side, generator=gen)
+    return pipe._pack_latents(noise, n, channels, side, side).to(device)
+
+
+# -----------------------------------------------------------------------------
+# Rewards: fn(images [N, 3, H, W] in [0, 1], prompts list[str]) -> tensor [N]. Higher is better.
+
+
+def jpeg_compressibility(images, prompts):
+    """Minus the JPEG size in kB at quality 95 (DDPO's compressibility reward): rewards simple images."""
+    from PIL import Image
+
+    sizes = []
+    for image in (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy():
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="JPEG", quality=95)
+        sizes.append(buffer.tell() / 1000)
+    return -torch.tensor(sizes)
+
+
+def jpeg_incompressibility(images, prompts):
+    """The JPEG size in kB (DDPO's incompressibility reward): rewards detailed images."""
+    return -jpeg_compressibility(images, prompts)
+
+
+# name -> factory(cfg, device) returning the reward function; factories load weights once
+REWARDS = {
+    "jpeg_compressibility": lambda cfg, device: jpeg_compressibility,
+    "jpeg_incompressibility": lambda cfg, device: jpeg_incompressibility,
+}
+
+
+class RewardError(RuntimeError):
+    """A reward that failed or returned something unusable: the message names the reward."""
+
+
+def load_reward(name, cfg, device):
+    """A built-in reward by name, or any importable callable given as module.path:function."""
+    if name in REWARDS:
+        return REWARDS[name](cfg, device)
+    module, _, attr = name.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"rewards: cannot import {name!r} ({e}); give module.path:function on PYTHONPATH") from None
+
+
+def score(reward_fns, images, prompts):
+    """Rewards [M, N] of N images for M reward functions, checked for shape and finiteness."""
+    rows = []
+    for name, fn in reward_fns.items():
+        r = torch.as_tensor(fn(images, prompts)).detach().float().cpu().reshape(-1)
+        if r.numel() != len(prompts):
+            raise RewardError(f"reward {name!r} returned {r.numel()} scores for {len(prompts)} images")
+        if not torch.isfinite(r).all():
+            raise RewardError(f"reward {name!r} returned a non-finite score {r.tolist()} for prompt {prompts[0]!r}")
+        rows.append(r)
+    return torch.stack(rows)
+
+
+# -----------------------------------------------------------------------------
+# Advantages
+
+
+def quasi_norm_advantages(rewards, p):
+    """Group-wise quasi-norm reweighting (eq. 11): centred rewards divided by their L_p (quasi-)norm.
+
+    Scale-invariant, keeps sign and order; p = 2 is std-normalised GRPO (eq. 3) up to a constant, p < 2 shrinks
+    flat groups whose advantages carry no clear signal. An all-equal group gets zeros.
+    """
+    r = rewards.double()  # the fp32 mean of equal fp32 values is inexact, and this normalisation would amplify it
+    c = r - r.mean(-1, keepdim=True)
+    norm = c.abs().pow(p).sum(-1, keepdim=True).pow(1 / p)
+    return torch.where(norm > 0, c / norm.clamp_min(1e-300), torch.zeros_like(c)).to(rewards.dtype)
+
+
+def group_advantages(rewards, weights, p):
+    """Per-reward-model advantages [M, G] combined with the configured weights (MixGRPO) into [G]."""
+    w = torch.as_tensor(weights, dtype=torch.float32).reshape(-1, 1)
+    return (w * quasi_norm_advantages(rewards, p)).sum(0)
+
+
+# -----------------------------------------------------------------------------
+# The surrogate leaping policy and the clipped objective
+
+
+def sample_anchors_and_steps(G, B, T, K, gen):
+    """Symmetric anchor sampling (Sec. 3.4.1): B anchors from the group and K of the T transitions, shared."""
+    anchors = torch.randperm(G, generator=gen)[:B].tolist()
+    steps = sorted(torch.randperm(T, generator=gen)[:K].tolist())
+    return anchors, steps
+
+
+def neighbour_distances(candidates, anchor, distance="mean"):
+    """Squared L2 distance from the anchor [L, C] to each candidate [G, L, C], in fp32 (eq. 8)."""
+    sq = (candidates.float() - anchor.float()).pow(2).flatten(1)
+    return sq.mean(1) if distance == "mean" else sq.sum(1)
+
+
+def surrogate_log_probs(d, temperature=1.0):
+    """log pi(x^(i) | {s_t}) = log softmax_i(-d_i / tau): the surrogate leaping policy (eq. 8)."""
+    return torch.log_softmax(-d / temperature, dim=-1)
+
+
+LOG_RATIO_MAX = 20.0  # rho > e^20 is far outside any trust region; the cap keeps exp and its gradient finite
+
+
+def grpo_objective(adv, logp, logp_old, clip_range):
+    """J = sum_i min(A_i rho_i, A_i clip(rho_i, 1 - eps, 1 + eps)) (eq. 9), rho in log space, fp32."""
+    ratio = torch.exp((logp.float() - logp_old.float()).clamp(max=LOG_RATIO_MAX))
+    unclipped = adv * ratio
+    clipped = adv * ratio.clamp(1 - clip_range, 1 + clip_range)
+    clip_frac = ((ratio - 1).abs() > clip_range).float().mean()
+    return torch.minimum(unclipped, clipped).sum(), clip_frac
+
+
+def nfe_theta(B, G, K):
+    """Effective transformer forward-backward passes per sample in the update: (B / G) K (Table 3)."""
+    return B / G * K
+
+
+def anchor_objective(transformer, states, adv, j, k, grid, cond, cfg, dtype=torch.float32):
+    """J_{j,k}: one TrainSolver step from the anchor's stored state, scored against all candidates at t_{k+1}."""
+    x = states[j, k].unsqueeze(0)
+    x_theta = euler_step(x, velocity(transformer, x, grid[k], cond, dtype), grid[k], grid[k + 1])[0]
+    candidates = states[:, k + 1]
+    logp = surrogate_log_probs(neighbour_distances(candidates, x_theta, cfg.distance), cfg.temperature)
+    logp_old = surrogate_log_probs(neighbour_distances(candidates, states[j, k + 1], cfg.distance), cfg.temperature)
+    J, clip_frac = grpo_objective(adv, logp, logp_old, cfg.clip_range)
+    return J, clip_frac, (logp - logp_old).detach().abs().mean()
+
+
+# -----------------------------------------------------------------------------
+# One GRPO iteration
+
+EXAMPLE_PROMPTS = [  # prompts of the paper's Figure 6 and supplementary Figure 1
+    "A low poly lemon in high quality rendering",
+    "A hamster resembling a horse",
+    "Peter Griffin taking a selfie in a park on an iPhone 12 Pro.",
+    "A whale is reading a book about avoiding Japanese spears in an underwater library.",
+    "Two skunks - one small and dark blue with yellow eyes and a larger albino one with red eyes.",
+    "Anime-style vector illustration of a cloudy sky with a unique perspective.",
+    "Realism tattoo design sketch of a pirate ship.",
+    "The image shows a pirate holding up a beer in celebration.",
+    "The image is of a massive cave interior filled with glowing stalactites and stalagmites.",
+    "A cat laying on the floor of a kitchen.",
+    "A portrait of a woman with a paper bag over her head.",
+    "A kitchen counter top with a white bowl sitting next to another white bowl.",
+]
+
+
+def load_prompts(path):
+    """One prompt per non-empty line of path; the built-in examples when path is empty."""
+    if not path:
+        return list(EXAMPLE_PROMPTS)
+    if not Path(path).is_file():
+        raise ConfigError(f"prompt_file={path}: no such file; pass a text file with one prompt per line")
+    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError(f"prompt_file={path}: the file holds no prompts; write one prompt per line")
+    return prompts
+
+
+def group_generator(seed, iteration, group):
+    """The random stream of one prompt group, a function of (seed, iteration, global group index) only."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + iteration) * 1_000_033 + group)
+
+
+def neighbourhood_rollout(pipe, cond, cfg, grid, gen, size, sigma, dtype):
+    """size ODE trajectories from a neighbourhood of one base noise (eq. 7), with theta_old: [size, T + 1, L, C].
+
+    With sigma = 0 and size = 1 this is plain deterministic ODE sampling, the inference sampler.
+    """
+    device = cond.img_ids.device
+    base = draw_noise(pipe, 1, cfg.resolution, gen, device)
+    x1 = perturbed_noise(base, draw_noise(pipe, size, cfg.resolution, gen, device), sigma)
+    v_fn = lambda x, t: velocity(pipe.transformer, x, t, cond, dtype)  # noqa: E731
+    return torch.cat([rollout(v_fn, x, grid, cfg.rollout_solver) for x in x1.split(cfg.rollout_batch_size)])
+
+
+@torch.no_grad()
+def generate(pipe, prompts, cfg, grid, seed, dtype, cache):
+    """Inference: one deterministic ODE sample per prompt from a fixed noise, decoded to [N, 3, H, W]."""
+    images = []
+    for i, prompt in enumerate(prompts):
+        cond = encode_prompt(pipe, prompt, cfg, cache)
+        states = neighbourhood_rollout(pipe, cond, cfg, grid, group_generator(seed, -1, i), 1, 0.0, dtype)
+        images.append(decode_images(pipe, states[:, -1], cfg.resolution))
+    return torch.cat(images)
+
+
+def save_grid(images, path):
+    """Images [N, 3, H, W] in [0, 1] side by side in one PNG."""
+    from PIL import Image
+
+    row = torch.cat(list(images.float().cpu().clamp(0, 1)), dim=2)
+    Image.fromarray((row * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()).save(path)
+
+
+@dataclass
+class Group:
+    """One prompt's neighbourhood: stored rollout states, rewards, advantages and the sampled anchors and steps."""
+
+    prompt: str
+    cond: Condition
+    states: torch.Tensor  # [G, T + 1, L, C], theta_old
+    rewards: torch.Tensor  # [M, G]
+    adv: torch.Tensor  # [G]
+    anchors: list
+    steps: list
+
+
+def policy_update(model, optimizer, groups, grid, cfg, dtype):
+    """Alg. 1's update: for each anchor, accumulate -J_{j,k} / K over the K transitions, then one optimizer step."""
+    K = cfg.num_train_steps
+    stats = dict(loss=0.0, clip_frac=0.0, first_anchor_abs_log_ratio=0.0, grad_norm=0.0)
+    for b in range(cfg.num_anchors):
+        optimizer.zero_grad(set_to_none=True)
+        for group in groups:
+            for k in group.steps:
+                J, clip_frac, abs_log_ratio = anchor_objective(
+                    model, group.states, group.adv, group.anchors[b], k, grid, group.cond, cfg, dtype)
+                loss = -J / (K * len(groups))
+                loss.backward()
+                stats["loss"] += loss.item() / cfg.num_anchors
+                stats["clip_frac"] += clip_frac.item() / (cfg.num_anchors * K * len(groups))
+                if b == 0:  # theta = theta_old here: any |log rho| is the rollout/train solver drift
+                    stats["first_anchor_abs_log_ratio"] += abs_log_ratio.item() / (K * len(groups))
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        stats["grad_norm"] += grad_norm.item() / cfg.num_anchors
+        optimizer.step()
+    return stats
+
+
+def train_iteration(pipe, model, optimizer, reward_fns, weights, prompts, grid, cfg, iteration, dtype, cache,
+                    group_ids):
+    """Rollout, rewards and advantages for this process's prompt groups, then the policy update."""
+    timings, groups = dict(rollout=0.0, reward=0.0), []
+    for g in group_ids:
+        gen = group_generator(cfg.seed, iteration, g)
+        prompt = prompts[torch.randint(len(prompts), (1,), generator=gen).item()]
+        t0 = time.perf_counter()
+        cond = encode_prompt(pipe, prompt, cfg, cache)
+        states = neighbourhood_rollout(pipe, cond, cfg, grid, gen, cfg.group_size, cfg.noise_sigma, dtype)
+        t1 = time.perf_counter()
+        images = torch.cat([decode_images(pipe, x, cfg.resolution) for x in states[:, -1].split(cfg.reward_batch_size)])
+        rewards = torch.cat([score(reward_fns, chunk, [prompt] * len(chunk))
+                             for chunk in images.split(cfg.reward_batch_size)], dim=1)
+        adv = group_advantages(rewards, weights, cfg.adv_p).to(states.device)
+        anchors, steps = sample_anchors_and_steps(cfg.group_size, cfg.num_anchors, cfg.num_steps,
+                                                  cfg.num_train_steps, gen)
+        groups.append(Group(prompt, cond, states, rewards, adv, anchors, steps))
+        timings["rollout"] += t1 - t0
+        timings["reward"] += time.perf_counter() - t1
+    t2 = time.perf_counter()
+    stats = policy_update(model, optimizer, groups, grid, cfg, dtype)
+    timings["update"] = time.perf_counter() - t2
+    return groups, stats, timings
+
+
+# -----------------------------------------------------------------------------
+# The training loop
+
+
+def resolve_device(cfg):
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else cfg.device)
+    return device, (torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32)
+
+
+def train(cfg):
+    out = Path(cfg.out_dir)
+    if (out / "log.jsonl").exists() and not cfg.overwrite:
+        raise ConfigError(f"out_dir={out}: already holds a run (log.jsonl); choose another --out_dir or pass --overwrite")
+    prompts = load_prompts(cfg.prompt_file)
+    device, dtype = resolve_device(cfg)
+    pipe = load_pipeline(cfg, device, dtype)
+    reward_fns = {name: load_reward(name, cfg, device) for name in cfg.rewards}
+    weights = cfg.reward_weights or (1.0,) * len(cfg.rewards)
+    seq_len, _ = latent_shape(pipe, cfg.resolution)
+    grid = time_grid(cfg.num_steps, seq_len, pipe.scheduler.config, cfg.shift)
+    model = pipe.transformer
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    log, cache = open(out / "log.jsonl", "w"), {}
+    sample_prompts = prompts[: cfg.num_samples]
+    nfe_old, nfe_new = cfg.num_steps, nfe_theta(cfg.num_anchors, cfg.group_size, cfg.num_train_steps)
+    print(f"Neighbor GRPO | {cfg.model_path} | G={cfg.group_size} B={cfg.num_anchors} T={cfg.num_steps} "
+          f"K={cfg.num_train_steps} sigma={cfg.noise_sigma} p={cfg.adv_p} | NFE_old={nfe_old} NFE_theta={nfe_new:.2f}")
+    for it in range(cfg.iterations + 1):
+        if cfg.sample_every and (it % cfg.sample_every == 0 or it == cfg.iterations):
+            save_grid(generate(pipe, sample_prompts, cfg, grid, cfg.seed, dtype, cache), out / f"samples/{it:06d}.png")
+        if it == cfg.iterations:
+            break
+        t0 = time.perf_counter()
+        group_ids = range(cfg.groups_per_rank)
+        groups, stats, timings = train_iteration(pipe, model, optimizer, reward_fns, weights, prompts, grid, cfg,
+                                                 it, dtype, cache, group_ids)
+        rewards = torch.cat([g.rewards for g in groups], dim=1)
+        record = dict(iter=it, **{f"reward/{n}": r.mean().item() for n, r in zip(cfg.rewards, rewards)},
+                      **{f"reward_std/{n}": r.std().item() for n, r in zip(cfg.rewards, rewards)},
+                      **stats, nfe_old=nfe_old, nfe_theta=nfe_new,
+                      **{f"time/{k}": v for k, v in timings.items()}, **{"time/total": time.perf_counter() - t0})
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        print(f"iter {it:4d} | " + " ".join(f"{n} {r.mean():.4f}" for n, r in zip(cfg.rewards, rewards)) +
+              f" | loss {stats['loss']:+.3e} | clip {stats['clip_frac']:.2f} | "
+              f"|log rho| {stats['first_anchor_abs_log_ratio']:.1e} | {record['time/total']:.2f}s")
+    log.close()
+    model.save_pretrained(out / "transformer")
+    return out
+
+
+def main(argv=None):
+    try:
+        train(parse_config(sys.argv[1:] if argv is None else argv))
+    except (ConfigError, RewardError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
