@@ -10,6 +10,7 @@ config -> models -> time grid and solvers -> rewards -> advantages -> surrogate 
 -> one iteration -> the loop -> main. "eq. N" and "Alg. 1" refer to the paper.
 """
 
+import contextlib
 import dataclasses
 import difflib
 import importlib
@@ -23,13 +24,23 @@ import string
 import sys
 import time
 import typing
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 # transformers warns at import that CLIP's image processor falls back to PIL without torchvision: harmless here
 logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
+# diffusers' FLUX blocks return slices; nothing downstream writes into them in place (the FSDP tests check gradients)
+warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DCP in a world of one: intended
 
 # -----------------------------------------------------------------------------
 # Config
@@ -67,12 +78,16 @@ class Config:
     lr: float = 1e-5  # AdamW learning rate (paper)
     weight_decay: float = 1e-4  # AdamW weight decay (DanceGRPO)
     max_grad_norm: float = 1.0  # gradient-norm clip before every optimizer step (DanceGRPO)
-    # system
+    # system: torchrun, memory, checkpoints
     seed: int = 0  # everything random derives from (seed, iteration, group index)
     device: str = "auto"  # "auto" = cuda if available, else cpu
-    mixed_precision: str = "bf16"  # transformer compute dtype on GPU: "bf16" or "fp32"
-    out_dir: str = "runs/neighbor_grpo"  # log.jsonl, sample grids and the checkpoint go here
+    mixed_precision: str = "bf16"  # transformer compute dtype: "bf16" (fp32 master weights) or "fp32"
+    parallel: str = "fsdp"  # "fsdp" (FSDP2, sharded: FLUX.1-dev needs it) or "ddp" (replicated, for models that fit)
+    grad_checkpointing: bool = True  # recompute each transformer block in the backward pass
+    out_dir: str = "runs/neighbor_grpo"  # log.jsonl, sample grids and checkpoints go here
     overwrite: bool = False  # allow a new run in an out_dir that already holds one
+    resume: bool = False  # continue the run in out_dir from its latest checkpoint
+    ckpt_every: int = 50  # iterations between checkpoints (0 = only at the end); the latest one is kept
     sample_every: int = 50  # iterations between sample grids (fixed prompts and noise, sigma = 0)
     num_samples: int = 4  # images in a sample grid
 
@@ -81,12 +96,14 @@ PRESETS = {
     "flux-dev": {},  # the defaults are the paper's best 8-step setting
     "tiny": dict(  # the same algorithm on a random tiny FLUX-architecture model, CPU, no download
         model_path="tiny", resolution=64, max_sequence_length=64, rewards=("jpeg_compressibility",),
-        lr=1e-3, iterations=60, device="cpu", mixed_precision="fp32", out_dir="runs/tiny", sample_every=20,
+        lr=1e-3, iterations=60, device="cpu", mixed_precision="fp32", parallel="ddp", grad_checkpointing=False,
+        out_dir="runs/tiny", sample_every=20, ckpt_every=30,
     ),
 }
 
 SOLVERS = ("euler", "dpm++2m")
 DISTANCES = ("mean", "sum")
+PARALLEL = ("fsdp", "ddp")
 
 
 class ConfigError(ValueError):
@@ -156,6 +173,9 @@ def validate(cfg):
         (cfg.lr >= 0, f"lr={cfg.lr}: must be >= 0; use 1e-5 (paper)"),
         (cfg.iterations >= 0, f"iterations={cfg.iterations}: must be >= 0"),
         (cfg.mixed_precision in ("bf16", "fp32"), f"mixed_precision={cfg.mixed_precision}: use bf16 or fp32"),
+        (cfg.parallel in PARALLEL, f"parallel={cfg.parallel}: use fsdp (sharded) or ddp (replicated)"),
+        (cfg.ckpt_every >= 0, f"ckpt_every={cfg.ckpt_every}: must be >= 0 (0 = only at the end)"),
+        (not (cfg.resume and cfg.overwrite), "resume and overwrite: pick one; --resume continues the run in out_dir"),
         (min(cfg.groups_per_rank, cfg.rollout_batch_size, cfg.reward_batch_size) >= 1,
          "groups_per_rank, rollout_batch_size and reward_batch_size must be >= 1"),
         (cfg.sample_every >= 0 and cfg.num_samples >= 1, "sample_every must be >= 0 (0 = never) and num_samples >= 1"),
@@ -166,6 +186,68 @@ def validate(cfg):
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+
+
+# -----------------------------------------------------------------------------
+# Distributed set-up: torchrun's environment, or a world of one
+
+
+def setup_distributed(cfg):
+    """(rank, world size, device): NCCL on GPU, gloo on CPU; a plain `python neighbor_grpo.py` is a world of one."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def parallelize(model, cfg, device, world, dtype):
+    """FSDP2 per transformer block, then the root (compute in dtype, gradients reduced in fp32), or DDP."""
+    if cfg.grad_checkpointing:
+        model.enable_gradient_checkpointing()
+    if world == 1:
+        return model.to(device)
+    if cfg.parallel == "ddp":
+        return DDP(model.to(device), device_ids=[device.index] if device.type == "cuda" else None)
+    mesh = init_device_mesh(device.type, (world,))  # fully_shard moves each block to the device as it shards
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for block in [*model.transformer_blocks, *model.single_transformer_blocks]:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    return fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def gradient_sync(model, sync):
+    """Gradient accumulation: ranks reduce gradients only on the last backward before an optimizer step."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(sync)
+    return model.no_sync() if isinstance(model, DDP) and not sync else contextlib.nullcontext()
+
+
+def all_mean(values, world, device):
+    """The mean over ranks of a dict of floats."""
+    if world == 1:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(values, (t / world).tolist()))
+
+
+def all_gather_columns(x, world, device):
+    """[M, N] on every rank -> [M, world * N], rank-major."""
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x, device=device) for _ in range(world)]
+    dist.all_gather(parts, x.to(device).contiguous())
+    return torch.cat(parts, dim=1).cpu()
+
+
+def barrier(world):
+    if world > 1:
+        dist.barrier()
 
 
 # -----------------------------------------------------------------------------
@@ -210,23 +292,24 @@ def build_tiny_flux(seed=0):
 
 
 def load_pipeline(cfg, device, dtype):
-    """FluxPipeline for cfg.model_path on device; the transformer is kept in fp32 for training."""
+    """FluxPipeline for cfg.model_path: VAE and text encoders on device in dtype, frozen; the transformer in fp32
+    (the master weights) on the CPU until parallelize() shards it onto the devices block by block."""
     if cfg.model_path == "tiny":
         pipe = build_tiny_flux(cfg.seed)
     else:
-        from diffusers import FluxPipeline
+        from diffusers import FluxPipeline, FluxTransformer2DModel
 
         try:
-            pipe = FluxPipeline.from_pretrained(cfg.model_path, torch_dtype=dtype)
+            transformer = FluxTransformer2DModel.from_pretrained(cfg.model_path, subfolder="transformer",
+                                                                 dtype=torch.float32)
+            pipe = FluxPipeline.from_pretrained(cfg.model_path, transformer=transformer, dtype=dtype)
         except (OSError, ValueError) as e:
             raise ConfigError(
                 f"model_path={cfg.model_path}: cannot load FLUX ({type(e).__name__}: {str(e).splitlines()[0]}); "
                 "download black-forest-labs/FLUX.1-dev (huggingface-cli download) and pass its directory") from None
-        pipe.transformer.to(torch.float32)
-    pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
-        module.requires_grad_(False).eval()
+        module.to(device).requires_grad_(False).eval()
     return pipe
 
 
@@ -251,10 +334,11 @@ def latent_shape(pipe, resolution):
 def encode_prompt(pipe, prompt, cfg, cache):
     """CLIP pooled + T5 embeddings of one prompt, computed once and cached."""
     if prompt not in cache:
-        embeds, pooled, _ = pipe.encode_prompt(prompt, prompt_2=prompt, max_sequence_length=cfg.max_sequence_length)
+        embeds, pooled, _ = pipe.encode_prompt(prompt, prompt_2=prompt, device=pipe.vae.device,
+                                               max_sequence_length=cfg.max_sequence_length)
         cache[prompt] = (embeds, pooled)
     embeds, pooled = cache[prompt]
-    device = pipe.transformer.device
+    device = pipe.vae.device
     side = cfg.resolution // pipe.vae_scale_factor // 2
     img_ids = pipe._prepare_latent_image_ids(1, side, side, device, torch.float32)
     txt_ids = torch.zeros(embeds.shape[1], 3, device=device)
@@ -572,19 +656,21 @@ def policy_update(model, optimizer, groups, grid, cfg, dtype):
     """Alg. 1's update: for each anchor, accumulate -J_{j,k} / K over the K transitions, then one optimizer step."""
     K = cfg.num_train_steps
     stats = dict(loss=0.0, clip_frac=0.0, first_anchor_abs_log_ratio=0.0, grad_norm=0.0)
+    micro_steps = [(group, k) for group in groups for k in group.steps]
     for b in range(cfg.num_anchors):
         optimizer.zero_grad(set_to_none=True)
-        for group in groups:
-            for k in group.steps:
+        for n, (group, k) in enumerate(micro_steps):
+            with gradient_sync(model, sync=n == len(micro_steps) - 1):
                 J, clip_frac, abs_log_ratio = anchor_objective(
                     model, group.states, group.adv, group.anchors[b], k, grid, group.cond, cfg, dtype)
                 loss = -J / (K * len(groups))
                 loss.backward()
-                stats["loss"] += loss.item() / cfg.num_anchors
-                stats["clip_frac"] += clip_frac.item() / (cfg.num_anchors * K * len(groups))
-                if b == 0:  # theta = theta_old here: any |log rho| is the rollout/train solver drift
-                    stats["first_anchor_abs_log_ratio"] += abs_log_ratio.item() / (K * len(groups))
+            stats["loss"] += loss.item() / cfg.num_anchors
+            stats["clip_frac"] += clip_frac.item() / (cfg.num_anchors * K * len(groups))
+            if b == 0:  # theta = theta_old here: any |log rho| is the rollout/train solver drift
+                stats["first_anchor_abs_log_ratio"] += abs_log_ratio.item() / (K * len(groups))
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
         stats["grad_norm"] += grad_norm.item() / cfg.num_anchors
         optimizer.step()
     return stats
@@ -617,58 +703,134 @@ def train_iteration(pipe, model, optimizer, reward_fns, weights, prompts, grid, 
 
 
 # -----------------------------------------------------------------------------
+# Checkpoints: resumable state with torch.distributed.checkpoint, the transformer in diffusers format
+
+
+def export_transformer(model, path, rank, dtype):
+    """The full transformer as safetensors + config.json, loadable by FluxTransformer2DModel.from_pretrained."""
+    from huggingface_hub import save_torch_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        save_torch_state_dict({k: v.to(dtype) for k, v in state.items()}, path, max_shard_size="10GB",
+                              filename_pattern="diffusion_pytorch_model{suffix}.safetensors")
+        (model.module if isinstance(model, DDP) else model).save_config(path)
+
+
+def latest_checkpoint(out_dir):
+    pointer = Path(out_dir) / "checkpoints" / "latest"
+    return pointer.parent / pointer.read_text().strip() if pointer.exists() else None
+
+
+def save_checkpoint(model, optimizer, cfg, iteration, rank, world, dtype):
+    """Write under tmp-N, rename to step-N, then replace the `latest` pointer: a crash mid-save leaves the
+    previous checkpoint intact. All randomness derives from (seed, iteration, group), so no RNG state is needed."""
+    import shutil
+
+    root = Path(cfg.out_dir) / "checkpoints"
+    tmp, final = root / f"tmp-{iteration:06d}", root / f"step-{iteration:06d}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(world)
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / "state", no_dist=world == 1)
+    export_transformer(model, tmp / "transformer", rank, dtype)
+    if rank == 0:
+        (tmp / "meta.json").write_text(json.dumps({"iteration": iteration, "config": dataclasses.asdict(cfg)}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        (root / "latest.tmp").write_text(final.name)
+        os.replace(root / "latest.tmp", root / "latest")
+        for old in root.glob("step-*"):
+            if old != final:
+                shutil.rmtree(old)
+    barrier(world)
+
+
+def load_checkpoint(model, optimizer, path, world):
+    """Restore model and optimizer (in whatever sharding this run uses); returns the iterations already done."""
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=path / "state", no_dist=world == 1)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return json.loads((path / "meta.json").read_text())["iteration"]
+
+
+# -----------------------------------------------------------------------------
 # The training loop
 
 
-def resolve_device(cfg):
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
-    return device, (torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32)
+def open_log(out, start):
+    """log.jsonl, keeping the records of iterations before start when a run resumes."""
+    path = out / "log.jsonl"
+    kept = [line for line in path.read_text().splitlines() if json.loads(line)["iter"] < start] if start else []
+    log = open(path, "w")
+    log.writelines(line + "\n" for line in kept)
+    return log
 
 
 def train(cfg):
+    """Neighbor GRPO on this process's share of the prompt groups; returns the trained (wrapped) transformer."""
+    rank, world, device = setup_distributed(cfg)
+    dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
     out = Path(cfg.out_dir)
-    if (out / "log.jsonl").exists() and not cfg.overwrite:
-        raise ConfigError(f"out_dir={out}: already holds a run (log.jsonl); choose another --out_dir or pass --overwrite")
+    resume_from = latest_checkpoint(out) if cfg.resume else None
+    if cfg.resume and resume_from is None:
+        raise ConfigError(f"resume: out_dir={out} holds no checkpoint; drop --resume to start a new run")
+    if not cfg.resume and (out / "log.jsonl").exists() and not cfg.overwrite:
+        raise ConfigError(f"out_dir={out}: already holds a run (log.jsonl); pass --resume to continue it, "
+                          "--overwrite to replace it, or another --out_dir")
     prompts = load_prompts(cfg.prompt_file)
-    device, dtype = resolve_device(cfg)
     pipe = load_pipeline(cfg, device, dtype)
     reward_fns = {name: load_reward(name, cfg, device) for name in cfg.rewards}
     weights = cfg.reward_weights or (1.0,) * len(cfg.rewards)
-    seq_len, _ = latent_shape(pipe, cfg.resolution)
-    grid = time_grid(cfg.num_steps, seq_len, pipe.scheduler.config, cfg.shift)
-    model = pipe.transformer
+    grid = time_grid(cfg.num_steps, latent_shape(pipe, cfg.resolution)[0], pipe.scheduler.config, cfg.shift)
+    model = parallelize(pipe.transformer, cfg, device, world, dtype)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    (out / "samples").mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    log, cache = open(out / "log.jsonl", "w"), {}
-    sample_prompts = prompts[: cfg.num_samples]
+    start = load_checkpoint(model, optimizer, resume_from, world) if resume_from else 0
+    if rank == 0:
+        (out / "samples").mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        log = open_log(out, start)
+        print(f"Neighbor GRPO | {cfg.model_path} | {world} process(es) x {cfg.groups_per_rank} group(s) | "
+              f"G={cfg.group_size} B={cfg.num_anchors} T={cfg.num_steps} K={cfg.num_train_steps} "
+              f"sigma={cfg.noise_sigma} p={cfg.adv_p} | start at iteration {start}")
     nfe_old, nfe_new = cfg.num_steps, nfe_theta(cfg.num_anchors, cfg.group_size, cfg.num_train_steps)
-    print(f"Neighbor GRPO | {cfg.model_path} | G={cfg.group_size} B={cfg.num_anchors} T={cfg.num_steps} "
-          f"K={cfg.num_train_steps} sigma={cfg.noise_sigma} p={cfg.adv_p} | NFE_old={nfe_old} NFE_theta={nfe_new:.2f}")
-    for it in range(cfg.iterations + 1):
+    group_ids = range(rank * cfg.groups_per_rank, (rank + 1) * cfg.groups_per_rank)
+    cache = {}
+    for it in range(start, cfg.iterations + 1):
         if cfg.sample_every and (it % cfg.sample_every == 0 or it == cfg.iterations):
-            save_grid(generate(pipe, sample_prompts, cfg, grid, cfg.seed, dtype, cache), out / f"samples/{it:06d}.png")
+            images = generate(pipe, prompts[: cfg.num_samples], cfg, grid, cfg.seed, dtype, cache)  # on every rank
+            if rank == 0:
+                save_grid(images, out / f"samples/{it:06d}.png")
         if it == cfg.iterations:
             break
         t0 = time.perf_counter()
-        group_ids = range(cfg.groups_per_rank)
         groups, stats, timings = train_iteration(pipe, model, optimizer, reward_fns, weights, prompts, grid, cfg,
                                                  it, dtype, cache, group_ids)
-        rewards = torch.cat([g.rewards for g in groups], dim=1)
-        record = dict(iter=it, **{f"reward/{n}": r.mean().item() for n, r in zip(cfg.rewards, rewards)},
-                      **{f"reward_std/{n}": r.std().item() for n, r in zip(cfg.rewards, rewards)},
-                      **stats, nfe_old=nfe_old, nfe_theta=nfe_new,
-                      **{f"time/{k}": v for k, v in timings.items()}, **{"time/total": time.perf_counter() - t0})
-        log.write(json.dumps(record) + "\n")
-        log.flush()
-        print(f"iter {it:4d} | " + " ".join(f"{n} {r.mean():.4f}" for n, r in zip(cfg.rewards, rewards)) +
-              f" | loss {stats['loss']:+.3e} | clip {stats['clip_frac']:.2f} | "
-              f"|log rho| {stats['first_anchor_abs_log_ratio']:.1e} | {record['time/total']:.2f}s")
-    log.close()
-    model.save_pretrained(out / "transformer")
-    return out
+        timings["total"] = time.perf_counter() - t0
+        rewards = all_gather_columns(torch.cat([g.rewards for g in groups], dim=1), world, device)
+        stats = all_mean({**stats, **{f"time/{k}": v for k, v in timings.items()}}, world, device)
+        if rank == 0:
+            record = dict(iter=it, **{f"reward/{n}": r.mean().item() for n, r in zip(cfg.rewards, rewards)},
+                          **{f"reward_std/{n}": r.std().item() for n, r in zip(cfg.rewards, rewards)},
+                          **stats, nfe_old=nfe_old, nfe_theta=nfe_new)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            print(f"iter {it:4d} | " + " ".join(f"{n} {r.mean():.4f}" for n, r in zip(cfg.rewards, rewards)) +
+                  f" | loss {stats['loss']:+.3e} | clip {stats['clip_frac']:.2f} | "
+                  f"|log rho| {stats['first_anchor_abs_log_ratio']:.1e} | {stats['time/total']:.2f}s")
+        if cfg.ckpt_every and (it + 1) % cfg.ckpt_every == 0 and it + 1 < cfg.iterations:
+            save_checkpoint(model, optimizer, cfg, it + 1, rank, world, dtype)
+    save_checkpoint(model, optimizer, cfg, cfg.iterations, rank, world, dtype)
+    export_transformer(model, out / "transformer", rank, dtype)
+    if rank == 0:
+        log.close()
+    barrier(world)
+    return model
 
 
 def main(argv=None):
@@ -677,6 +839,9 @@ def main(argv=None):
     except (ConfigError, RewardError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

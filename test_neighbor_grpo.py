@@ -400,3 +400,121 @@ def test_tiny_preset_learns_and_lr_zero_does_not_move(tmp_path):
     first0, last0, r0_frozen = means["0"]
     assert abs(last0 - first0) < 0.1
     assert r0 == r0_frozen  # the same prompts and noise: only the update differs
+
+
+# ---------------------------------------------------------------------------- distributed, checkpoints, resume
+
+DRIVER = """
+import sys, torch, torch.distributed as dist
+import neighbor_grpo as ng
+out = sys.argv[1]
+model = ng.train(ng.parse_config(sys.argv[2:] + ["--out_dir=" + out]))
+rank = dist.get_rank() if dist.is_initialized() else 0
+full = lambda p: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().clone()
+torch.save({n.removeprefix("module."): full(p) for n, p in model.named_parameters()}, f"{out}/params_rank{rank}.pt")
+if dist.is_initialized():
+    dist.destroy_process_group()
+"""
+
+
+def run_ranks(tmp_path, name, nproc, *args):
+    """neighbor_grpo.train under torchrun (gloo on CPU); returns each rank's full parameters."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "driver.py").write_text(DRIVER)
+    out = tmp_path / name
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(ng.__file__)), OMP_NUM_THREADS="1")
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1 else [
+        sys.executable]
+    result = subprocess.run([*launcher, str(tmp_path / "driver.py"), str(out), *args], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [torch.load(out / f"params_rank{r}.pt") for r in range(nproc)]
+
+
+def max_abs_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_ranks_equal_one_process_over_the_same_groups(tmp_path, parallel):
+    # a reward continuous in the image: JPEG sizes jump by whole bytes when float noise flips a pixel's rounding
+    args = ["--preset=tiny", "--iterations=3", "--sample_every=0", "--num_train_steps=2",
+            "--rewards=test_neighbor_grpo:brightness"]
+    ranks = run_ranks(tmp_path, parallel, 2, *args, f"--parallel={parallel}")
+    (one,) = run_ranks(tmp_path, "one", 1, *args, "--groups_per_rank=2")
+    assert max_abs_diff(ranks[0], ranks[1]) == 0  # identical on every rank
+    assert max_abs_diff(ranks[0], one) < 1e-5  # the same updates as one process averaging both groups (lr 1e-3)
+    initial = dict(ng.build_tiny_flux(0).transformer.named_parameters())
+    assert max_abs_diff(one, {k: v.detach() for k, v in initial.items()}) > 1e-3  # and it did train
+
+
+def exported(out_dir):
+    from diffusers import FluxTransformer2DModel
+
+    return dict(FluxTransformer2DModel.from_pretrained(out_dir / "transformer").named_parameters())
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
+    args = ["--iterations=4", "--sample_every=0", "--ckpt_every=2"]
+    ng.train(tiny_cfg(tmp_path / "straight", *args))
+    ng.train(tiny_cfg(tmp_path / "resumed", "--iterations=2", "--sample_every=0"))
+    assert (tmp_path / "resumed/checkpoints/latest").read_text() == "step-000002"
+    ng.train(tiny_cfg(tmp_path / "resumed", *args, "--resume"))
+    assert max_abs_diff(exported(tmp_path / "straight"), exported(tmp_path / "resumed")) == 0
+    assert read_log(tmp_path / "straight") == [
+        {**r, **{k: v for k, v in s.items() if k.startswith("time/")}}
+        for r, s in zip(read_log(tmp_path / "resumed"), read_log(tmp_path / "straight"))]
+    assert [p.name for p in (tmp_path / "straight/checkpoints").iterdir()] == ["latest", "step-000004"]
+
+
+def test_an_interrupted_save_leaves_the_last_checkpoint_loadable(tmp_path, monkeypatch):
+    ng.train(tiny_cfg(tmp_path, "--iterations=1", "--sample_every=0"))
+    real_export = ng.export_transformer
+
+    def crash_after_partial_write(model, path, rank, dtype):
+        real_export(model, path, rank, dtype)
+        raise KeyboardInterrupt("killed mid-save")
+
+    monkeypatch.setattr(ng, "export_transformer", crash_after_partial_write)
+    with pytest.raises(KeyboardInterrupt):
+        ng.train(tiny_cfg(tmp_path, "--iterations=2", "--sample_every=0", "--resume"))
+    root = tmp_path / "checkpoints"
+    assert (root / "latest").read_text() == "step-000001" and (root / "tmp-000002").exists()
+    monkeypatch.undo()
+    ng.train(tiny_cfg(tmp_path, "--iterations=2", "--sample_every=0", "--resume"))  # resumes from step 1
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000002"]
+    assert [r["iter"] for r in read_log(tmp_path)] == [0, 1]
+
+
+def test_resume_without_a_checkpoint_is_an_error(tmp_path):
+    with pytest.raises(ng.ConfigError, match="resume"):
+        ng.train(tiny_cfg(tmp_path, "--resume"))
+
+
+def test_exported_transformer_loads_into_diffusers_and_matches_the_trained_model(tmp_path):
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    model = ng.train(tiny_cfg(tmp_path / "run", "--iterations=2", "--sample_every=0"))
+    loaded = FluxTransformer2DModel.from_pretrained(tmp_path / "run/transformer")
+    pipe = ng.build_tiny_flux(0)
+    pipe.save_pretrained(tmp_path / "pipe")  # a FLUX-layout pipeline directory, as FLUX.1-dev ships
+    pipe = FluxPipeline.from_pretrained(tmp_path / "pipe", transformer=loaded)
+    cfg = tiny_cfg()
+    cond = ng.encode_prompt(pipe, "a cat", cfg, {})
+    x = torch.randn(2, *ng.latent_shape(pipe, cfg.resolution), generator=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        assert torch.allclose(ng.velocity(loaded, x, 0.7, cond), ng.velocity(model, x, 0.7, cond), atol=1e-6)
+    images = pipe("a cat", height=64, width=64, num_inference_steps=2, output_type="pt").images
+    assert images.shape == (1, 3, 64, 64)
+
+
+def test_model_path_loads_a_pipeline_directory_with_from_pretrained(tmp_path):
+    ng.build_tiny_flux(0).save_pretrained(tmp_path / "pipe")
+    ng.train(tiny_cfg(tmp_path / "run", f"--model_path={tmp_path / 'pipe'}", "--iterations=1", "--sample_every=0"))
+    assert read_log(tmp_path / "run")[0]["iter"] == 0
+    with pytest.raises(ng.ConfigError, match="model_path"):
+        ng.train(tiny_cfg(tmp_path / "bad", f"--model_path={tmp_path / 'missing'}"))
