@@ -254,16 +254,26 @@ def barrier(world):
 # Models: FLUX through diffusers' FluxPipeline (transformer, VAE, CLIP + T5 text encoders)
 
 
-def build_tiny_flux(seed=0):
-    """A randomly initialised FLUX-architecture pipeline small enough for a CPU: same classes, tiny sizes."""
+TINY = dict(  # a FLUX-architecture model small enough for a CPU
+    layers=1, single_layers=2, heads=2, head_dim=16, rope=(4, 6, 6), text_dim=32, pooled_dim=32, text_layers=2,
+    latent_channels=4, vae_channels=(16, 32), vae_layers=1, vae_groups=8)
+FLUX_DEV = dict(  # FLUX.1-dev's sizes (its text encoders are CLIP-L and T5-XXL; random stand-ins keep their widths)
+    layers=19, single_layers=38, heads=24, head_dim=128, rope=(16, 56, 56), text_dim=4096, pooled_dim=768,
+    text_layers=1, latent_channels=16, vae_channels=(128, 256, 512, 512), vae_layers=2, vae_groups=32)
+
+
+def build_random_flux(seed=0, layers=1, single_layers=2, heads=2, head_dim=16, rope=(4, 6, 6), text_dim=32,
+                      pooled_dim=32, text_layers=2, latent_channels=4, vae_channels=(16, 32), vae_layers=1,
+                      vae_groups=8):
+    """A randomly initialised FluxPipeline of the given sizes: the classes of FLUX.1-dev, tokenizers built in memory."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
     torch.manual_seed(seed)
-    # character-level tokens: long prompts are truncated (CLIP at 77 as in FLUX), which is fine at this size
+    # character-level tokens: long prompts are truncated (CLIP at 77 as in FLUX), which is fine for random models
     logging.getLogger("diffusers.pipelines.flux.pipeline_flux").setLevel(logging.ERROR)
     chars = list(string.ascii_lowercase + string.digits + ",.!?'-")
-    clip_vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}  # character-level BPE vocabulary, built in memory
+    clip_vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}  # character-level BPE vocabulary
     for c in chars:
         clip_vocab[c], clip_vocab[c + "</w>"] = len(clip_vocab), len(clip_vocab) + 1
     tokenizer = CLIPTokenizer(vocab=clip_vocab, merges=[], model_max_length=77)
@@ -271,18 +281,20 @@ def build_tiny_flux(seed=0):
     t5_vocab += [(c, -2.0) for c in chars] + [("\u2581" + c, -2.5) for c in chars]
     tokenizer_2 = T5Tokenizer(vocab=t5_vocab, extra_ids=0)
     text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+        vocab_size=len(tokenizer), hidden_size=pooled_dim, intermediate_size=64, num_hidden_layers=text_layers,
+        num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1))
     text_encoder_2 = T5EncoderModel(T5Config(
-        vocab_size=len(tokenizer_2), d_model=32, d_ff=64, d_kv=16, num_layers=2, num_heads=2,
+        vocab_size=len(tokenizer_2), d_model=text_dim, d_ff=64, d_kv=16, num_layers=text_layers, num_heads=2,
         relative_attention_num_buckets=8))
-    transformer = FluxTransformer2DModel(  # FLUX.1-dev: 19 double + 38 single blocks of width 3072
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
-    vae = AutoencoderKL(  # FLUX's VAE has 16 latent channels and 8x downsampling; this one 4 and 2x
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1, latent_channels=4,
-        norm_num_groups=8, sample_size=64, scaling_factor=0.3611, shift_factor=0.1159,
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4 * latent_channels, num_layers=layers, num_single_layers=single_layers,
+        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=text_dim,
+        pooled_projection_dim=pooled_dim, guidance_embeds=True, axes_dims_rope=rope)
+    n = len(vae_channels)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=vae_channels, layers_per_block=vae_layers,
+        latent_channels=latent_channels, norm_num_groups=vae_groups, scaling_factor=0.3611, shift_factor=0.1159,
         use_quant_conv=False, use_post_quant_conv=False)
     scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's scheduler config (only the time grid is used)
         shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
@@ -295,7 +307,7 @@ def load_pipeline(cfg, device, dtype):
     """FluxPipeline for cfg.model_path: VAE and text encoders on device in dtype, frozen; the transformer in fp32
     (the master weights) on the CPU until parallelize() shards it onto the devices block by block."""
     if cfg.model_path == "tiny":
-        pipe = build_tiny_flux(cfg.seed)
+        pipe = build_random_flux(cfg.seed, **TINY)
     else:
         from diffusers import FluxPipeline, FluxTransformer2DModel
 
@@ -676,17 +688,24 @@ def policy_update(model, optimizer, groups, grid, cfg, dtype):
     return stats
 
 
+def clock(device):
+    """Wall time once the device's queued work is done (CUDA kernels run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def train_iteration(pipe, model, optimizer, reward_fns, weights, prompts, grid, cfg, iteration, dtype, cache,
                     group_ids):
     """Rollout, rewards and advantages for this process's prompt groups, then the policy update."""
-    timings, groups = dict(rollout=0.0, reward=0.0), []
+    timings, groups, device = dict(rollout=0.0, reward=0.0), [], pipe.vae.device
     for g in group_ids:
         gen = group_generator(cfg.seed, iteration, g)
         prompt = prompts[torch.randint(len(prompts), (1,), generator=gen).item()]
-        t0 = time.perf_counter()
+        t0 = clock(device)
         cond = encode_prompt(pipe, prompt, cfg, cache)
         states = neighbourhood_rollout(pipe, cond, cfg, grid, gen, cfg.group_size, cfg.noise_sigma, dtype)
-        t1 = time.perf_counter()
+        t1 = clock(device)
         images = torch.cat([decode_images(pipe, x, cfg.resolution) for x in states[:, -1].split(cfg.reward_batch_size)])
         rewards = torch.cat([score(reward_fns, chunk, [prompt] * len(chunk))
                              for chunk in images.split(cfg.reward_batch_size)], dim=1)
@@ -695,10 +714,10 @@ def train_iteration(pipe, model, optimizer, reward_fns, weights, prompts, grid, 
                                                   cfg.num_train_steps, gen)
         groups.append(Group(prompt, cond, states, rewards, adv, anchors, steps))
         timings["rollout"] += t1 - t0
-        timings["reward"] += time.perf_counter() - t1
-    t2 = time.perf_counter()
+        timings["reward"] += clock(device) - t1
+    t2 = clock(device)
     stats = policy_update(model, optimizer, groups, grid, cfg, dtype)
-    timings["update"] = time.perf_counter() - t2
+    timings["update"] = clock(device) - t2
     return groups, stats, timings
 
 
@@ -755,7 +774,7 @@ def load_checkpoint(model, optimizer, path, world):
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=path / "state", no_dist=world == 1)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    return json.loads((path / "meta.json").read_text())["iteration"]
+    return json.loads((path / "meta.json").read_text())
 
 
 # -----------------------------------------------------------------------------
@@ -790,7 +809,14 @@ def train(cfg):
     model = parallelize(pipe.transformer, cfg, device, world, dtype)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start = load_checkpoint(model, optimizer, resume_from, world) if resume_from else 0
+    start = 0
+    if resume_from:
+        meta = load_checkpoint(model, optimizer, resume_from, world)
+        start, now = meta["iteration"], json.loads(json.dumps(dataclasses.asdict(cfg)))
+        changed = [f"{k} {meta['config'][k]} -> {now[k]}" for k in now
+                   if k not in ("resume", "overwrite", "iterations") and meta["config"].get(k) != now[k]]
+        if changed and rank == 0:
+            print(f"resuming {resume_from} with changed fields: {', '.join(changed)}")
     if rank == 0:
         (out / "samples").mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
@@ -808,10 +834,10 @@ def train(cfg):
                 save_grid(images, out / f"samples/{it:06d}.png")
         if it == cfg.iterations:
             break
-        t0 = time.perf_counter()
+        t0 = clock(device)
         groups, stats, timings = train_iteration(pipe, model, optimizer, reward_fns, weights, prompts, grid, cfg,
                                                  it, dtype, cache, group_ids)
-        timings["total"] = time.perf_counter() - t0
+        timings["total"] = clock(device) - t0
         rewards = all_gather_columns(torch.cat([g.rewards for g in groups], dim=1), world, device)
         stats = all_mean({**stats, **{f"time/{k}": v for k, v in timings.items()}}, world, device)
         if rank == 0:

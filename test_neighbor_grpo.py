@@ -382,7 +382,7 @@ def test_tiny_run_writes_log_samples_and_a_diffusers_checkpoint(tmp_path):
     assert log[0]["nfe_old"] == 8 and round(log[0]["nfe_theta"], 2) == 1.33
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["000000.png", "000001.png", "000002.png"]
     trained = FluxTransformer2DModel.from_pretrained(tmp_path / "transformer")
-    initial = ng.build_tiny_flux(cfg.seed).transformer
+    initial = ng.build_random_flux(cfg.seed, **ng.TINY).transformer
     assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), initial.parameters()))
 
 
@@ -439,16 +439,16 @@ def max_abs_diff(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_ranks_equal_one_process_over_the_same_groups(tmp_path, parallel):
+@pytest.mark.parametrize("parallel,checkpointing", [("ddp", "false"), ("fsdp", "true")])
+def test_two_ranks_equal_one_process_over_the_same_groups(tmp_path, parallel, checkpointing):
     # a reward continuous in the image: JPEG sizes jump by whole bytes when float noise flips a pixel's rounding
     args = ["--preset=tiny", "--iterations=3", "--sample_every=0", "--num_train_steps=2",
             "--rewards=test_neighbor_grpo:brightness"]
-    ranks = run_ranks(tmp_path, parallel, 2, *args, f"--parallel={parallel}")
+    ranks = run_ranks(tmp_path, parallel, 2, *args, f"--parallel={parallel}", f"--grad_checkpointing={checkpointing}")
     (one,) = run_ranks(tmp_path, "one", 1, *args, "--groups_per_rank=2")
     assert max_abs_diff(ranks[0], ranks[1]) == 0  # identical on every rank
     assert max_abs_diff(ranks[0], one) < 1e-5  # the same updates as one process averaging both groups (lr 1e-3)
-    initial = dict(ng.build_tiny_flux(0).transformer.named_parameters())
+    initial = dict(ng.build_random_flux(0, **ng.TINY).transformer.named_parameters())
     assert max_abs_diff(one, {k: v.detach() for k, v in initial.items()}) > 1e-3  # and it did train
 
 
@@ -500,7 +500,7 @@ def test_exported_transformer_loads_into_diffusers_and_matches_the_trained_model
 
     model = ng.train(tiny_cfg(tmp_path / "run", "--iterations=2", "--sample_every=0"))
     loaded = FluxTransformer2DModel.from_pretrained(tmp_path / "run/transformer")
-    pipe = ng.build_tiny_flux(0)
+    pipe = ng.build_random_flux(0, **ng.TINY)
     pipe.save_pretrained(tmp_path / "pipe")  # a FLUX-layout pipeline directory, as FLUX.1-dev ships
     pipe = FluxPipeline.from_pretrained(tmp_path / "pipe", transformer=loaded)
     cfg = tiny_cfg()
@@ -513,7 +513,7 @@ def test_exported_transformer_loads_into_diffusers_and_matches_the_trained_model
 
 
 def test_model_path_loads_a_pipeline_directory_with_from_pretrained(tmp_path):
-    ng.build_tiny_flux(0).save_pretrained(tmp_path / "pipe")
+    ng.build_random_flux(0, **ng.TINY).save_pretrained(tmp_path / "pipe")
     ng.train(tiny_cfg(tmp_path / "run", f"--model_path={tmp_path / 'pipe'}", "--iterations=1", "--sample_every=0"))
     assert read_log(tmp_path / "run")[0]["iter"] == 0
     with pytest.raises(ng.ConfigError, match="model_path"):
