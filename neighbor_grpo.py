@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import difflib
 import importlib
+import importlib.util
 import inspect
 import io
 import json
@@ -31,13 +32,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-# transformers warns at import that CLIP's image processor falls back to PIL without torchvision: harmless here
-logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
 # diffusers' FLUX blocks return slices; nothing downstream writes into them in place (the FSDP tests check gradients)
 warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DCP in a world of one: intended
@@ -53,7 +53,9 @@ class Config:
     resolution: int = 720  # image side in pixels (DanceGRPO/MixGRPO protocol)
     guidance_scale: float = 3.5  # FLUX.1-dev embedded guidance, as FluxPipeline
     max_sequence_length: int = 512  # T5 tokens per prompt (FluxPipeline default)
-    prompt_file: str = ""  # one prompt per line; "" = the built-in example prompts
+    transformer_path: str = ""  # a trained transformer (diffusers format) to start from or evaluate; "" = model_path's
+    offload_text_encoders: bool = True  # encode this rank's prompts up front, then move CLIP and T5 to the CPU
+    prompt_file: str = "data/hpdv2_train.txt"  # training prompts, one per line (the paper: HPDv2 train); "" = examples
     # neighbourhood rollout (Sec. 3.3)
     group_size: int = 12  # G candidates per prompt (Table 3)
     noise_sigma: float = 0.3  # sigma, strength of the initial-noise perturbation (eq. 7, Table 4)
@@ -71,7 +73,15 @@ class Config:
     # rewards
     rewards: tuple[str, ...] = ("hpsv2", "pickscore", "imagereward")  # built-in names or module.path:function
     reward_weights: tuple[float, ...] = ()  # one weight per reward; () = equal weights (MixGRPO protocol)
-    reward_batch_size: int = 12  # images per VAE decode and reward call
+    reward_paths: tuple[str, ...] = ()  # local reward weights as key=path, keys in REWARD_WEIGHTS; default: the hub
+    reward_batch_size: int = 4  # images per VAE decode and reward call
+    # evaluation: deterministic ODE samples (sigma = 0) of held-out prompts, every reward, mean +- standard error
+    eval_only: bool = False  # evaluate transformer_path (or model_path) and exit
+    eval_prompts: str = "hpdv2"  # "hpdv2" = the 3200 HPDv2 benchmark prompts (hub, or a dir of its JSONs), or a file
+    eval_size: int = 256  # prompts per evaluation, spread evenly over eval_prompts (0 = all)
+    eval_every: int = 50  # iterations between held-out evaluations during training (0 = never)
+    eval_rewards: tuple[str, ...] = ()  # rewards scored in evaluation; () = the training rewards
+    eval_steps: int = 0  # ODE steps of the evaluation sampler (0 = num_steps)
     # optimisation
     iterations: int = 300  # GRPO iterations (paper)
     groups_per_rank: int = 1  # prompt groups per process per iteration (paper: 1 per GPU)
@@ -96,6 +106,7 @@ PRESETS = {
     "flux-dev": {},  # the defaults are the paper's best 8-step setting
     "tiny": dict(  # the same algorithm on a random tiny FLUX-architecture model, CPU, no download
         model_path="tiny", resolution=64, max_sequence_length=64, rewards=("jpeg_compressibility",),
+        prompt_file="", eval_prompts="", eval_size=0, eval_every=20,
         lr=1e-3, iterations=60, device="cpu", mixed_precision="fp32", parallel="ddp", grad_checkpointing=False,
         out_dir="runs/tiny", sample_every=20, ckpt_every=30,
     ),
@@ -180,9 +191,16 @@ def validate(cfg):
          "groups_per_rank, rollout_batch_size and reward_batch_size must be >= 1"),
         (cfg.sample_every >= 0 and cfg.num_samples >= 1, "sample_every must be >= 0 (0 = never) and num_samples >= 1"),
     ]
-    for name in cfg.rewards:
-        checks.append((name in REWARDS or ":" in name,
-                       f"rewards: unknown reward {name!r}; use one of {', '.join(REWARDS)} or module.path:function"))
+    for field in ("rewards", "eval_rewards"):
+        for name in getattr(cfg, field):
+            checks.append((name in REWARDS or ":" in name,
+                           f"{field}: unknown reward {name!r}; use one of {', '.join(REWARDS)} or module.path:function"))
+    for item in cfg.reward_paths:
+        key = item.partition("=")[0]
+        checks.append((key in REWARD_WEIGHTS and "=" in item,
+                       f"reward_paths: {item!r} is not key=path with key one of {', '.join(REWARD_WEIGHTS)}"))
+    checks.append((cfg.eval_size >= 0 and cfg.eval_every >= 0 and cfg.eval_steps >= 0,
+                   "eval_size, eval_every and eval_steps must be >= 0 (0 = all prompts / never / num_steps)"))
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
@@ -245,6 +263,15 @@ def all_gather_columns(x, world, device):
     return torch.cat(parts, dim=1).cpu()
 
 
+def all_gather_objects(obj, world):
+    """[obj of rank 0, obj of rank 1, ...] on every rank (pickled: for small results)."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier(world):
     if world > 1:
         dist.barrier()
@@ -303,26 +330,54 @@ def build_random_flux(seed=0, layers=1, single_layers=2, heads=2, head_dim=16, r
                         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
 
 
+def tokenizer_is_empty(tokenizer):
+    """transformers 5 silently builds an empty tokenizer when the vocabulary files are missing (even offline)."""
+    ids = tokenizer("a photo of a cat", add_special_tokens=False).input_ids
+    return not ids or tokenizer.unk_token_id in ids
+
+
 def load_pipeline(cfg, device, dtype):
     """FluxPipeline for cfg.model_path: VAE and text encoders on device in dtype, frozen; the transformer in fp32
     (the master weights) on the CPU until parallelize() shards it onto the devices block by block."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    def load(fn, field, path, **kwargs):
+        try:
+            return fn(path, **kwargs)
+        except (OSError, ValueError) as e:
+            raise ConfigError(
+                f"{field}={path}: cannot load FLUX ({type(e).__name__}: {str(e).splitlines()[0][:200]}); download "
+                "black-forest-labs/FLUX.1-dev (huggingface-cli download) and pass its directory") from None
+
     if cfg.model_path == "tiny":
         pipe = build_random_flux(cfg.seed, **TINY)
     else:
-        from diffusers import FluxPipeline, FluxTransformer2DModel
-
-        try:
-            transformer = FluxTransformer2DModel.from_pretrained(cfg.model_path, subfolder="transformer",
-                                                                 dtype=torch.float32)
-            pipe = FluxPipeline.from_pretrained(cfg.model_path, transformer=transformer, dtype=dtype)
-        except (OSError, ValueError) as e:
-            raise ConfigError(
-                f"model_path={cfg.model_path}: cannot load FLUX ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                "download black-forest-labs/FLUX.1-dev (huggingface-cli download) and pass its directory") from None
+        transformer = None if cfg.transformer_path else load(
+            FluxTransformer2DModel.from_pretrained, "model_path", cfg.model_path, subfolder="transformer",
+            dtype=torch.float32)
+        pipe = load(FluxPipeline.from_pretrained, "model_path", cfg.model_path, transformer=transformer, dtype=dtype)
+        for name in ("tokenizer", "tokenizer_2"):
+            if tokenizer_is_empty(getattr(pipe, name)):
+                raise ConfigError(
+                    f"model_path={cfg.model_path}: {name} ({type(getattr(pipe, name)).__name__}) loaded with no "
+                    f"vocabulary; {name}/ lacks tokenizer.json (or vocab.json + merges.txt, spiece.model): download "
+                    "black-forest-labs/FLUX.1-dev completely (huggingface-cli download) and pass its directory")
+    if cfg.transformer_path:
+        pipe.transformer = load(FluxTransformer2DModel.from_pretrained, "transformer_path", cfg.transformer_path,
+                                dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         module.to(device).requires_grad_(False).eval()
     return pipe
+
+
+def encode_prompts(pipe, prompts, cfg, cache):
+    """Fill the prompt-embedding cache, then move the idle text encoders (T5-XXL: 9.5 GB) off the GPU."""
+    for prompt in dict.fromkeys(prompts):
+        encode_prompt(pipe, prompt, cfg, cache)
+    if cfg.offload_text_encoders:
+        pipe.text_encoder.to("cpu")
+        pipe.text_encoder_2.to("cpu")
 
 
 @dataclass
@@ -344,13 +399,13 @@ def latent_shape(pipe, resolution):
 
 @torch.no_grad()
 def encode_prompt(pipe, prompt, cfg, cache):
-    """CLIP pooled + T5 embeddings of one prompt, computed once and cached."""
-    if prompt not in cache:
-        embeds, pooled, _ = pipe.encode_prompt(prompt, prompt_2=prompt, device=pipe.vae.device,
-                                               max_sequence_length=cfg.max_sequence_length)
-        cache[prompt] = (embeds, pooled)
-    embeds, pooled = cache[prompt]
+    """CLIP pooled + T5 embeddings of one prompt, computed once and cached on the CPU."""
     device = pipe.vae.device
+    if prompt not in cache:
+        embeds, pooled, _ = pipe.encode_prompt(prompt, prompt_2=prompt, device=device,
+                                               max_sequence_length=cfg.max_sequence_length)
+        cache[prompt] = (embeds.cpu(), pooled.cpu())
+    embeds, pooled = cache[prompt]
     side = cfg.resolution // pipe.vae_scale_factor // 2
     img_ids = pipe._prepare_latent_image_ids(1, side, side, device, torch.float32)
     txt_ids = torch.zeros(embeds.shape[1], 3, device=device)
@@ -477,8 +532,227 @@ def jpeg_incompressibility(images, prompts):
     return -jpeg_compressibility(images, prompts)
 
 
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's pixel statistics, used by all three models below
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_pixels(images, size, fit):
+    """CLIP-style preprocessing on tensors, no PIL round trip. fit="crop": the short side to size, centre crop
+    (CLIP, PickScore, ImageReward; clamped like PIL's uint8); fit="pad": the long side to size, zero padding
+    (HPSv2's ResizeMaxSize). Bicubic with antialiasing, as PIL and torchvision resize."""
+    x = images.float()
+    h, w = x.shape[-2:]
+    if fit == "crop":  # torchvision's Resize(size): the long side truncated
+        nh, nw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    else:  # HPSv2's ResizeMaxSize: both sides rounded
+        nh, nw = round(h * size / max(h, w)), round(w * size / max(h, w))
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
+    if fit == "crop":
+        top, left = int(round((nh - size) / 2)), int(round((nw - size) / 2))  # torchvision's CenterCrop
+        x = x[..., top: top + size, left: left + size].clamp(0, 1)
+    else:
+        x = F.pad(x, ((size - nw) // 2, size - nw - (size - nw) // 2, (size - nh) // 2, size - nh - (size - nh) // 2))
+    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
+    return (x - mean) / std
+
+
+# what --reward_paths=KEY=PATH can replace: hub repo and file (None: a from_pretrained directory)
+REWARD_WEIGHTS = {
+    "hpsv2": ("xswu/HPSv2", "HPS_v2.1_compressed.pt"),
+    "pickscore": ("yuvalkirstain/PickScore_v1", None),
+    "pickscore_processor": ("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", None),
+    "imagereward": ("THUDM/ImageReward", "ImageReward.pt"),
+    "imagereward_med_config": ("THUDM/ImageReward", "med_config.json"),
+    "imagereward_bert": ("bert-base-uncased", None),
+}
+
+
+def missing_weights(key, error):
+    repo, filename = REWARD_WEIGHTS[key]
+    return (f"reward_paths: {key} weights not found ({type(error).__name__}); download them (huggingface-cli "
+            f"download {repo}{' ' + filename if filename else ''}) or pass --reward_paths={key}=/local/"
+            f"{filename or repo.split('/')[-1]}")
+
+
+def reward_weights(cfg, key, loader=None):
+    """A reward's weights from --reward_paths, else the hub (or its local cache); loader(path) for directories."""
+    local = dict(item.split("=", 1) for item in cfg.reward_paths)
+    repo, filename = REWARD_WEIGHTS[key]
+    if key in local and not Path(local[key]).exists():
+        raise ConfigError(f"reward_paths: {key}={local[key]} does not exist")
+    try:
+        if loader is not None:
+            loaded = loader(local.get(key, repo))
+            if hasattr(loaded, "convert_tokens_to_ids") and tokenizer_is_empty(loaded):
+                raise OSError("a tokenizer without its vocabulary files")
+            return loaded
+        if key in local:
+            return local[key]
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(repo, filename)
+    except OSError as e:
+        raise ConfigError(missing_weights(key, e)) from None
+
+
+def import_package(module, package, reward):
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ConfigError(f"rewards: {reward} needs the {package} package ({e}); pip install -r requirements.txt") from None
+
+
+HPS_ARCH = "ViT-H-14"  # HPSv2's open_clip architecture
+
+
+def hpsv2_reward(cfg, device):
+    """HPSv2.1 (Wu et al. 2023): the hpsv2 package's open_clip ViT-H-14 with HPS_v2.1_compressed.pt."""
+    open_clip = import_package("hpsv2.src.open_clip", "hpsv2x", "hpsv2")
+    path = reward_weights(cfg, "hpsv2")  # before building the 1B-parameter model
+    model = open_clip.create_model(HPS_ARCH, pretrained=None)  # hpsv2.score() would first fetch laion weights
+    model.load_state_dict(torch.load(path, map_location="cpu")["state_dict"])
+    return hpsv2_scorer(model.to(device).eval(), open_clip.get_tokenizer(HPS_ARCH), compute_dtype(cfg))
+
+
+def hpsv2_scorer(model, tokenizer, dtype):
+    @torch.no_grad()
+    def hpsv2(images, prompts):
+        """The image-text cosine of HPSv2's features (about 0.31 for FLUX.1-dev)."""
+        device = next(model.parameters()).device
+        pixels = clip_pixels(images.to(device), model.visual.image_size[0], fit="pad")
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            image, text = model.encode_image(pixels), model.encode_text(tokenizer(prompts).to(device))
+        return (F.normalize(image.float(), dim=-1) * F.normalize(text.float(), dim=-1)).sum(-1)
+
+    return hpsv2
+
+
+def pickscore_reward(cfg, device):
+    """PickScore (Kirstain et al. 2023): CLIP ViT-H-14 fine-tuned on Pick-a-Pic, tokenised as laion's ViT-H-14."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    model = reward_weights(cfg, "pickscore", CLIPModel.from_pretrained)
+    tokenizer = reward_weights(cfg, "pickscore_processor", CLIPTokenizer.from_pretrained)
+    return pickscore_scorer(model.to(device).eval(), tokenizer, compute_dtype(cfg))
+
+
+def pickscore_scorer(model, tokenizer, dtype):
+    @torch.no_grad()
+    def pickscore(images, prompts):
+        """logit_scale * cos(image, text) / 100, as the paper reports it (about 0.23 for FLUX.1-dev)."""
+        device = model.device
+        text = tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt").to(device)
+        pixels = clip_pixels(images.to(device), model.config.vision_config.image_size, fit="crop")
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            image = model.get_image_features(pixel_values=pixels).pooler_output  # transformers 5: an output object
+            text = model.get_text_features(**text).pooler_output
+        cos = (F.normalize(image.float(), dim=-1) * F.normalize(text.float(), dim=-1)).sum(-1)
+        return model.logit_scale.exp().float() * cos / 100
+
+    return pickscore
+
+
+def import_imagereward():
+    """image-reward 1.5's model code under transformers 5. Its package __init__ imports its training script and
+    OpenAI's clip, so only the model modules are loaded; its BERT copy (med.py) calls five transformers 4
+    helpers, restored here exactly (head pruning, which ImageReward never uses, excepted)."""
+    import types
+
+    import transformers.modeling_utils as modeling_utils
+    import transformers.pytorch_utils as pytorch_utils
+
+    if "ImageReward.ImageReward" in sys.modules:  # done before
+        return sys.modules["ImageReward.ImageReward"], sys.modules["ImageReward.models.BLIP.blip_pretrain"]
+    spec = importlib.util.find_spec("ImageReward")
+    if spec is None:
+        raise ConfigError("rewards: imagereward needs the image-reward package; pip install -r requirements.txt")
+    root = spec.submodule_search_locations[0]
+    for name, path in (("ImageReward", root), ("ImageReward.models", os.path.join(root, "models"))):
+        if not hasattr(sys.modules.get(name), "__path__"):
+            sys.modules[name] = types.ModuleType(name)
+            sys.modules[name].__path__ = [path]
+    for helper in ("apply_chunking_to_forward", "prune_linear_layer"):
+        setattr(modeling_utils, helper, getattr(pytorch_utils, helper))
+    modeling_utils.find_pruneable_heads_and_indices = None
+    med = importlib.import_module("ImageReward.models.BLIP.med")
+
+    def invert_attention_mask(self, mask):
+        mask = (mask[:, None, None, :] if mask.dim() == 2 else mask[:, None, :, :]).to(self.dtype)
+        return (1.0 - mask) * torch.finfo(self.dtype).min
+
+    def get_head_mask(self, head_mask, num_layers, is_attention_chunked=False):
+        if head_mask is not None:
+            raise ValueError("ImageReward: head masks are not supported")
+        return [None] * num_layers
+
+    med.BertModel.all_tied_weights_keys = {}  # transformers 5 sets this in post_init(), which med.py never calls
+    med.BertModel.invert_attention_mask = invert_attention_mask
+    med.BertModel.get_head_mask = get_head_mask
+    return importlib.import_module("ImageReward.ImageReward"), importlib.import_module(
+        "ImageReward.models.BLIP.blip_pretrain")
+
+
+def imagereward_tokenizer(path):
+    """BLIP's BERT tokenizer: bert-base-uncased plus [DEC] and [ENC], 30524 tokens (the package's init_tokenizer)."""
+    from transformers import BertTokenizer
+
+    tokenizer = BertTokenizer.from_pretrained(path)
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    tokenizer.enc_token_id = tokenizer.convert_tokens_to_ids("[ENC]")
+    return tokenizer
+
+
+def build_imagereward(med_config, tokenizer):
+    """The package's ImageReward (BLIP ViT-L + BERT with cross-attention + MLP head) with the given tokenizer."""
+    image_reward, blip_pretrain = import_imagereward()
+    blip_pretrain.init_tokenizer = lambda: tokenizer  # the package would download bert-base-uncased here
+    return image_reward.ImageReward(med_config=med_config).eval()
+
+
+def imagereward_reward(cfg, device):
+    """ImageReward-v1.0 (Xu et al. 2023), raw model output (about 1.1 for FLUX.1-dev)."""
+    tokenizer = reward_weights(cfg, "imagereward_bert", imagereward_tokenizer)
+    med_config, checkpoint = reward_weights(cfg, "imagereward_med_config"), reward_weights(cfg, "imagereward")
+    model = build_imagereward(med_config, tokenizer)
+    state = torch.load(checkpoint, map_location="cpu")
+    missing, unexpected = model.load_state_dict(state, strict=False)  # strict=False as the package's load()
+    if [k for k in missing + unexpected if not k.endswith("position_ids")]:
+        raise ConfigError(f"reward_paths: imagereward checkpoint does not match ImageReward-v1.0 "
+                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return imagereward_scorer(model.to(device), compute_dtype(cfg))
+
+
+def imagereward_scorer(model, dtype):
+    @torch.no_grad()
+    def imagereward(images, prompts):
+        """ImageReward.score, batched: BLIP features under autocast, the MLP head in fp32, then standardised."""
+        device = next(model.parameters()).device
+        text = model.blip.tokenizer(prompts, padding="max_length", truncation=True, max_length=35,
+                                    return_tensors="pt").to(device)
+        pixels = clip_pixels(images.to(device), 224, fit="crop")
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            image = model.blip.visual_encoder(pixels)
+            out = model.blip.text_encoder(text.input_ids, attention_mask=text.attention_mask,
+                                          encoder_hidden_states=image,
+                                          encoder_attention_mask=torch.ones(image.shape[:-1], dtype=torch.long,
+                                                                            device=device), return_dict=True)
+        reward = model.mlp(out.last_hidden_state[:, 0].float())
+        return ((reward - model.mean) / model.std).squeeze(-1)
+
+    return imagereward
+
+
+def compute_dtype(cfg):
+    return torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
+
+
 # name -> factory(cfg, device) returning the reward function; factories load weights once
 REWARDS = {
+    "hpsv2": hpsv2_reward,
+    "pickscore": pickscore_reward,
+    "imagereward": imagereward_reward,
     "jpeg_compressibility": lambda cfg, device: jpeg_compressibility,
     "jpeg_incompressibility": lambda cfg, device: jpeg_incompressibility,
 }
@@ -603,21 +877,60 @@ EXAMPLE_PROMPTS = [  # prompts of the paper's Figure 6 and supplementary Figure 
 ]
 
 
-def load_prompts(path):
-    """One prompt per non-empty line of path; the built-in examples when path is empty."""
-    if not path:
+HPDV2_STYLES = ("anime", "concept-art", "paintings", "photo")  # the HPDv2 benchmark: 800 prompts per style
+
+
+def load_prompts(source, field="prompt_file"):
+    """Prompts from a text file (one per line) or a JSON list; "hpdv2" or a directory holding its four JSON files
+    for the HPDv2 benchmark (3200 prompts); the built-in examples when source is empty."""
+    if not source:
         return list(EXAMPLE_PROMPTS)
-    if not Path(path).is_file():
-        raise ConfigError(f"prompt_file={path}: no such file; pass a text file with one prompt per line")
-    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    if source == "hpdv2":
+        from huggingface_hub import hf_hub_download
+
+        try:
+            files = [hf_hub_download("zhwang/HPDv2", f"benchmark/{style}.json", repo_type="dataset")
+                     for style in HPDV2_STYLES]
+        except OSError as e:
+            raise ConfigError(f"{field}=hpdv2: cannot fetch the HPDv2 benchmark prompts ({type(e).__name__}); "
+                              "download them (huggingface-cli download zhwang/HPDv2 --repo-type dataset --include "
+                              f"'benchmark/*.json') and pass --{field}=/path/to/benchmark") from None
+    elif Path(source).is_dir():
+        files = [Path(source) / f"{style}.json" for style in HPDV2_STYLES]
+        if not all(f.is_file() for f in files):
+            raise ConfigError(f"{field}={source}: a prompt directory must hold the HPDv2 files "
+                              f"{', '.join(s + '.json' for s in HPDV2_STYLES)}")
+    elif Path(source).is_file():
+        files = [source]
+    else:
+        raise ConfigError(f"{field}={source}: no such file; pass a text file with one prompt per line (the paper "
+                          "trains on HPDv2's training prompts: README, Prompts)")
+    prompts = []
+    for f in files:
+        text = Path(f).read_text()
+        lines = json.loads(text) if str(f).endswith(".json") else text.splitlines()
+        prompts += [line.strip() for line in lines if line.strip()]
     if not prompts:
-        raise ConfigError(f"prompt_file={path}: the file holds no prompts; write one prompt per line")
+        raise ConfigError(f"{field}={source}: holds no prompts; write one prompt per line")
     return prompts
+
+
+def eval_subset(prompts, size):
+    """size prompts spread evenly over the list (every style of HPDv2 alike); all of them when size is 0."""
+    if not size or size >= len(prompts):
+        return prompts
+    return [prompts[i * len(prompts) // size] for i in range(size)]
 
 
 def group_generator(seed, iteration, group):
     """The random stream of one prompt group, a function of (seed, iteration, global group index) only."""
     return torch.Generator().manual_seed((seed * 1_000_003 + iteration) * 1_000_033 + group)
+
+
+def group_prompt(prompts, seed, iteration, group):
+    """Group g's prompt at this iteration, and its generator for the noises, anchors and transitions."""
+    gen = group_generator(seed, iteration, group)
+    return prompts[torch.randint(len(prompts), (1,), generator=gen).item()], gen
 
 
 def neighbourhood_rollout(pipe, cond, cfg, grid, gen, size, sigma, dtype):
@@ -633,10 +946,10 @@ def neighbourhood_rollout(pipe, cond, cfg, grid, gen, size, sigma, dtype):
 
 
 @torch.no_grad()
-def generate(pipe, prompts, cfg, grid, seed, dtype, cache):
-    """Inference: one deterministic ODE sample per prompt from a fixed noise, decoded to [N, 3, H, W]."""
+def generate(pipe, prompts, cfg, grid, seed, dtype, cache, indices=None):
+    """Inference: one deterministic ODE sample per prompt, its noise fixed by the prompt's index: [N, 3, H, W]."""
     images = []
-    for i, prompt in enumerate(prompts):
+    for i, prompt in zip(range(len(prompts)) if indices is None else indices, prompts):
         cond = encode_prompt(pipe, prompt, cfg, cache)
         states = neighbourhood_rollout(pipe, cond, cfg, grid, group_generator(seed, -1, i), 1, 0.0, dtype)
         images.append(decode_images(pipe, states[:, -1], cfg.resolution))
@@ -700,8 +1013,7 @@ def train_iteration(pipe, model, optimizer, reward_fns, weights, prompts, grid, 
     """Rollout, rewards and advantages for this process's prompt groups, then the policy update."""
     timings, groups, device = dict(rollout=0.0, reward=0.0), [], pipe.vae.device
     for g in group_ids:
-        gen = group_generator(cfg.seed, iteration, g)
-        prompt = prompts[torch.randint(len(prompts), (1,), generator=gen).item()]
+        prompt, gen = group_prompt(prompts, cfg.seed, iteration, g)
         t0 = clock(device)
         cond = encode_prompt(pipe, prompt, cfg, cache)
         states = neighbourhood_rollout(pipe, cond, cfg, grid, gen, cfg.group_size, cfg.noise_sigma, dtype)
@@ -719,6 +1031,77 @@ def train_iteration(pipe, model, optimizer, reward_fns, weights, prompts, grid, 
     stats = policy_update(model, optimizer, groups, grid, cfg, dtype)
     timings["update"] = clock(device) - t2
     return groups, stats, timings
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: one deterministic ODE sample per held-out prompt, every reward, mean +- standard error
+
+
+def eval_indices(n, rank, world):
+    """Prompt indices dealt round-robin to this rank, padded with the last prompt so that every rank runs as many
+    forwards (FSDP needs all ranks in each one); an index >= n marks padding."""
+    return [rank + j * world for j in range(math.ceil(n / world))]
+
+
+@torch.no_grad()
+def evaluate(pipe, prompts, reward_fns, cfg, grid, dtype, cache, rank, world, path):
+    """Rank 0 writes path.json (per-prompt scores, mean, std, standard error), path.md and path.png (the first
+    num_samples prompts); returns {reward: mean} on rank 0, None elsewhere."""
+    n, rows, samples = len(prompts), [], {}
+    for i in eval_indices(n, rank, world):
+        j = min(i, n - 1)
+        image = generate(pipe, [prompts[j]], cfg, grid, cfg.seed, dtype, cache, indices=[j])
+        if i < n:
+            rows.append((i, score(reward_fns, image, [prompts[i]])[:, 0].tolist()))
+            if i < cfg.num_samples:
+                samples[i] = image[0].cpu()
+    gathered = all_gather_objects((rows, samples), world)
+    if rank != 0:
+        return None
+    rows = sorted(row for part, _ in gathered for row in part)
+    samples = {i: image for _, part in gathered for i, image in part.items()}
+    scores = torch.tensor([r for _, r in rows], dtype=torch.float64)
+    std = scores.std(0) if n > 1 else torch.zeros(scores.shape[1], dtype=torch.float64)
+    summary = {name: dict(mean=scores[:, m].mean().item(), std=std[m].item(), se=std[m].item() / math.sqrt(n))
+               for m, name in enumerate(reward_fns)}
+    result = dict(num_prompts=n, num_steps=len(grid) - 1, solver=cfg.rollout_solver, seed=cfg.seed,
+                  rewards=summary, scores=[dict(index=i, prompt=prompts[i], **dict(zip(reward_fns, r))) for i, r in rows])
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{path}.json").write_text(json.dumps(result, indent=1))
+    table = ["| reward | mean | ± s.e. | n |", "| --- | --- | --- | --- |"]
+    table += [f"| {name} | {v['mean']:.4f} | {v['se']:.4f} | {n} |" for name, v in summary.items()]
+    Path(f"{path}.md").write_text("\n".join(table) + "\n")
+    save_grid(torch.stack([samples[i] for i in sorted(samples)]), f"{path}.png")
+    return {name: v["mean"] for name, v in summary.items()}
+
+
+def eval_setup(cfg, reward_fns, device):
+    """Held-out prompts and the reward functions scored on them (the training ones are reused)."""
+    prompts = eval_subset(load_prompts(cfg.eval_prompts, "eval_prompts"), cfg.eval_size)
+    names = cfg.eval_rewards or cfg.rewards
+    return prompts, {n: reward_fns[n] if n in reward_fns else load_reward(n, cfg, device) for n in names}
+
+
+def run_evaluation(cfg):
+    """--eval_only: the model of transformer_path (or model_path) on the held-out prompts; each rank a full copy."""
+    rank, world, device = setup_distributed(cfg)
+    dtype, out = compute_dtype(cfg), Path(cfg.out_dir)
+    if (out / "eval.json").exists() and not cfg.overwrite:
+        raise ConfigError(f"out_dir={out}: already holds eval.json; pass --overwrite or another --out_dir")
+    pipe = load_pipeline(cfg, device, dtype)
+    pipe.transformer.to(device, dtype).eval()  # inference: no fp32 master weights, nothing sharded
+    prompts, reward_fns = eval_setup(cfg, {}, device)
+    grid = time_grid(cfg.eval_steps or cfg.num_steps, latent_shape(pipe, cfg.resolution)[0], pipe.scheduler.config,
+                     cfg.shift)
+    cache = {}
+    encode_prompts(pipe, [prompts[min(i, len(prompts) - 1)] for i in eval_indices(len(prompts), rank, world)],
+                   cfg, cache)
+    means = evaluate(pipe, prompts, reward_fns, cfg, grid, dtype, cache, rank, world, out / "eval")
+    if rank == 0:
+        print(f"evaluated {cfg.transformer_path or cfg.model_path} on {len(prompts)} prompts: " +
+              ", ".join(f"{k} {v:.4f}" for k, v in means.items()) + f" (table: {out / 'eval.md'})")
+    barrier(world)
+    return means
 
 
 # -----------------------------------------------------------------------------
@@ -790,33 +1173,56 @@ def open_log(out, start):
     return log
 
 
-def train(cfg):
-    """Neighbor GRPO on this process's share of the prompt groups; returns the trained (wrapped) transformer."""
-    rank, world, device = setup_distributed(cfg)
-    dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
-    out = Path(cfg.out_dir)
-    resume_from = latest_checkpoint(out) if cfg.resume else None
-    if cfg.resume and resume_from is None:
+def resume_state(cfg, out):
+    """The checkpoint --resume continues from, after refusing to overwrite a run or to resume nothing."""
+    if cfg.resume and latest_checkpoint(out) is None:
         raise ConfigError(f"resume: out_dir={out} holds no checkpoint; drop --resume to start a new run")
     if not cfg.resume and (out / "log.jsonl").exists() and not cfg.overwrite:
         raise ConfigError(f"out_dir={out}: already holds a run (log.jsonl); pass --resume to continue it, "
                           "--overwrite to replace it, or another --out_dir")
+    return latest_checkpoint(out) if cfg.resume else None
+
+
+def restore(model, optimizer, cfg, path, rank, world):
+    """Load a checkpoint into this run; returns the iterations it already did, listing any changed fields."""
+    meta = load_checkpoint(model, optimizer, path, world)
+    now = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    changed = [f"{k} {meta['config'].get(k)} -> {now[k]}" for k in now
+               if k not in ("resume", "overwrite", "iterations") and meta["config"].get(k) != now[k]]
+    if changed and rank == 0:
+        print(f"resuming {path} with changed fields: {', '.join(changed)}")
+    return meta["iteration"]
+
+
+def log_line(it, rewards, stats, cfg):
+    return (f"iter {it:4d} | " + " ".join(f"{n} {r.mean():.4f}" for n, r in zip(cfg.rewards, rewards)) +
+            f" | loss {stats['loss']:+.3e} | clip {stats['clip_frac']:.2f} | "
+            f"|log rho| {stats['first_anchor_abs_log_ratio']:.1e} | {stats['time/total']:.2f}s")
+
+
+def train(cfg):
+    """Neighbor GRPO on this process's share of the prompt groups; returns the trained (wrapped) transformer."""
+    rank, world, device = setup_distributed(cfg)
+    dtype, out = compute_dtype(cfg), Path(cfg.out_dir)
+    resume_from = resume_state(cfg, out)
     prompts = load_prompts(cfg.prompt_file)
     pipe = load_pipeline(cfg, device, dtype)
     reward_fns = {name: load_reward(name, cfg, device) for name in cfg.rewards}
+    eval_prompts, eval_fns = eval_setup(cfg, reward_fns, device) if cfg.eval_every else ([], {})
     weights = cfg.reward_weights or (1.0,) * len(cfg.rewards)
-    grid = time_grid(cfg.num_steps, latent_shape(pipe, cfg.resolution)[0], pipe.scheduler.config, cfg.shift)
+    seq_len = latent_shape(pipe, cfg.resolution)[0]
+    grid = time_grid(cfg.num_steps, seq_len, pipe.scheduler.config, cfg.shift)
+    eval_grid = time_grid(cfg.eval_steps or cfg.num_steps, seq_len, pipe.scheduler.config, cfg.shift)
     model = parallelize(pipe.transformer, cfg, device, world, dtype)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start = 0
-    if resume_from:
-        meta = load_checkpoint(model, optimizer, resume_from, world)
-        start, now = meta["iteration"], json.loads(json.dumps(dataclasses.asdict(cfg)))
-        changed = [f"{k} {meta['config'][k]} -> {now[k]}" for k in now
-                   if k not in ("resume", "overwrite", "iterations") and meta["config"].get(k) != now[k]]
-        if changed and rank == 0:
-            print(f"resuming {resume_from} with changed fields: {', '.join(changed)}")
+    start = restore(model, optimizer, cfg, resume_from, rank, world) if resume_from else 0
+    group_ids = range(rank * cfg.groups_per_rank, (rank + 1) * cfg.groups_per_rank)
+    cache = {}  # every prompt this rank will meet is known from the seed: encode them all, then free the GPU
+    encode_prompts(pipe, [group_prompt(prompts, cfg.seed, it, g)[0] for it in range(start, cfg.iterations)
+                          for g in group_ids] + prompts[: cfg.num_samples] +
+                   [eval_prompts[min(i, len(eval_prompts) - 1)] for i in eval_indices(len(eval_prompts), rank, world)],
+                   cfg, cache)
     if rank == 0:
         (out / "samples").mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
@@ -825,13 +1231,16 @@ def train(cfg):
               f"G={cfg.group_size} B={cfg.num_anchors} T={cfg.num_steps} K={cfg.num_train_steps} "
               f"sigma={cfg.noise_sigma} p={cfg.adv_p} | start at iteration {start}")
     nfe_old, nfe_new = cfg.num_steps, nfe_theta(cfg.num_anchors, cfg.group_size, cfg.num_train_steps)
-    group_ids = range(rank * cfg.groups_per_rank, (rank + 1) * cfg.groups_per_rank)
-    cache = {}
     for it in range(start, cfg.iterations + 1):
+        record = dict(iter=it)
         if cfg.sample_every and (it % cfg.sample_every == 0 or it == cfg.iterations):
             images = generate(pipe, prompts[: cfg.num_samples], cfg, grid, cfg.seed, dtype, cache)  # on every rank
             if rank == 0:
                 save_grid(images, out / f"samples/{it:06d}.png")
+        if cfg.eval_every and (it % cfg.eval_every == 0 or it == cfg.iterations):
+            means = evaluate(pipe, eval_prompts, eval_fns, cfg, eval_grid, dtype, cache, rank, world,
+                             out / f"eval/iter_{it:06d}")
+            record.update({f"eval/{k}": v for k, v in (means or {}).items()})
         if it == cfg.iterations:
             break
         t0 = clock(device)
@@ -841,19 +1250,19 @@ def train(cfg):
         rewards = all_gather_columns(torch.cat([g.rewards for g in groups], dim=1), world, device)
         stats = all_mean({**stats, **{f"time/{k}": v for k, v in timings.items()}}, world, device)
         if rank == 0:
-            record = dict(iter=it, **{f"reward/{n}": r.mean().item() for n, r in zip(cfg.rewards, rewards)},
+            record.update(**{f"reward/{n}": r.mean().item() for n, r in zip(cfg.rewards, rewards)},
                           **{f"reward_std/{n}": r.std().item() for n, r in zip(cfg.rewards, rewards)},
                           **stats, nfe_old=nfe_old, nfe_theta=nfe_new)
             log.write(json.dumps(record) + "\n")
             log.flush()
-            print(f"iter {it:4d} | " + " ".join(f"{n} {r.mean():.4f}" for n, r in zip(cfg.rewards, rewards)) +
-                  f" | loss {stats['loss']:+.3e} | clip {stats['clip_frac']:.2f} | "
-                  f"|log rho| {stats['first_anchor_abs_log_ratio']:.1e} | {stats['time/total']:.2f}s")
+            print(log_line(it, rewards, stats, cfg))
         if cfg.ckpt_every and (it + 1) % cfg.ckpt_every == 0 and it + 1 < cfg.iterations:
             save_checkpoint(model, optimizer, cfg, it + 1, rank, world, dtype)
     save_checkpoint(model, optimizer, cfg, cfg.iterations, rank, world, dtype)
     export_transformer(model, out / "transformer", rank, dtype)
     if rank == 0:
+        if len(record) > 1:  # the final evaluation
+            log.write(json.dumps(record) + "\n")
         log.close()
     barrier(world)
     return model
@@ -861,7 +1270,8 @@ def train(cfg):
 
 def main(argv=None):
     try:
-        train(parse_config(sys.argv[1:] if argv is None else argv))
+        cfg = parse_config(sys.argv[1:] if argv is None else argv)
+        run_evaluation(cfg) if cfg.eval_only else train(cfg)
     except (ConfigError, RewardError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

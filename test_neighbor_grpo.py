@@ -1,7 +1,11 @@
 """Tests for neighbor_grpo.py: the math on tiny tensors, the solvers against diffusers, the loop on a tiny FLUX."""
 
+import importlib
 import json
 import math
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network here: hub look-ups fail at once instead of retrying
 
 import numpy as np
 import pytest
@@ -371,10 +375,15 @@ def read_log(out_dir):
 def test_tiny_run_writes_log_samples_and_a_diffusers_checkpoint(tmp_path):
     from diffusers import FluxTransformer2DModel
 
-    cfg = tiny_cfg(tmp_path, "--iterations=2", "--sample_every=1", "--num_samples=2")
+    cfg = tiny_cfg(tmp_path, "--iterations=2", "--sample_every=1", "--num_samples=2", "--eval_every=2",
+                   "--eval_size=3")
     ng.train(cfg)
     log = read_log(tmp_path)
-    assert [r["iter"] for r in log] == [0, 1]
+    assert [r["iter"] for r in log] == [0, 1, 2]  # the last record is the final evaluation
+    assert "eval/jpeg_compressibility" in log[0] and "eval/jpeg_compressibility" not in log[1]
+    assert set(log[2]) == {"iter", "eval/jpeg_compressibility"}
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == [
+        f"iter_00000{i}.{ext}" for i in (0, 2) for ext in ("json", "md", "png")]
     for key in ("reward/jpeg_compressibility", "reward_std/jpeg_compressibility", "loss", "clip_frac",
                 "first_anchor_abs_log_ratio", "nfe_old", "nfe_theta", "time/rollout", "time/reward",
                 "time/update", "time/total"):
@@ -392,7 +401,7 @@ def test_tiny_preset_learns_and_lr_zero_does_not_move(tmp_path):
     means = {}
     for lr in ("1e-3", "0"):
         out = tmp_path / lr
-        ng.train(tiny_cfg(out, "--iterations=48", "--sample_every=0", f"--lr={lr}"))
+        ng.train(tiny_cfg(out, "--iterations=48", "--sample_every=0", "--eval_every=0", f"--lr={lr}"))
         r = [rec["reward/jpeg_compressibility"] for rec in read_log(out)]
         means[lr] = (sum(r[:8]) / 8, sum(r[-8:]) / 8, r[0])
     first, last, r0 = means["1e-3"]
@@ -487,7 +496,7 @@ def test_an_interrupted_save_leaves_the_last_checkpoint_loadable(tmp_path, monke
     monkeypatch.undo()
     ng.train(tiny_cfg(tmp_path, "--iterations=2", "--sample_every=0", "--resume"))  # resumes from step 1
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000002"]
-    assert [r["iter"] for r in read_log(tmp_path)] == [0, 1]
+    assert [r["iter"] for r in read_log(tmp_path) if "loss" in r] == [0, 1]  # one training record per iteration
 
 
 def test_resume_without_a_checkpoint_is_an_error(tmp_path):
@@ -518,3 +527,202 @@ def test_model_path_loads_a_pipeline_directory_with_from_pretrained(tmp_path):
     assert read_log(tmp_path / "run")[0]["iter"] == 0
     with pytest.raises(ng.ConfigError, match="model_path"):
         ng.train(tiny_cfg(tmp_path / "bad", f"--model_path={tmp_path / 'missing'}"))
+
+
+# ---------------------------------------------------------------------------- the paper's reward models, tiny
+
+
+def uint8_grid_images(n, size, seed):
+    """Images already at the models' input size and on the uint8 grid: PIL and tensor pipelines agree exactly."""
+    return (torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 255).round() / 255
+
+
+def to_pil(image):
+    from PIL import Image
+
+    return Image.fromarray((image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+
+
+def test_clip_pixels_matches_the_pil_and_torchvision_pipelines():
+    from hpsv2.src.open_clip import image_transform
+    from transformers import CLIPImageProcessor
+
+    image_reward, _ = ng.import_imagereward()
+    references = {  # each model's own preprocessing, on PIL images
+        "pickscore": ("crop", lambda pil: CLIPImageProcessor()(pil, return_tensors="pt").pixel_values[0]),
+        "imagereward": ("crop", image_reward._transform(224)),
+        "hpsv2": ("pad", image_transform(224, is_train=False, resize_longest_max=True)),
+    }
+    std = torch.tensor(ng.CLIP_STD).view(3, 1, 1)
+    exact = uint8_grid_images(2, 224, 0)
+    big = torch.nn.functional.avg_pool2d(torch.rand(1, 3, 540, 720, generator=torch.Generator().manual_seed(1)),
+                                         9, stride=1, padding=4)  # 720 x 540: resized, cropped or padded
+    for name, (fit, reference) in references.items():
+        for image, ours in zip(exact, ng.clip_pixels(exact, 224, fit)):
+            assert torch.allclose(ours, reference(to_pil(image)), atol=1e-5), name
+        error = ((ng.clip_pixels(big, 224, fit)[0] - reference(to_pil(big[0]))) * std).abs()  # in [0, 1] units
+        assert error.mean() < 1 / 255 and error.max() < 2 / 255, name  # PIL works in uint8
+
+
+TINY_OPEN_CLIP = {"embed_dim": 16, "vision_cfg": {"image_size": 224, "layers": 1, "width": 32, "head_width": 16,
+                                                  "patch_size": 32},
+                  "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+def test_hpsv2_adapter_matches_the_packages_own_scoring(tmp_path, monkeypatch):
+    from hpsv2.src import open_clip
+
+    (tmp_path / "tiny-hps.json").write_text(json.dumps(TINY_OPEN_CLIP))
+    open_clip.add_model_config(tmp_path / "tiny-hps.json")
+    monkeypatch.setattr(ng, "HPS_ARCH", "tiny-hps")
+    model = open_clip.create_model("tiny-hps", pretrained=None, output_dict=True).eval()
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "HPS_v2.1_compressed.pt")
+    reward = ng.load_reward("hpsv2", tiny_cfg(None, f"--reward_paths=hpsv2={tmp_path / 'HPS_v2.1_compressed.pt'}"),
+                            "cpu")
+    images, prompts = uint8_grid_images(3, 224, 2), ["a cat", "a red cube in the snow", "a lemon"]
+    preprocess = open_clip.image_transform(224, is_train=False, resize_longest_max=True)  # hpsv2's preprocess_val
+    with torch.no_grad():  # hpsv2.img_score: the diagonal of image_features @ text_features.T
+        out = model(torch.stack([preprocess(to_pil(im)) for im in images]),
+                    open_clip.get_tokenizer("tiny-hps")(prompts))
+        expected = torch.diagonal(out["image_features"] @ out["text_features"].T)
+    scores = reward(images, prompts)
+    assert torch.allclose(scores, expected, atol=1e-5)
+    assert torch.allclose(torch.cat([reward(images[i:i + 1], prompts[i:i + 1]) for i in range(3)]), scores, atol=1e-5)
+
+
+def test_pickscore_adapter_matches_clip_forward(tmp_path):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    tokenizer = ng.build_random_flux(0, **ng.TINY).tokenizer
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                num_attention_heads=2, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, image_size=224,
+                  patch_size=32)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    model.save_pretrained(tmp_path / "PickScore_v1")
+    tokenizer.save_pretrained(tmp_path / "processor")
+    cfg = tiny_cfg(None, f"--reward_paths=pickscore={tmp_path / 'PickScore_v1'},"
+                         f"pickscore_processor={tmp_path / 'processor'}")
+    reward = ng.load_reward("pickscore", cfg, "cpu")
+    images, prompts = uint8_grid_images(3, 224, 3), ["a cat", "a red cube in the snow", "a lemon"]
+    with torch.no_grad():  # PickScore's model card: logit_scale.exp() * cos; the paper reports it / 100
+        ids = tokenizer(prompts, padding=True, return_tensors="pt")
+        pixels = CLIPImageProcessor()([to_pil(im) for im in images], return_tensors="pt").pixel_values
+        expected = model(**ids, pixel_values=pixels).logits_per_image.diagonal() / 100
+    scores = reward(images, prompts)
+    assert torch.allclose(scores, expected, atol=1e-5)
+    assert torch.allclose(torch.cat([reward(images[i:i + 1], prompts[i:i + 1]) for i in range(3)]), scores, atol=1e-5)
+
+
+def tiny_imagereward(tmp_path, monkeypatch):
+    """ImageReward's classes at toy size: a 1-block ViT, a 1-layer BERT of width 768 (its MLP head is fixed)."""
+    from transformers import BertTokenizer
+
+    _, blip_pretrain = ng.import_imagereward()
+    vit = importlib.import_module("ImageReward.models.BLIP.vit")
+    monkeypatch.setattr(blip_pretrain, "create_vit", lambda *args, **kwargs: (
+        vit.VisionTransformer(img_size=224, patch_size=32, embed_dim=48, depth=1, num_heads=2), 48))
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "cat", "red", "cube", "in", "the", "snow",
+             "lemon"]
+    BertTokenizer(vocab={w: i for i, w in enumerate(words)}).save_pretrained(tmp_path / "bert")
+    tokenizer = ng.imagereward_tokenizer(tmp_path / "bert")
+    med = dict(hidden_size=768, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+               vocab_size=len(tokenizer), max_position_embeddings=64, add_cross_attention=True, encoder_width=48)
+    (tmp_path / "med_config.json").write_text(json.dumps(med))
+    model = ng.build_imagereward(tmp_path / "med_config.json", tokenizer)
+    torch.manual_seed(5)
+    for p in model.mlp.parameters():  # the package initialises its head to ~1e-10 outputs: give it a real signal
+        torch.nn.init.normal_(p, std=0.3)
+    torch.save(model.state_dict(), tmp_path / "ImageReward.pt")
+    return model, (f"--reward_paths=imagereward={tmp_path / 'ImageReward.pt'},imagereward_med_config="
+                   f"{tmp_path / 'med_config.json'},imagereward_bert={tmp_path / 'bert'}")
+
+
+def test_imagereward_adapter_matches_the_packages_own_scoring(tmp_path, monkeypatch):
+    model, paths = tiny_imagereward(tmp_path, monkeypatch)
+    reward = ng.load_reward("imagereward", tiny_cfg(None, paths), "cpu")  # a fresh model loading the checkpoint
+    images, prompt = uint8_grid_images(3, 224, 4), "a red cube in the snow"
+    _, expected = model.inference_rank(prompt, [to_pil(im) for im in images])  # the package's scoring, PIL path
+    scores = reward(images, [prompt] * 3)
+    assert torch.allclose(scores, torch.tensor(expected), atol=1e-5)
+    assert torch.allclose(reward(images[:1], [prompt]), scores[:1], atol=1e-5)
+    assert scores.std() > 1e-3
+
+
+@pytest.mark.parametrize("reward,key,repo", [("hpsv2", "hpsv2", "xswu/HPSv2 HPS_v2.1_compressed.pt"),
+                                             ("pickscore", "pickscore", "yuvalkirstain/PickScore_v1"),
+                                             ("imagereward", "imagereward_bert", "bert-base-uncased")])
+def test_missing_reward_weights_say_what_to_download(reward, key, repo):
+    with pytest.raises(ng.ConfigError) as error:
+        ng.load_reward(reward, tiny_cfg(), "cpu")
+    message = str(error.value)
+    assert f"huggingface-cli download {repo}" in message and f"--reward_paths={key}=" in message
+    with pytest.raises(ng.ConfigError, match="does not exist"):
+        ng.load_reward(reward, tiny_cfg(None, f"--reward_paths={key}=/nowhere/{key}"), "cpu")
+
+
+def test_reward_paths_must_name_a_known_key():
+    with pytest.raises(ng.ConfigError, match="reward_paths"):
+        tiny_cfg(None, "--reward_paths=hps=/x")
+
+
+def test_model_path_with_missing_tokenizer_files_is_an_error(tmp_path):
+    ng.build_random_flux(0, **ng.TINY).save_pretrained(tmp_path / "pipe")
+    (tmp_path / "pipe/tokenizer_2/tokenizer.json").unlink()
+    with pytest.raises(ng.ConfigError, match="model_path=.*tokenizer_2 .T5Tokenizer. loaded with no vocabulary"):
+        ng.load_pipeline(tiny_cfg(None, f"--model_path={tmp_path / 'pipe'}"), torch.device("cpu"), torch.float32)
+
+
+# ---------------------------------------------------------------------------- prompts and evaluation
+
+
+def test_hpdv2_prompts_from_a_local_directory_and_an_even_subset(tmp_path):
+    for style in ng.HPDV2_STYLES:
+        (tmp_path / f"{style}.json").write_text(json.dumps([f"{style} {i}" for i in range(8)]))
+    prompts = ng.load_prompts(str(tmp_path), "eval_prompts")
+    assert len(prompts) == 32 and prompts[0] == "anime 0" and prompts[-1] == "photo 7"
+    assert ng.eval_subset(prompts, 8) == [f"{s} {i}" for s in ng.HPDV2_STYLES for i in (0, 4)]
+    assert ng.eval_subset(prompts, 0) == prompts
+    with pytest.raises(ng.ConfigError, match="huggingface-cli download zhwang/HPDv2"):
+        ng.load_prompts("hpdv2", "eval_prompts")
+    (tmp_path / "photo.json").unlink()
+    with pytest.raises(ng.ConfigError, match="eval_prompts=.*photo.json"):
+        ng.load_prompts(str(tmp_path), "eval_prompts")
+
+
+EVAL_ARGS = ["--preset=tiny", "--eval_only", "--rewards=jpeg_compressibility,test_neighbor_grpo:brightness",
+             "--eval_size=5", "--num_samples=2"]
+
+
+def test_eval_only_scores_a_checkpoint_deterministically(tmp_path):
+    ng.train(tiny_cfg(tmp_path / "run", "--iterations=3", "--sample_every=0", "--eval_every=0"))
+    trained = f"--transformer_path={tmp_path / 'run/transformer'}"
+    for name, extra in (("base", []), ("trained", [trained]), ("again", [trained])):
+        ng.main([*EVAL_ARGS, f"--out_dir={tmp_path / name}", *extra])
+    base, first, again = (json.loads((tmp_path / n / "eval.json").read_text()) for n in ("base", "trained", "again"))
+    assert first["scores"] == again["scores"]  # one fixed noise per prompt
+    assert first["scores"] != base["scores"]  # the checkpoint was evaluated, not the base model
+    values = [s["test_neighbor_grpo:brightness"] for s in first["scores"]]
+    summary = first["rewards"]["test_neighbor_grpo:brightness"]
+    assert first["num_prompts"] == 5 and summary["mean"] == pytest.approx(sum(values) / 5)
+    assert summary["se"] == pytest.approx(torch.tensor(values, dtype=torch.float64).std().item() / math.sqrt(5))
+    assert len((tmp_path / "trained/eval.md").read_text().splitlines()) == 4  # header, rule, one row per reward
+    from PIL import Image
+
+    assert Image.open(tmp_path / "trained/eval.png").size == (2 * 64, 64)
+    with pytest.raises(SystemExit):  # an existing evaluation is not overwritten
+        ng.main([*EVAL_ARGS, f"--out_dir={tmp_path / 'base'}"])
+
+
+def test_eval_over_two_ranks_equals_one_process(tmp_path):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(ng.__file__)), OMP_NUM_THREADS="1")
+    for name, launcher in (("one", [sys.executable]),
+                           ("two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"])):
+        result = subprocess.run([*launcher, ng.__file__, *EVAL_ARGS, f"--out_dir={tmp_path / name}"], env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (json.loads((tmp_path / n / "eval.json").read_text()) for n in ("one", "two"))
+    assert one["scores"] == two["scores"] and one["num_prompts"] == 5  # 5 prompts over 2 ranks: one padded slot
