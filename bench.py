@@ -6,14 +6,22 @@ are timed on the transformer alone in the same run.
     python bench.py --preset=tiny
     python bench.py --preset=flux-dev --flux_blocks=2,4 --rewards=jpeg_compressibility  # FLUX.1-dev width, random
     torchrun --nproc_per_node=8 bench.py --preset=flux-dev --flux_blocks=19,38 ...      # figures are per rank
+    python bench.py --preset=tiny --compare --iters=40                                  # Neighbor GRPO vs SDE-GRPO
 
 Bench options: --iters=N timed iterations (3), --warmup=N untimed ones (1), --flux_blocks=D,S a random model of
 FLUX.1-dev's width with D double and S single blocks (weights cannot be downloaded everywhere; speed and memory
-do not depend on them). Every other --field=value is a neighbor_grpo Config field.
+do not depend on them), --compare: Neighbor GRPO with the given config against the SDE baseline with
+DanceGRPO's setting on top of it (neighbor_grpo.DANCEGRPO), alternating iterations in one process, with
+--eval_every=N (5) evaluations of both on the same deterministic sampler, or with --seconds=S a training run
+of S seconds each, always advancing the method that has used less time; it writes compare.csv and compare.png
+to --out (runs/compare). Every other --field=value is a neighbor_grpo Config field.
 """
 
+import csv
+import dataclasses
 import math
 import sys
+from pathlib import Path
 
 import torch
 
@@ -30,10 +38,13 @@ def timed(fn, device, repeats=3):
 
 
 def parse(argv):
-    opts, rest = dict(iters=3, warmup=1, flux_blocks=""), []
+    opts, rest = dict(iters=3, warmup=1, flux_blocks="", compare=False, eval_every=5, seconds=0.0,
+                      out="runs/compare"), []
     for arg in argv:
         key, _, value = arg.removeprefix("--").partition("=")
-        if key in opts:
+        if key == "compare":
+            opts[key] = value in ("", "1", "true")
+        elif key in opts:
             opts[key] = type(opts[key])(value)
         else:
             rest.append(arg)
@@ -80,16 +91,22 @@ def unit_costs(s, cfg):
     return t_fwd, t_fb
 
 
-def run_iterations(s, cfg, iters, warmup, first_iteration=0):
-    """Mean phase seconds of real training iterations (train_iteration, the code train() runs)."""
-    totals = dict(rollout=0.0, reward=0.0, update=0.0, total=0.0)
+def one_iteration(s, cfg, iteration):
+    """One real training iteration (train_iteration, the code train() runs): phase seconds and mean rewards."""
     group_ids = range(s["rank"] * cfg.groups_per_rank, (s["rank"] + 1) * cfg.groups_per_rank)
+    t0 = ng.clock(s["device"])
+    groups, stats, timings = ng.train_iteration(s["pipe"], s["model"], s["optimizer"], s["reward_fns"],
+                                                s["weights"], s["prompts"], s["grid"], cfg, iteration, s["dtype"],
+                                                s["cache"], group_ids)
+    timings["total"] = ng.clock(s["device"]) - t0
+    return timings, torch.cat([g.rewards for g in groups], dim=1).mean(1).tolist(), stats
+
+
+def run_iterations(s, cfg, iters, warmup):
+    """Mean phase seconds over iters iterations after warmup ones."""
+    totals = dict(rollout=0.0, reward=0.0, update=0.0, total=0.0)
     for i in range(warmup + iters):
-        t0 = ng.clock(s["device"])
-        _, _, timings = ng.train_iteration(s["pipe"], s["model"], s["optimizer"], s["reward_fns"], s["weights"],
-                                           s["prompts"], s["grid"], cfg, first_iteration + i, s["dtype"],
-                                           s["cache"], group_ids)
-        timings["total"] = ng.clock(s["device"]) - t0
+        timings, _, _ = one_iteration(s, cfg, i)
         if i >= warmup:
             for k in totals:
                 totals[k] += timings[k] / iters
@@ -116,8 +133,86 @@ def report(cfg, opts, totals, t_fwd, t_fb, s):
         print(f"peak memory {torch.cuda.max_memory_allocated(s['device']) / 2**30:.2f} GiB")
 
 
+PAPER_S_PER_ITER = dict(neighbor=45.08, sde=237.86)  # Table 3, 32 x H800: Neighbor GRPO 8-step DPM++, DanceGRPO
+
+
+def compare(opts, cfg):
+    """Neighbor GRPO against the SDE baseline on one preset: seconds per iteration, NFEs, the speed-up, and a
+    side-by-side training run (compare.csv, compare.png)."""
+    cfgs = dict(neighbor=cfg, sde=dataclasses.replace(cfg, **ng.DANCEGRPO))
+    setups = {m: setup(c, opts["flux_blocks"]) for m, c in cfgs.items()}
+    ref, prompts = setups["neighbor"], ng.EXAMPLE_PROMPTS[: cfg.num_samples]
+    rows, seconds, wall, done = [], {m: [] for m in cfgs}, dict.fromkeys(cfgs, 0.0), dict.fromkeys(cfgs, 0)
+    while True:  # interleaved, so both meet the same machine
+        if opts["seconds"]:  # the method that has used less time goes next, until both used the budget
+            m = min((m for m in cfgs if wall[m] < opts["seconds"]), key=wall.get, default=None)
+        else:  # alternating, warmup + iters iterations each
+            m = min((m for m in cfgs if done[m] < opts["warmup"] + opts["iters"]), key=done.get, default=None)
+        if m is None:
+            break
+        c, i = cfgs[m], done[m]
+        timings, rewards, stats = one_iteration(setups[m], c, i)
+        wall[m] += timings["total"]
+        done[m] += 1
+        row = dict(method=m, iteration=i, wall_clock_s=wall[m], **{f"time/{k}": v for k, v in timings.items()},
+                   **{f"reward/{n}": r for n, r in zip(c.rewards, rewards)}, **stats)
+        if opts["eval_every"] and (i + 1) % opts["eval_every"] == 0:  # both on Neighbor GRPO's ODE sampler
+            images = ng.generate(setups[m]["pipe"], prompts, cfg, ref["grid"], cfg.seed, ref["dtype"],
+                                 setups[m]["cache"])
+            row.update({f"eval/{n}": r for n, r in zip(c.rewards, ng.score(ref["reward_fns"], images, prompts)
+                                                       .mean(1).tolist())})
+        rows.append(row)
+        if i >= opts["warmup"]:
+            seconds[m].append(timings["total"])
+    if ref["rank"] == 0:
+        report_comparison(cfgs, seconds, rows, Path(opts["out"]))
+
+
+def report_comparison(cfgs, seconds, rows, out):
+    nfe = {m: (c.num_steps, ng.nfe_theta(c.group_size if m == "sde" else c.num_anchors, c.group_size,
+                                         c.num_train_steps)) for m, c in cfgs.items()}
+    mean = {m: sum(v) / len(v) for m, v in seconds.items()}
+    print(f"{'method':<9} {'s/iter':>8} {'NFE_old':>8} {'NFE_theta':>10} {'paper s/iter':>13}")
+    for m in cfgs:
+        print(f"{m:<9} {mean[m]:>8.3f} {nfe[m][0]:>8} {nfe[m][1]:>10.2f} {PAPER_S_PER_ITER[m]:>13.2f}")
+    print(f"speed-up of Neighbor GRPO: {mean['sde'] / mean['neighbor']:.2f}x here, "
+          f"{PAPER_S_PER_ITER['sde'] / PAPER_S_PER_ITER['neighbor']:.2f}x in the paper (Table 3)")
+    out.mkdir(parents=True, exist_ok=True)
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    with open(out / "compare.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    plot_comparison(rows, cfgs["neighbor"].rewards[0], out / "compare.png")
+    print(f"wrote {out / 'compare.csv'} and {out / 'compare.png'}")
+
+
+def plot_comparison(rows, reward, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for m, label in (("neighbor", "Neighbor GRPO"), ("sde", "SDE-GRPO (DanceGRPO setting)")):
+        mine = [r for r in rows if r["method"] == m]
+        axes[0].plot([r["wall_clock_s"] for r in mine], [r[f"reward/{reward}"] for r in mine], label=label)
+        evals = [r for r in mine if f"eval/{reward}" in r]
+        axes[1].plot([r["wall_clock_s"] for r in evals], [r[f"eval/{reward}"] for r in evals], "o-", label=label)
+    for ax, title in zip(axes, ("training reward (each method's own samples)", "held-out, same ODE sampler")):
+        ax.set(xlabel="training wall-clock (s)", ylabel=reward, title=title)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv):
     opts, cfg = parse(argv)
+    if opts["compare"]:
+        compare(opts, cfg)
+        if ng.dist.is_initialized():
+            ng.dist.destroy_process_group()
+        return
     s = setup(cfg, opts["flux_blocks"])
     t_fwd, t_fb = unit_costs(s, cfg)
     totals = run_iterations(s, cfg, opts["iters"], opts["warmup"])

@@ -70,6 +70,9 @@ class Config:
     temperature: float = 1.0  # tau in softmax(-d / tau); the paper omits it (supp. eq. 19)
     clip_range: float = 1e-4  # epsilon of the ratio clip (eq. 4; DanceGRPO, MixGRPO)
     adv_p: float = 0.8  # p of the group-wise quasi-norm advantage reweighting (eq. 11, Table 6)
+    # the baseline the paper reinterprets: SDE-GRPO (DanceGRPO, Flow-GRPO; eq. 5, supp. Sec. 2)
+    method: str = "neighbor"  # "neighbor" (this paper) or "sde" (SDE rollouts, Gaussian policy, all G samples trained)
+    sde_eta: float = 0.3  # SDE noise: sigma_t = eta * sqrt(t_k - t_{k+1}) (DanceGRPO)
     # rewards
     rewards: tuple[str, ...] = ("hpsv2", "pickscore", "imagereward")  # built-in names or module.path:function
     reward_weights: tuple[float, ...] = ()  # one weight per reward; () = equal weights (MixGRPO protocol)
@@ -102,8 +105,11 @@ class Config:
     num_samples: int = 4  # images in a sample grid
 
 
+DANCEGRPO = dict(method="sde", num_steps=25, num_train_steps=14, shift=3.0)  # Table 3's SDE baseline: NFE_theta 14
+
 PRESETS = {
     "flux-dev": {},  # the defaults are the paper's best 8-step setting
+    "dancegrpo": DANCEGRPO,  # the SDE-GRPO baseline on FLUX.1-dev
     "tiny": dict(  # the same algorithm on a random tiny FLUX-architecture model, CPU, no download
         model_path="tiny", resolution=64, max_sequence_length=64, rewards=("jpeg_compressibility",),
         prompt_file="", eval_prompts="", eval_size=0, eval_every=20,
@@ -113,6 +119,7 @@ PRESETS = {
 }
 
 SOLVERS = ("euler", "dpm++2m")
+METHODS = ("neighbor", "sde")
 DISTANCES = ("mean", "sum")
 PARALLEL = ("fsdp", "ddp")
 
@@ -169,6 +176,10 @@ def validate(cfg):
         (1 <= B <= G, f"num_anchors={B}: anchors are drawn from the group, need 1 <= B <= group_size={G}"),
         (T >= 1, f"num_steps={T}: need at least one rollout step; use --num_steps=8 (paper)"),
         (1 <= K <= T, f"num_train_steps={K}: transitions are drawn from the rollout, need 1 <= K <= num_steps={T}"),
+        (cfg.method in METHODS, f"method={cfg.method}: use neighbor (this paper) or sde (the SDE-GRPO baseline)"),
+        (cfg.method != "sde" or K <= T - 1,
+         f"num_train_steps={K}: the SDE baseline never trains the step into t = 0, need K <= num_steps - 1 = {T - 1}"),
+        (cfg.sde_eta > 0, f"sde_eta={cfg.sde_eta}: must be > 0; use 0.3 (DanceGRPO)"),
         (0 < cfg.noise_sigma < 1, f"noise_sigma={cfg.noise_sigma}: must lie in (0, 1) (eq. 7); use 0.3 (paper)"),
         (0 < cfg.adv_p <= 2, f"adv_p={cfg.adv_p}: the quasi-norm needs 0 < p <= 2 (eq. 11); use 0.8 (paper)"),
         (cfg.clip_range > 0, f"clip_range={cfg.clip_range}: must be > 0; use 1e-4 (paper)"),
@@ -289,9 +300,8 @@ FLUX_DEV = dict(  # FLUX.1-dev's sizes (its text encoders are CLIP-L and T5-XXL;
     text_layers=1, latent_channels=16, vae_channels=(128, 256, 512, 512), vae_layers=2, vae_groups=32)
 
 
-def build_random_flux(seed=0, layers=1, single_layers=2, heads=2, head_dim=16, rope=(4, 6, 6), text_dim=32,
-                      pooled_dim=32, text_layers=2, latent_channels=4, vae_channels=(16, 32), vae_layers=1,
-                      vae_groups=8):
+def build_random_flux(seed, *, layers, single_layers, heads, head_dim, rope, text_dim, pooled_dim, text_layers,
+                      latent_channels, vae_channels, vae_layers, vae_groups):
     """A randomly initialised FluxPipeline of the given sizes: the classes of FLUX.1-dev, tokenizers built in memory."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
@@ -371,15 +381,6 @@ def load_pipeline(cfg, device, dtype):
     return pipe
 
 
-def encode_prompts(pipe, prompts, cfg, cache):
-    """Fill the prompt-embedding cache, then move the idle text encoders (T5-XXL: 9.5 GB) off the GPU."""
-    for prompt in dict.fromkeys(prompts):
-        encode_prompt(pipe, prompt, cfg, cache)
-    if cfg.offload_text_encoders:
-        pipe.text_encoder.to("cpu")
-        pipe.text_encoder_2.to("cpu")
-
-
 @dataclass
 class Condition:
     """Everything besides (x, t) that FluxPipeline passes to the transformer, for one prompt."""
@@ -411,6 +412,15 @@ def encode_prompt(pipe, prompt, cfg, cache):
     txt_ids = torch.zeros(embeds.shape[1], 3, device=device)
     guidance = torch.full([1], cfg.guidance_scale, device=device) if pipe.transformer.config.guidance_embeds else None
     return Condition(embeds.to(device), pooled.to(device), txt_ids, img_ids, guidance)
+
+
+def encode_prompts(pipe, prompts, cfg, cache):
+    """Fill the prompt-embedding cache, then move the idle text encoders (T5-XXL: 9.5 GB) off the GPU."""
+    for prompt in dict.fromkeys(prompts):
+        encode_prompt(pipe, prompt, cfg, cache)
+    if cfg.offload_text_encoders:
+        pipe.text_encoder.to("cpu")
+        pipe.text_encoder_2.to("cpu")
 
 
 def velocity(transformer, x, t, cond, dtype=torch.float32):
@@ -496,6 +506,30 @@ def rollout(v_fn, x, grid, solver):
             nxt, prev_x0 = dpm_solver_pp_2m_step(states[-1], v, k, grid, prev_x0)
         states.append(nxt)
     return torch.stack(states, dim=1)
+
+
+def sde_step(x, v, t, t_next, eta):
+    """SDE-GRPO's step (eq. 5; supp. eq. 4): mean x_ODE - sigma_t^2 / (2t) eps_hat with eps_hat = x + (1 - t) v,
+    standard deviation sigma_t = eta sqrt(t - t_next). Returns (mean, sigma_t)."""
+    sigma_t = eta * math.sqrt(t - t_next)
+    return euler_step(x, v, t, t_next) - sigma_t**2 / (2 * t) * (x + (1 - t) * v), sigma_t
+
+
+def gaussian_log_prob(x, mean, std):
+    """log N(x; mean, std^2 I) per sample, averaged over latent elements as DanceGRPO and Flow-GRPO do."""
+    log_density = -((x.float() - mean.float()) ** 2) / (2 * std**2) - math.log(std) - 0.5 * math.log(2 * math.pi)
+    return log_density.flatten(1).mean(1)
+
+
+@torch.no_grad()
+def sde_rollout(v_fn, x, grid, eta, gen):
+    """SDE sampling keeping every state and each transition's log-probability: [N, T + 1, L, C], [N, T]."""
+    states, log_probs = [x.float()], []
+    for k in range(len(grid) - 1):
+        mean, std = sde_step(states[-1], v_fn(states[-1], grid[k]), grid[k], grid[k + 1], eta)
+        states.append(mean + std * torch.randn(mean.shape, generator=gen).to(mean.device))
+        log_probs.append(gaussian_log_prob(states[-1], mean, std))
+    return torch.stack(states, dim=1), torch.stack(log_probs, dim=1)
 
 
 def perturbed_noise(base, delta, sigma):
@@ -802,10 +836,18 @@ def quasi_norm_advantages(rewards, p):
     return torch.where(norm > 0, c / norm.clamp_min(1e-300), torch.zeros_like(c)).to(rewards.dtype)
 
 
-def group_advantages(rewards, weights, p):
-    """Per-reward-model advantages [M, G] combined with the configured weights (MixGRPO) into [G]."""
+def std_advantages(rewards):
+    """Standard GRPO advantages (eq. 3), the SDE baseline's: centred rewards over their standard deviation."""
+    r = rewards.double()
+    c, std = r - r.mean(-1, keepdim=True), r.std(-1, keepdim=True)
+    return torch.where(std > 0, c / std.clamp_min(1e-300), torch.zeros_like(c)).to(rewards.dtype)
+
+
+def group_advantages(rewards, weights, p=None):
+    """Per-reward-model advantages [M, G] (quasi-norm, or std-normalised when p is None) combined with the
+    configured weights (MixGRPO) into [G]."""
     w = torch.as_tensor(weights, dtype=torch.float32).reshape(-1, 1)
-    return (w * quasi_norm_advantages(rewards, p)).sum(0)
+    return (w * (std_advantages(rewards) if p is None else quasi_norm_advantages(rewards, p))).sum(0)
 
 
 # -----------------------------------------------------------------------------
@@ -816,7 +858,13 @@ def sample_anchors_and_steps(G, B, T, K, gen):
     """Symmetric anchor sampling (Sec. 3.4.1): B anchors from the group and K of the T transitions, shared."""
     anchors = torch.randperm(G, generator=gen)[:B].tolist()
     steps = sorted(torch.randperm(T, generator=gen)[:K].tolist())
-    return anchors, steps
+    return anchors, [steps] * B
+
+
+def sample_sde_steps(G, T, K, gen):
+    """SDE-GRPO trains every sample, each on K of its first T - 1 transitions (DanceGRPO: per sample, last ignored)."""
+    return torch.randperm(G, generator=gen).tolist(), [sorted(torch.randperm(T - 1, generator=gen)[:K].tolist())
+                                                       for _ in range(G)]
 
 
 def neighbour_distances(candidates, anchor, distance="mean"):
@@ -856,6 +904,15 @@ def anchor_objective(transformer, states, adv, j, k, grid, cond, cfg, dtype=torc
     logp_old = surrogate_log_probs(neighbour_distances(candidates, states[j, k + 1], cfg.distance), cfg.temperature)
     J, clip_frac = grpo_objective(adv, logp, logp_old, cfg.clip_range)
     return J, clip_frac, (logp - logp_old).detach().abs().mean()
+
+
+def sde_objective(transformer, states, adv, j, k, grid, cond, cfg, dtype, logp_old):
+    """The SDE baseline's J_{j,k} (eq. 4): sample j's own Gaussian policy ratio at step k, clipped."""
+    x = states[j, k].unsqueeze(0)
+    mean, std = sde_step(x, velocity(transformer, x, grid[k], cond, dtype), grid[k], grid[k + 1], cfg.sde_eta)
+    logp = gaussian_log_prob(states[j, k + 1].unsqueeze(0), mean, std)
+    J, clip_frac = grpo_objective(adv[j:j + 1], logp, logp_old[j, k:k + 1], cfg.clip_range)
+    return J, clip_frac, (logp - logp_old[j, k]).detach().abs().mean()
 
 
 # -----------------------------------------------------------------------------
@@ -945,6 +1002,14 @@ def neighbourhood_rollout(pipe, cond, cfg, grid, gen, size, sigma, dtype):
     return torch.cat([rollout(v_fn, x, grid, cfg.rollout_solver) for x in x1.split(cfg.rollout_batch_size)])
 
 
+def sde_group_rollout(pipe, cond, cfg, grid, gen, dtype):
+    """The SDE baseline's group: G SDE trajectories from one shared initial noise (DanceGRPO's init_same_noise)."""
+    x1 = draw_noise(pipe, 1, cfg.resolution, gen, cond.img_ids.device).expand(cfg.group_size, -1, -1)
+    v_fn = lambda x, t: velocity(pipe.transformer, x, t, cond, dtype)  # noqa: E731
+    parts = [sde_rollout(v_fn, x, grid, cfg.sde_eta, gen) for x in x1.split(cfg.rollout_batch_size)]
+    return torch.cat([states for states, _ in parts]), torch.cat([log_probs for _, log_probs in parts])
+
+
 @torch.no_grad()
 def generate(pipe, prompts, cfg, grid, seed, dtype, cache, indices=None):
     """Inference: one deterministic ODE sample per prompt, its noise fixed by the prompt's index: [N, 3, H, W]."""
@@ -973,30 +1038,33 @@ class Group:
     states: torch.Tensor  # [G, T + 1, L, C], theta_old
     rewards: torch.Tensor  # [M, G]
     adv: torch.Tensor  # [G]
-    anchors: list
-    steps: list
+    anchors: list  # the trajectories trained, one optimizer step each
+    steps: list  # per anchor, the transitions it is trained on
+    logp_old: torch.Tensor | None = None  # [G, T]: the SDE baseline's old log-probabilities
 
 
 def policy_update(model, optimizer, groups, grid, cfg, dtype):
-    """Alg. 1's update: for each anchor, accumulate -J_{j,k} / K over the K transitions, then one optimizer step."""
-    K = cfg.num_train_steps
+    """Alg. 1's update: for each anchor, accumulate -J_{j,k} / K over the K transitions, then one optimizer step.
+    The SDE baseline runs the same loop with every sample as an anchor and its own objective."""
+    K, B = cfg.num_train_steps, len(groups[0].anchors)
     stats = dict(loss=0.0, clip_frac=0.0, first_anchor_abs_log_ratio=0.0, grad_norm=0.0)
-    micro_steps = [(group, k) for group in groups for k in group.steps]
-    for b in range(cfg.num_anchors):
+    for b in range(B):
         optimizer.zero_grad(set_to_none=True)
+        micro_steps = [(group, k) for group in groups for k in group.steps[b]]
         for n, (group, k) in enumerate(micro_steps):
             with gradient_sync(model, sync=n == len(micro_steps) - 1):
-                J, clip_frac, abs_log_ratio = anchor_objective(
-                    model, group.states, group.adv, group.anchors[b], k, grid, group.cond, cfg, dtype)
+                args = (model, group.states, group.adv, group.anchors[b], k, grid, group.cond, cfg, dtype)
+                J, clip_frac, abs_log_ratio = (sde_objective(*args, group.logp_old) if cfg.method == "sde"
+                                               else anchor_objective(*args))
                 loss = -J / (K * len(groups))
                 loss.backward()
-            stats["loss"] += loss.item() / cfg.num_anchors
-            stats["clip_frac"] += clip_frac.item() / (cfg.num_anchors * K * len(groups))
+            stats["loss"] += loss.item() / B
+            stats["clip_frac"] += clip_frac.item() / (B * K * len(groups))
             if b == 0:  # theta = theta_old here: any |log rho| is the rollout/train solver drift
                 stats["first_anchor_abs_log_ratio"] += abs_log_ratio.item() / (K * len(groups))
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
-        stats["grad_norm"] += grad_norm.item() / cfg.num_anchors
+        stats["grad_norm"] += grad_norm.item() / B
         optimizer.step()
     return stats
 
@@ -1016,15 +1084,23 @@ def train_iteration(pipe, model, optimizer, reward_fns, weights, prompts, grid, 
         prompt, gen = group_prompt(prompts, cfg.seed, iteration, g)
         t0 = clock(device)
         cond = encode_prompt(pipe, prompt, cfg, cache)
-        states = neighbourhood_rollout(pipe, cond, cfg, grid, gen, cfg.group_size, cfg.noise_sigma, dtype)
+        if cfg.method == "sde":
+            states, logp_old = sde_group_rollout(pipe, cond, cfg, grid, gen, dtype)
+        else:
+            states, logp_old = neighbourhood_rollout(pipe, cond, cfg, grid, gen, cfg.group_size, cfg.noise_sigma,
+                                                     dtype), None
         t1 = clock(device)
         images = torch.cat([decode_images(pipe, x, cfg.resolution) for x in states[:, -1].split(cfg.reward_batch_size)])
         rewards = torch.cat([score(reward_fns, chunk, [prompt] * len(chunk))
                              for chunk in images.split(cfg.reward_batch_size)], dim=1)
-        adv = group_advantages(rewards, weights, cfg.adv_p).to(states.device)
-        anchors, steps = sample_anchors_and_steps(cfg.group_size, cfg.num_anchors, cfg.num_steps,
-                                                  cfg.num_train_steps, gen)
-        groups.append(Group(prompt, cond, states, rewards, adv, anchors, steps))
+        G, T, K = cfg.group_size, cfg.num_steps, cfg.num_train_steps
+        if cfg.method == "sde":
+            adv = group_advantages(rewards, weights)
+            anchors, steps = sample_sde_steps(G, T, K, gen)
+        else:
+            adv = group_advantages(rewards, weights, cfg.adv_p)
+            anchors, steps = sample_anchors_and_steps(G, cfg.num_anchors, T, K, gen)
+        groups.append(Group(prompt, cond, states, rewards, adv.to(states.device), anchors, steps, logp_old))
         timings["rollout"] += t1 - t0
         timings["reward"] += clock(device) - t1
     t2 = clock(device)
@@ -1227,10 +1303,12 @@ def train(cfg):
         (out / "samples").mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         log = open_log(out, start)
-        print(f"Neighbor GRPO | {cfg.model_path} | {world} process(es) x {cfg.groups_per_rank} group(s) | "
-              f"G={cfg.group_size} B={cfg.num_anchors} T={cfg.num_steps} K={cfg.num_train_steps} "
-              f"sigma={cfg.noise_sigma} p={cfg.adv_p} | start at iteration {start}")
-    nfe_old, nfe_new = cfg.num_steps, nfe_theta(cfg.num_anchors, cfg.group_size, cfg.num_train_steps)
+        method = (f"SDE-GRPO | eta={cfg.sde_eta}" if cfg.method == "sde" else
+                  f"Neighbor GRPO | B={cfg.num_anchors} sigma={cfg.noise_sigma} p={cfg.adv_p}")
+        print(f"{method} | {cfg.model_path} | {world} process(es) x {cfg.groups_per_rank} group(s) | "
+              f"G={cfg.group_size} T={cfg.num_steps} K={cfg.num_train_steps} | start at iteration {start}")
+    nfe_old, nfe_new = cfg.num_steps, nfe_theta(cfg.group_size if cfg.method == "sde" else cfg.num_anchors,
+                                                 cfg.group_size, cfg.num_train_steps)
     for it in range(start, cfg.iterations + 1):
         record = dict(iter=it)
         if cfg.sample_every and (it % cfg.sample_every == 0 or it == cfg.iterations):

@@ -94,10 +94,18 @@ def test_multi_reward_advantages_are_the_weighted_sum_of_per_model_advantages():
     assert torch.allclose(a, expected)
 
 
+def test_std_advantages_are_eq_3():
+    r = torch.tensor([0.31, 0.35, 0.29, 0.40, 0.33, 0.30])
+    assert torch.allclose(ng.std_advantages(r), (r - r.mean()) / r.std(), atol=1e-6)
+    assert torch.equal(ng.std_advantages(torch.full((12,), 0.3)), torch.zeros(12))
+    assert torch.allclose(ng.group_advantages(torch.stack([r, 2 * r]), (1.0, 1.0)), 2 * ng.std_advantages(r))
+
+
 def test_nfe_theta_reproduces_table_3():
     assert round(ng.nfe_theta(B=4, G=12, K=4), 2) == 1.33
     assert ng.nfe_theta(B=4, G=12, K=9) == 3.0
     assert ng.nfe_theta(B=12, G=12, K=4) == 4.0
+    assert ng.nfe_theta(B=12, G=12, K=ng.DANCEGRPO["num_train_steps"]) == 14.0  # DanceGRPO trains all G samples
 
 
 def test_anchors_and_steps_are_distinct_and_in_range():
@@ -105,7 +113,12 @@ def test_anchors_and_steps_are_distinct_and_in_range():
     for _ in range(20):
         anchors, steps = ng.sample_anchors_and_steps(12, 4, 8, 4, gen)
         assert len(set(anchors)) == 4 and all(0 <= j < 12 for j in anchors)
-        assert len(set(steps)) == 4 and steps == sorted(steps) and all(0 <= k < 8 for k in steps)
+        assert all(s == steps[0] for s in steps) and len(steps) == 4  # the transitions are shared by the anchors
+        assert len(set(steps[0])) == 4 and steps[0] == sorted(steps[0]) and all(0 <= k < 8 for k in steps[0])
+        samples, sde_steps = ng.sample_sde_steps(12, 25, 14, gen)  # SDE-GRPO: every sample, its own steps
+        assert sorted(samples) == list(range(12)) and len(sde_steps) == 12
+        assert all(len(set(s)) == 14 and max(s) < 24 for s in sde_steps)  # never the last transition
+        assert len({tuple(s) for s in sde_steps}) > 1
 
 
 # ---------------------------------------------------------------------------- surrogate and objective (eqs. 8, 9)
@@ -272,6 +285,58 @@ def test_inference_sampler_is_flux_pipeline_sampling(tiny_pipe):
                     guidance_scale=cfg.guidance_scale, latents=noise, output_type="latent",
                     max_sequence_length=cfg.max_sequence_length).images
     assert torch.allclose(ours, ref, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- the SDE baseline (eq. 5)
+
+
+def test_sde_step_matches_an_independent_evaluation():
+    """DanceGRPO writes the step through the score s = -(x - (1 - t) x0) / t^2; the paper through eps_hat."""
+    gen = torch.Generator().manual_seed(14)
+    x, v = torch.randn(3, 16, 8, generator=gen), torch.randn(3, 16, 8, generator=gen)
+    t, t_next, eta = 0.7, 0.55, 0.3
+    x0 = x - t * v
+    score = -(x - x0 * (1 - t)) / t**2
+    expected_mean = x + (t_next - t) * v + (-0.5 * eta**2 * score) * (t_next - t)
+    mean, std = ng.sde_step(x, v, t, t_next, eta)
+    assert std == pytest.approx(eta * math.sqrt(t - t_next)) and torch.allclose(mean, expected_mean, atol=1e-6)
+    sample = mean + std * torch.randn(mean.shape, generator=gen)
+    log_prob = torch.distributions.Normal(mean, std).log_prob(sample).flatten(1).mean(1)
+    assert torch.allclose(ng.gaussian_log_prob(sample, mean, std), log_prob, atol=1e-5)
+
+
+@pytest.mark.parametrize("mu,s", [(2.0, 0.5), (0.5, 1.0)])
+def test_sde_sampling_keeps_the_ode_marginal_on_a_gaussian_flow(mu, s):
+    def v_exact(x, t):
+        var = (1 - t) ** 2 * s**2 + t**2
+        return (t - (1 - t) * s**2) / var * (x - (1 - t) * mu) - mu
+
+    n, grid = 200_000, ng.time_grid(100, 256, FLUX_SCHEDULER, shift=3.0)
+    x1 = torch.randn(n, 1, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(15))
+    ode = ng.rollout(v_exact, x1, grid, "euler")[:, -1].flatten()
+    states, log_probs = ng.sde_rollout(v_exact, x1, grid, 0.3, torch.Generator().manual_seed(16))
+    sde = states[:, -1].flatten()
+    se_mean, se_var = s / math.sqrt(n), s**2 * math.sqrt(2 / n)
+    assert abs(sde.mean() - ode.mean()) < 3 * se_mean and abs(sde.var() - ode.var()) < 3 * se_var
+    assert log_probs.shape == (n, 100) and torch.isfinite(log_probs).all()
+    x, gen = x1.float(), torch.Generator().manual_seed(16)  # the same noise without eq. 5's drift correction
+    for k in range(100):
+        std = 0.3 * math.sqrt(grid[k] - grid[k + 1])
+        x = ng.euler_step(x, v_exact(x, grid[k]), grid[k], grid[k + 1]) + std * torch.randn(x.shape, generator=gen)
+    assert x.flatten().var() - ode.var() > 20 * se_var
+
+
+def test_sde_baseline_trains_every_sample_on_its_own_steps(tmp_path, monkeypatch):
+    cfg = tiny_cfg(tmp_path, "--method=sde", "--num_steps=6", "--num_train_steps=3", "--iterations=2",
+                   "--sample_every=0", "--eval_every=0", "--group_size=4")
+    steps, real = [], ng.sde_objective
+    monkeypatch.setattr(ng, "sde_objective", lambda *args: steps.append(args[3:5]) or real(*args))
+    ng.train(cfg)
+    assert len(steps) == 2 * 4 * 3 and {j for j, _ in steps} == {0, 1, 2, 3} and max(k for _, k in steps) <= 4
+    log = read_log(tmp_path)
+    assert log[0]["nfe_theta"] == 3 and log[0]["first_anchor_abs_log_ratio"] < 1e-5  # rho = 1 at theta_old
+    with pytest.raises(ng.ConfigError, match="num_train_steps"):
+        tiny_cfg(None, "--method=sde", "--num_train_steps=8")
 
 
 # ---------------------------------------------------------------------------- config and bad input
@@ -726,3 +791,20 @@ def test_eval_over_two_ranks_equals_one_process(tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
     one, two = (json.loads((tmp_path / n / "eval.json").read_text()) for n in ("one", "two"))
     assert one["scores"] == two["scores"] and one["num_prompts"] == 5  # 5 prompts over 2 ranks: one padded slot
+
+
+def test_bench_compare_runs_both_methods_and_writes_the_curves(tmp_path, capsys):
+    import csv
+
+    import bench
+
+    bench.main(["--preset=tiny", "--compare", "--iters=2", "--warmup=0", "--eval_every=2", f"--out={tmp_path}",
+                "--group_size=4", "--num_anchors=2", "--num_samples=2"])
+    out = capsys.readouterr().out
+    assert "speed-up of Neighbor GRPO" in out and "5.28x in the paper" in out
+    rows = list(csv.DictReader(open(tmp_path / "compare.csv")))
+    assert [(r["method"], r["iteration"]) for r in rows] == [("neighbor", "0"), ("sde", "0"), ("neighbor", "1"),
+                                                             ("sde", "1")]
+    assert all(r["eval/jpeg_compressibility"] for r in rows[2:]) and not rows[0]["eval/jpeg_compressibility"]
+    assert float(rows[3]["wall_clock_s"]) > float(rows[1]["wall_clock_s"]) > 0
+    assert (tmp_path / "compare.png").stat().st_size > 10_000

@@ -24,6 +24,7 @@ case "$RUN" in
   hps-8step)     ARGS=(--rewards=hpsv2) ;;                         # Table 2: HPSv2.1 only, p = 0.8
   hps-8step-p2)  ARGS=(--rewards=hpsv2 --adv_p=2) ;;               # Table 2/6: standard GRPO normalisation
   ablation-base) ARGS=(--rewards=hpsv2 --noise_sigma=0.5 --adv_p=2) ;;  # Tables 4-6 start from (sigma, B, p) = (0.5, 4, 2)
+  dancegrpo)     ARGS=(--preset=dancegrpo) ;;                      # Table 3's SDE baseline: 25 steps, all 12 samples, K=14
   *) echo "unknown run '$RUN'"; exit 2 ;;
 esac
 
