@@ -54,7 +54,7 @@ def parse(argv):
 def setup(cfg, flux_blocks):
     """Everything train() builds before its loop, on this rank."""
     rank, world, device = ng.setup_distributed(cfg)
-    dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
+    dtype = ng.compute_dtype(cfg)
     if flux_blocks:
         double, single = (int(n) for n in flux_blocks.split(","))
         pipe = ng.build_random_flux(cfg.seed, **{**ng.FLUX_DEV, "layers": double, "single_layers": single})
@@ -114,7 +114,8 @@ def run_iterations(s, cfg, iters, warmup):
 
 
 def report(cfg, opts, totals, t_fwd, t_fb, s):
-    G, B, T, K, n = cfg.group_size, cfg.num_anchors, cfg.num_steps, cfg.num_train_steps, cfg.groups_per_rank
+    G, T, K, n = cfg.group_size, cfg.num_steps, cfg.num_train_steps, cfg.groups_per_rank
+    B = ng.trained_per_group(cfg)
     calls = math.ceil(G / cfg.rollout_batch_size) * T * n
     ideal = dict(rollout=calls * t_fwd, update=B * K * n * t_fb)
     rb = min(cfg.rollout_batch_size, G)
@@ -169,8 +170,8 @@ def compare(opts, cfg):
 
 
 def report_comparison(cfgs, seconds, rows, out):
-    nfe = {m: (c.num_steps, ng.nfe_theta(c.group_size if m == "sde" else c.num_anchors, c.group_size,
-                                         c.num_train_steps)) for m, c in cfgs.items()}
+    nfe = {m: (c.num_steps, ng.nfe_theta(ng.trained_per_group(c), c.group_size, c.num_train_steps))
+           for m, c in cfgs.items()}
     mean = {m: sum(v) / len(v) for m, v in seconds.items()}
     print(f"{'method':<9} {'s/iter':>8} {'NFE_old':>8} {'NFE_theta':>10} {'paper s/iter':>13}")
     for m in cfgs:

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import string
 import sys
 import time
@@ -895,6 +896,11 @@ def nfe_theta(B, G, K):
     return B / G * K
 
 
+def trained_per_group(cfg):
+    """Trajectories trained per group: B anchors, or every sample for the SDE baseline."""
+    return cfg.group_size if cfg.method == "sde" else cfg.num_anchors
+
+
 def anchor_objective(transformer, states, adv, j, k, grid, cond, cfg, dtype=torch.float32):
     """J_{j,k}: one TrainSolver step from the anchor's stored state, scored against all candidates at t_{k+1}."""
     x = states[j, k].unsqueeze(0)
@@ -1204,8 +1210,6 @@ def latest_checkpoint(out_dir):
 def save_checkpoint(model, optimizer, cfg, iteration, rank, world, dtype):
     """Write under tmp-N, rename to step-N, then replace the `latest` pointer: a crash mid-save leaves the
     previous checkpoint intact. All randomness derives from (seed, iteration, group), so no RNG state is needed."""
-    import shutil
-
     root = Path(cfg.out_dir) / "checkpoints"
     tmp, final = root / f"tmp-{iteration:06d}", root / f"step-{iteration:06d}"
     if rank == 0:
@@ -1228,7 +1232,8 @@ def save_checkpoint(model, optimizer, cfg, iteration, rank, world, dtype):
 
 
 def load_checkpoint(model, optimizer, path, world):
-    """Restore model and optimizer (in whatever sharding this run uses); returns the iterations already done."""
+    """Restore model and optimizer (in whatever sharding this run uses); returns the checkpoint's iteration and
+    config."""
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=path / "state", no_dist=world == 1)
@@ -1307,8 +1312,7 @@ def train(cfg):
                   f"Neighbor GRPO | B={cfg.num_anchors} sigma={cfg.noise_sigma} p={cfg.adv_p}")
         print(f"{method} | {cfg.model_path} | {world} process(es) x {cfg.groups_per_rank} group(s) | "
               f"G={cfg.group_size} T={cfg.num_steps} K={cfg.num_train_steps} | start at iteration {start}")
-    nfe_old, nfe_new = cfg.num_steps, nfe_theta(cfg.group_size if cfg.method == "sde" else cfg.num_anchors,
-                                                 cfg.group_size, cfg.num_train_steps)
+    nfe_old, nfe_new = cfg.num_steps, nfe_theta(trained_per_group(cfg), cfg.group_size, cfg.num_train_steps)
     for it in range(start, cfg.iterations + 1):
         record = dict(iter=it)
         if cfg.sample_every and (it % cfg.sample_every == 0 or it == cfg.iterations):
@@ -1336,7 +1340,8 @@ def train(cfg):
             print(log_line(it, rewards, stats, cfg))
         if cfg.ckpt_every and (it + 1) % cfg.ckpt_every == 0 and it + 1 < cfg.iterations:
             save_checkpoint(model, optimizer, cfg, it + 1, rank, world, dtype)
-    save_checkpoint(model, optimizer, cfg, cfg.iterations, rank, world, dtype)
+    if start < cfg.iterations:  # a resumed run with nothing left to do keeps its checkpoint as it is
+        save_checkpoint(model, optimizer, cfg, cfg.iterations, rank, world, dtype)
     export_transformer(model, out / "transformer", rank, dtype)
     if rank == 0:
         if len(record) > 1:  # the final evaluation

@@ -808,3 +808,12 @@ def test_bench_compare_runs_both_methods_and_writes_the_curves(tmp_path, capsys)
     assert all(r["eval/jpeg_compressibility"] for r in rows[2:]) and not rows[0]["eval/jpeg_compressibility"]
     assert float(rows[3]["wall_clock_s"]) > float(rows[1]["wall_clock_s"]) > 0
     assert (tmp_path / "compare.png").stat().st_size > 10_000
+
+
+def test_resuming_a_finished_run_leaves_its_checkpoint_untouched(tmp_path, monkeypatch):
+    ng.train(tiny_cfg(tmp_path, "--iterations=1", "--sample_every=0", "--eval_every=0"))
+    saves = []
+    monkeypatch.setattr(ng, "save_checkpoint", lambda *args: saves.append(args))
+    ng.train(tiny_cfg(tmp_path, "--iterations=1", "--sample_every=0", "--eval_every=0", "--resume"))
+    assert saves == []  # nothing new to save: the latest checkpoint is never rewritten in place
+    assert (tmp_path / "checkpoints/latest").read_text() == "step-000001"
