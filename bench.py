@@ -4,8 +4,8 @@ iteration, beside the cost model "G*T transformer forwards + B*K forward-backwar
 are timed on the transformer alone in the same run.
 
     python bench.py --preset=tiny
-    python bench.py --preset=flux-dev --flux_blocks=2,4 --rewards=jpeg_compressibility  # FLUX.1-dev width, random
-    torchrun --nproc_per_node=8 bench.py --preset=flux-dev --flux_blocks=19,38 ...      # figures are per rank
+    python bench.py --preset=flux-dev --flux_blocks=2,4 --rewards=jpeg_compressibility --prompt_file=  # random,
+    torchrun --nproc_per_node=8 bench.py --preset=flux-dev --flux_blocks=19,38 ...  # FLUX.1-dev width; per rank
     python bench.py --preset=tiny --compare --iters=40                                  # Neighbor GRPO vs SDE-GRPO
 
 Bench options: --iters=N timed iterations (3), --warmup=N untimed ones (1), --flux_blocks=D,S a random model of
@@ -54,7 +54,8 @@ def parse(argv):
 def setup(cfg, flux_blocks):
     """Everything train() builds before its loop, on this rank."""
     rank, world, device = ng.setup_distributed(cfg)
-    dtype = ng.compute_dtype(cfg)
+    dtype, prompts = ng.compute_dtype(cfg), ng.load_prompts(cfg.prompt_file)
+    reward_fns = {name: ng.load_reward(name, cfg, device) for name in cfg.rewards}  # before building the model
     if flux_blocks:
         double, single = (int(n) for n in flux_blocks.split(","))
         pipe = ng.build_random_flux(cfg.seed, **{**ng.FLUX_DEV, "layers": double, "single_layers": single})
@@ -65,11 +66,10 @@ def setup(cfg, flux_blocks):
     model = ng.parallelize(pipe.transformer, cfg, device, world, dtype)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    reward_fns = {name: ng.load_reward(name, cfg, device) for name in cfg.rewards}
     grid = ng.time_grid(cfg.num_steps, ng.latent_shape(pipe, cfg.resolution)[0], pipe.scheduler.config, cfg.shift)
     return dict(rank=rank, world=world, device=device, dtype=dtype, pipe=pipe, model=model, optimizer=optimizer,
                 reward_fns=reward_fns, weights=cfg.reward_weights or (1.0,) * len(cfg.rewards), grid=grid,
-                prompts=ng.load_prompts(cfg.prompt_file), cache={})
+                prompts=prompts, cache={})
 
 
 def unit_costs(s, cfg):
@@ -208,7 +208,14 @@ def plot_comparison(rows, reward, path):
 
 
 def main(argv):
-    opts, cfg = parse(argv)
+    try:
+        run(*parse(argv))
+    except ng.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(opts, cfg):
     if opts["compare"]:
         compare(opts, cfg)
         if ng.dist.is_initialized():

@@ -1170,9 +1170,9 @@ def run_evaluation(cfg):
     dtype, out = compute_dtype(cfg), Path(cfg.out_dir)
     if (out / "eval.json").exists() and not cfg.overwrite:
         raise ConfigError(f"out_dir={out}: already holds eval.json; pass --overwrite or another --out_dir")
+    prompts, reward_fns = eval_setup(cfg, {}, device)
     pipe = load_pipeline(cfg, device, dtype)
     pipe.transformer.to(device, dtype).eval()  # inference: no fp32 master weights, nothing sharded
-    prompts, reward_fns = eval_setup(cfg, {}, device)
     grid = time_grid(cfg.eval_steps or cfg.num_steps, latent_shape(pipe, cfg.resolution)[0], pipe.scheduler.config,
                      cfg.shift)
     cache = {}
@@ -1286,10 +1286,10 @@ def train(cfg):
     rank, world, device = setup_distributed(cfg)
     dtype, out = compute_dtype(cfg), Path(cfg.out_dir)
     resume_from = resume_state(cfg, out)
-    prompts = load_prompts(cfg.prompt_file)
-    pipe = load_pipeline(cfg, device, dtype)
+    prompts = load_prompts(cfg.prompt_file)  # prompts and rewards first: they fail faster than FLUX loads
     reward_fns = {name: load_reward(name, cfg, device) for name in cfg.rewards}
     eval_prompts, eval_fns = eval_setup(cfg, reward_fns, device) if cfg.eval_every else ([], {})
+    pipe = load_pipeline(cfg, device, dtype)
     weights = cfg.reward_weights or (1.0,) * len(cfg.rewards)
     seq_len = latent_shape(pipe, cfg.resolution)[0]
     grid = time_grid(cfg.num_steps, seq_len, pipe.scheduler.config, cfg.shift)
