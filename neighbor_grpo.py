@@ -1,13 +1,15 @@
 """
 Neighbor GRPO: contrastive ODE policy optimisation for FLUX (He et al., CVPR 2026, arXiv 2511.16955).
 
-    python neighbor_grpo.py --preset=tiny         # random tiny FLUX-architecture model on CPU, ~1 minute
-    python neighbor_grpo.py                       # FLUX.1-dev, the paper's 8-step DPM++ setting
-    python neighbor_grpo.py --help                # every field with its default and where it comes from
+    python neighbor_grpo.py --preset=tiny                 # random tiny FLUX-architecture model on CPU, ~1 minute
+    torchrun --nproc_per_node=8 neighbor_grpo.py          # FLUX.1-dev, the paper's 8-step DPM++ setting
+    torchrun --nproc_per_node=8 neighbor_grpo.py --eval_only --transformer_path=runs/x/transformer
+    torchrun --nproc_per_node=8 neighbor_grpo.py --preset=dancegrpo   # the SDE-GRPO baseline (method=sde)
+    python neighbor_grpo.py --help                        # every field with its default and where it comes from
 
-Any Config field can be set as --field=value. The file reads top to bottom like the algorithm:
-config -> models -> time grid and solvers -> rewards -> advantages -> surrogate and objective
--> one iteration -> the loop -> main. "eq. N" and "Alg. 1" refer to the paper.
+Any Config field can be set as --field=value. The file reads top to bottom like the algorithm: config ->
+distributed set-up -> models -> time grid and solvers -> rewards -> advantages -> surrogate and objective ->
+one iteration -> evaluation -> checkpoints -> the loop -> main. "eq. N" and "Alg. 1" refer to the paper.
 """
 
 import contextlib
