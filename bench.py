@@ -66,7 +66,7 @@ def setup(cfg, flux_blocks):
     model = ng.parallelize(pipe.transformer, cfg, device, world, dtype)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    grid = ng.time_grid(cfg.num_steps, ng.latent_shape(pipe, cfg.resolution)[0], pipe.scheduler.config, cfg.shift)
+    grid = ng.pipeline_grid(pipe, cfg, cfg.num_steps)
     return dict(rank=rank, world=world, device=device, dtype=dtype, pipe=pipe, model=model, optimizer=optimizer,
                 reward_fns=reward_fns, weights=cfg.reward_weights or (1.0,) * len(cfg.rewards), grid=grid,
                 prompts=prompts, cache={})

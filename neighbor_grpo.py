@@ -237,6 +237,15 @@ def setup_distributed(cfg):
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def compute_dtype(cfg):
+    return torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
+
+
+def autocast(device, dtype):
+    """Mixed precision for the transformer and the reward towers; a no-op in fp32."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
 def parallelize(model, cfg, device, world, dtype):
     """FSDP2 per transformer block, then the root (compute in dtype, gradients reduced in fp32), or DDP."""
     if cfg.grad_checkpointing:
@@ -429,7 +438,7 @@ def encode_prompts(pipe, prompts, cfg, cache):
 def velocity(transformer, x, t, cond, dtype=torch.float32):
     """v_theta(x, t, c) for a batch x [N, L, C] at time t, called exactly as FluxPipeline calls it."""
     n = x.shape[0]
-    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+    with autocast(x.device, dtype):
         v = transformer(
             hidden_states=x,
             timestep=torch.full((n,), float(t), device=x.device),  # FluxPipeline passes sigma * 1000 / 1000
@@ -468,6 +477,11 @@ def time_grid(num_steps, seq_len, scheduler_config, shift=0.0):
         mu = c["base_shift"] + slope * (seq_len - c["base_image_seq_len"])
         t = math.exp(mu) / (math.exp(mu) + (1 / t - 1))
     return torch.cat([t, t.new_zeros(1)]).tolist()
+
+
+def pipeline_grid(pipe, cfg, num_steps):
+    """time_grid for this pipeline's scheduler at cfg's resolution and shift."""
+    return time_grid(num_steps, latent_shape(pipe, cfg.resolution)[0], pipe.scheduler.config, cfg.shift)
 
 
 def euler_step(x, v, t, t_next):
@@ -640,6 +654,11 @@ def import_package(module, package, reward):
         raise ConfigError(f"rewards: {reward} needs the {package} package ({e}); pip install -r requirements.txt") from None
 
 
+def cosine(a, b):
+    """Row-wise cosine in fp32: bf16 would quantise an HPS score of 0.31 in steps of 0.002."""
+    return (F.normalize(a.float(), dim=-1) * F.normalize(b.float(), dim=-1)).sum(-1)
+
+
 HPS_ARCH = "ViT-H-14"  # HPSv2's open_clip architecture
 
 
@@ -658,9 +677,9 @@ def hpsv2_scorer(model, tokenizer, dtype):
         """The image-text cosine of HPSv2's features (about 0.31 for FLUX.1-dev)."""
         device = next(model.parameters()).device
         pixels = clip_pixels(images.to(device), model.visual.image_size[0], fit="pad")
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        with autocast(device, dtype):
             image, text = model.encode_image(pixels), model.encode_text(tokenizer(prompts).to(device))
-        return (F.normalize(image.float(), dim=-1) * F.normalize(text.float(), dim=-1)).sum(-1)
+        return cosine(image, text)
 
     return hpsv2
 
@@ -681,11 +700,10 @@ def pickscore_scorer(model, tokenizer, dtype):
         device = model.device
         text = tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt").to(device)
         pixels = clip_pixels(images.to(device), model.config.vision_config.image_size, fit="crop")
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        with autocast(device, dtype):
             image = model.get_image_features(pixel_values=pixels).pooler_output  # transformers 5: an output object
             text = model.get_text_features(**text).pooler_output
-        cos = (F.normalize(image.float(), dim=-1) * F.normalize(text.float(), dim=-1)).sum(-1)
-        return model.logit_scale.exp().float() * cos / 100
+        return model.logit_scale.exp().float() * cosine(image, text) / 100
 
     return pickscore
 
@@ -769,7 +787,7 @@ def imagereward_scorer(model, dtype):
         text = model.blip.tokenizer(prompts, padding="max_length", truncation=True, max_length=35,
                                     return_tensors="pt").to(device)
         pixels = clip_pixels(images.to(device), 224, fit="crop")
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        with autocast(device, dtype):
             image = model.blip.visual_encoder(pixels)
             out = model.blip.text_encoder(text.input_ids, attention_mask=text.attention_mask,
                                           encoder_hidden_states=image,
@@ -779,10 +797,6 @@ def imagereward_scorer(model, dtype):
         return ((reward - model.mean) / model.std).squeeze(-1)
 
     return imagereward
-
-
-def compute_dtype(cfg):
-    return torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
 
 
 # name -> factory(cfg, device) returning the reward function; factories load weights once
@@ -1127,6 +1141,11 @@ def eval_indices(n, rank, world):
     return [rank + j * world for j in range(math.ceil(n / world))]
 
 
+def rank_eval_prompts(prompts, rank, world):
+    """The prompts this rank samples in evaluate(), padding included: the ones to encode up front."""
+    return [prompts[min(i, len(prompts) - 1)] for i in eval_indices(len(prompts), rank, world)]
+
+
 @torch.no_grad()
 def evaluate(pipe, prompts, reward_fns, cfg, grid, dtype, cache, rank, world, path):
     """Rank 0 writes path.json (per-prompt scores, mean, std, standard error), path.md and path.png (the first
@@ -1175,11 +1194,9 @@ def run_evaluation(cfg):
     prompts, reward_fns = eval_setup(cfg, {}, device)
     pipe = load_pipeline(cfg, device, dtype)
     pipe.transformer.to(device, dtype).eval()  # inference: no fp32 master weights, nothing sharded
-    grid = time_grid(cfg.eval_steps or cfg.num_steps, latent_shape(pipe, cfg.resolution)[0], pipe.scheduler.config,
-                     cfg.shift)
+    grid = pipeline_grid(pipe, cfg, cfg.eval_steps or cfg.num_steps)
     cache = {}
-    encode_prompts(pipe, [prompts[min(i, len(prompts) - 1)] for i in eval_indices(len(prompts), rank, world)],
-                   cfg, cache)
+    encode_prompts(pipe, rank_eval_prompts(prompts, rank, world), cfg, cache)
     means = evaluate(pipe, prompts, reward_fns, cfg, grid, dtype, cache, rank, world, out / "eval")
     if rank == 0:
         print(f"evaluated {cfg.transformer_path or cfg.model_path} on {len(prompts)} prompts: " +
@@ -1258,12 +1275,13 @@ def open_log(out, start):
 
 def resume_state(cfg, out):
     """The checkpoint --resume continues from, after refusing to overwrite a run or to resume nothing."""
-    if cfg.resume and latest_checkpoint(out) is None:
+    latest = latest_checkpoint(out) if cfg.resume else None
+    if cfg.resume and latest is None:
         raise ConfigError(f"resume: out_dir={out} holds no checkpoint; drop --resume to start a new run")
     if not cfg.resume and (out / "log.jsonl").exists() and not cfg.overwrite:
         raise ConfigError(f"out_dir={out}: already holds a run (log.jsonl); pass --resume to continue it, "
                           "--overwrite to replace it, or another --out_dir")
-    return latest_checkpoint(out) if cfg.resume else None
+    return latest
 
 
 def restore(model, optimizer, cfg, path, rank, world):
@@ -1293,9 +1311,8 @@ def train(cfg):
     eval_prompts, eval_fns = eval_setup(cfg, reward_fns, device) if cfg.eval_every else ([], {})
     pipe = load_pipeline(cfg, device, dtype)
     weights = cfg.reward_weights or (1.0,) * len(cfg.rewards)
-    seq_len = latent_shape(pipe, cfg.resolution)[0]
-    grid = time_grid(cfg.num_steps, seq_len, pipe.scheduler.config, cfg.shift)
-    eval_grid = time_grid(cfg.eval_steps or cfg.num_steps, seq_len, pipe.scheduler.config, cfg.shift)
+    grid = pipeline_grid(pipe, cfg, cfg.num_steps)
+    eval_grid = pipeline_grid(pipe, cfg, cfg.eval_steps or cfg.num_steps)
     model = parallelize(pipe.transformer, cfg, device, world, dtype)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -1303,8 +1320,7 @@ def train(cfg):
     group_ids = range(rank * cfg.groups_per_rank, (rank + 1) * cfg.groups_per_rank)
     cache = {}  # every prompt this rank will meet is known from the seed: encode them all, then free the GPU
     encode_prompts(pipe, [group_prompt(prompts, cfg.seed, it, g)[0] for it in range(start, cfg.iterations)
-                          for g in group_ids] + prompts[: cfg.num_samples] +
-                   [eval_prompts[min(i, len(eval_prompts) - 1)] for i in eval_indices(len(eval_prompts), rank, world)],
+                          for g in group_ids] + prompts[: cfg.num_samples] + rank_eval_prompts(eval_prompts, rank, world),
                    cfg, cache)
     if rank == 0:
         (out / "samples").mkdir(parents=True, exist_ok=True)
