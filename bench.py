@@ -7,6 +7,7 @@ are timed on the transformer alone in the same run.
     python bench.py --preset=flux-dev --flux_blocks=2,4 --rewards=jpeg_compressibility --prompt_file=  # random,
     torchrun --nproc_per_node=8 bench.py --preset=flux-dev --flux_blocks=19,38 ...  # FLUX.1-dev width; per rank
     python bench.py --preset=tiny --compare --iters=40                                  # Neighbor GRPO vs SDE-GRPO
+    python bench.py --preset=tiny --sweep=old_anchor=rollout,train_solver --seeds=0,1,2 --iterations=100
 
 Bench options: --iters=N timed iterations (3), --warmup=N untimed ones (1), --flux_blocks=D,S a random model of
 FLUX.1-dev's width with D double and S single blocks (weights cannot be downloaded everywhere; speed and memory
@@ -14,11 +15,14 @@ do not depend on them), --compare: Neighbor GRPO with the given config against t
 DanceGRPO's setting on top of it (neighbor_grpo.DANCEGRPO), alternating iterations in one process, with
 --eval_every=N (5) evaluations of both on the same deterministic sampler, or with --seconds=S a training run
 of S seconds each, always advancing the method that has used less time; it writes compare.csv and compare.png
-to --out (runs/compare). Every other --field=value is a neighbor_grpo Config field.
+to --out (runs/compare). --sweep=FIELD=A,B trains one run per value and seed in --seeds (0,1,2) and writes
+sweep.md (held-out reward gain, mean and spread over seeds; clip fraction; first-anchor |log rho|) to --out.
+Every other --field=value is a neighbor_grpo Config field.
 """
 
 import csv
 import dataclasses
+import json
 import math
 import sys
 from pathlib import Path
@@ -39,7 +43,7 @@ def timed(fn, device, repeats=3):
 
 def parse(argv):
     opts, rest = dict(iters=3, warmup=1, flux_blocks="", compare=False, eval_every=5, seconds=0.0,
-                      out="runs/compare"), []
+                      out="runs/compare", sweep="", seeds="0,1,2"), []
     for arg in argv:
         key, _, value = arg.removeprefix("--").partition("=")
         if key == "compare":
@@ -61,11 +65,13 @@ def setup(cfg, flux_blocks):
         pipe = ng.build_random_flux(cfg.seed, **{**ng.FLUX_DEV, "layers": double, "single_layers": single})
         for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
             module.to(device, None if dtype == torch.float32 else dtype).requires_grad_(False).eval()
+        if cfg.lora_rank:
+            ng.add_lora(pipe.transformer, cfg, dtype)
     else:
         pipe = ng.load_pipeline(cfg, device, dtype)
     model = ng.parallelize(pipe.transformer, cfg, device, world, dtype)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = ng.adamw(model, cfg)
     grid = ng.pipeline_grid(pipe, cfg, cfg.num_steps)
     return dict(rank=rank, world=world, device=device, dtype=dtype, pipe=pipe, model=model, optimizer=optimizer,
                 reward_fns=reward_fns, weights=cfg.reward_weights or (1.0,) * len(cfg.rewards), grid=grid,
@@ -207,6 +213,38 @@ def plot_comparison(rows, reward, path):
     fig.savefig(path, dpi=120)
 
 
+def sweep(opts, cfg):
+    """One training run per (value of the swept field, seed): what each value does to learning, in one table."""
+    field, _, values = opts["sweep"].partition("=")
+    types = {f.name: f.type for f in dataclasses.fields(ng.Config)}
+    if field not in types:
+        raise ng.ConfigError(f"--sweep={opts['sweep']}: {field} is not a Config field; use --sweep=FIELD=A,B")
+    out, rows = Path(opts["out"]), []
+    for value in values.split(","):
+        gains, clip, ratio = [], [], []
+        for seed in opts["seeds"].split(","):
+            run_dir = out / f"{field}={value}" / f"seed{seed}"
+            run_cfg = dataclasses.replace(cfg, **{field: ng._convert(field, value, types[field])}, seed=int(seed),
+                                          out_dir=str(run_dir), overwrite=True)
+            ng.validate(run_cfg)
+            ng.train(run_cfg)
+            log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+            evals = [r for r in log if f"eval/{cfg.rewards[0]}" in r]
+            gains.append(evals[-1][f"eval/{cfg.rewards[0]}"] - evals[0][f"eval/{cfg.rewards[0]}"])
+            train = [r for r in log if "loss" in r]
+            clip.append(sum(r["clip_frac"] for r in train) / len(train))
+            ratio.append(max(r["first_anchor_abs_log_ratio"] for r in train[-len(train) // 5:]))
+        g = torch.tensor(gains)
+        rows.append(f"| {field}={value} | {cfg.rewards[0]} | {g.mean():+.3f} ± {g.std() if len(g) > 1 else 0:.3f} | "
+                    f"{' '.join(f'{x:+.3f}' for x in gains)} | {sum(clip) / len(clip):.2f} | "
+                    f"{sum(ratio) / len(ratio):.1e} |")
+    table = ["| setting | reward | held-out gain (mean ± s.d.) | per seed | clip fraction | first-anchor |log ρ| "
+             "(last fifth, max) |", "| --- | --- | --- | --- | --- | --- |"] + rows
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+
+
 def main(argv):
     try:
         run(*parse(argv))
@@ -216,6 +254,8 @@ def main(argv):
 
 
 def run(opts, cfg):
+    if opts["sweep"]:
+        return sweep(opts, cfg)
     if opts["compare"]:
         compare(opts, cfg)
         if ng.dist.is_initialized():

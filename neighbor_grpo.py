@@ -70,12 +70,14 @@ class Config:
     num_anchors: int = 4  # B anchors per group (Table 5)
     num_train_steps: int = 4  # K transitions per anchor (Table 3)
     distance: str = "mean"  # ||.||^2 of eq. 8 averaged ("mean") or summed ("sum") over latent elements (SPEC)
+    old_anchor: str = "train_solver"  # pi_old's anchor: theta_old's one-step DDIM prediction, or "rollout" (README)
     temperature: float = 1.0  # tau in softmax(-d / tau); the paper omits it (supp. eq. 19)
     clip_range: float = 1e-4  # epsilon of the ratio clip (eq. 4; DanceGRPO, MixGRPO)
     adv_p: float = 0.8  # p of the group-wise quasi-norm advantage reweighting (eq. 11, Table 6)
     # the baseline the paper reinterprets: SDE-GRPO (DanceGRPO, Flow-GRPO; eq. 5, supp. Sec. 2)
     method: str = "neighbor"  # "neighbor" (this paper) or "sde" (SDE rollouts, Gaussian policy, all G samples trained)
     sde_eta: float = 0.3  # SDE noise: sigma_t = eta * sqrt(t_k - t_{k+1}) (DanceGRPO)
+    sde_samples_per_step: int = 12  # samples accumulated per optimizer step (DanceGRPO's FLUX scripts: 12 = a group)
     # rewards
     rewards: tuple[str, ...] = ("hpsv2", "pickscore", "imagereward")  # built-in names or module.path:function
     reward_weights: tuple[float, ...] = ()  # one weight per reward; () = equal weights (MixGRPO protocol)
@@ -94,6 +96,13 @@ class Config:
     lr: float = 1e-5  # AdamW learning rate (paper)
     weight_decay: float = 1e-4  # AdamW weight decay (DanceGRPO)
     max_grad_norm: float = 1.0  # gradient-norm clip before every optimizer step (DanceGRPO)
+    # LoRA: low-rank adapters on a frozen base, for one GPU (DanceGRPO's and Flow-GRPO's LoRA scripts)
+    lora_rank: int = 0  # 0 = full fine-tuning (the paper); r > 0 = peft LoRA of rank r (Flow-GRPO: 64)
+    lora_alpha: float = 128.0  # adapters scale by alpha / r (Flow-GRPO: 128 at r = 64; DanceGRPO: 256 at 128)
+    lora_targets: tuple[str, ...] = (  # every attention projection of both block types (Flow-GRPO's list)
+        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    lora_path: str = ""  # an exported adapter (out_dir/lora) to continue from or evaluate, at the same lora_rank
+    export_merged: bool = False  # with LoRA, also export out_dir/transformer with the adapter merged in
     # system: torchrun, memory, checkpoints
     seed: int = 0  # everything random derives from (seed, iteration, group index)
     device: str = "auto"  # "auto" = cuda if available, else cpu
@@ -113,6 +122,8 @@ DANCEGRPO = dict(method="sde", num_steps=25, num_train_steps=14, shift=3.0)  # T
 PRESETS = {
     "flux-dev": {},  # the defaults are the paper's best 8-step setting
     "dancegrpo": DANCEGRPO,  # the SDE-GRPO baseline on FLUX.1-dev
+    "flux-dev-lora": dict(  # the paper's 8-step setting on one GPU: LoRA at the LoRA scripts' lr
+        lora_rank=64, lora_alpha=128.0, lr=3e-4, parallel="ddp", out_dir="runs/flux_dev_lora"),
     "tiny": dict(  # the same algorithm on a random tiny FLUX-architecture model, CPU, no download
         model_path="tiny", resolution=64, max_sequence_length=64, rewards=("jpeg_compressibility",),
         prompt_file="", eval_prompts="", eval_size=0, eval_every=20,
@@ -122,6 +133,7 @@ PRESETS = {
 }
 
 SOLVERS = ("euler", "dpm++2m")
+OLD_ANCHORS = ("train_solver", "rollout")
 METHODS = ("neighbor", "sde")
 DISTANCES = ("mean", "sum")
 PARALLEL = ("fsdp", "ddp")
@@ -183,6 +195,9 @@ def validate(cfg):
         (cfg.method != "sde" or K <= T - 1,
          f"num_train_steps={K}: the SDE baseline never trains the step into t = 0, need K <= num_steps - 1 = {T - 1}"),
         (cfg.sde_eta > 0, f"sde_eta={cfg.sde_eta}: must be > 0; use 0.3 (DanceGRPO)"),
+        (cfg.sde_samples_per_step >= 1,
+         f"sde_samples_per_step={cfg.sde_samples_per_step}: must be >= 1; use 12 (DanceGRPO) or 1 (a step a sample)"),
+        (cfg.old_anchor in OLD_ANCHORS, f"old_anchor={cfg.old_anchor}: use one of {', '.join(OLD_ANCHORS)}"),
         (0 < cfg.noise_sigma < 1, f"noise_sigma={cfg.noise_sigma}: must lie in (0, 1) (eq. 7); use 0.3 (paper)"),
         (0 < cfg.adv_p <= 2, f"adv_p={cfg.adv_p}: the quasi-norm needs 0 < p <= 2 (eq. 11); use 0.8 (paper)"),
         (cfg.clip_range > 0, f"clip_range={cfg.clip_range}: must be > 0; use 1e-4 (paper)"),
@@ -204,6 +219,13 @@ def validate(cfg):
         (min(cfg.groups_per_rank, cfg.rollout_batch_size, cfg.reward_batch_size) >= 1,
          "groups_per_rank, rollout_batch_size and reward_batch_size must be >= 1"),
         (cfg.sample_every >= 0 and cfg.num_samples >= 1, "sample_every must be >= 0 (0 = never) and num_samples >= 1"),
+        (cfg.lora_rank >= 0, f"lora_rank={cfg.lora_rank}: must be >= 0 (0 = full fine-tuning; Flow-GRPO uses 64)"),
+        (cfg.lora_alpha > 0, f"lora_alpha={cfg.lora_alpha}: must be > 0; use 2 * lora_rank (Flow-GRPO)"),
+        (not cfg.lora_rank or cfg.lora_targets, "lora_targets: name at least one module, e.g. --lora_targets=to_q,to_v"),
+        (not cfg.lora_rank or cfg.parallel == "ddp",
+         "parallel=fsdp: LoRA replicates the frozen base and averages adapter gradients; use --parallel=ddp"),
+        (cfg.lora_rank or not (cfg.lora_path or cfg.export_merged),
+         "lora_path and export_merged need an adapter: set --lora_rank (the rank the adapter was trained with)"),
     ]
     for field in ("rewards", "eval_rewards"):
         for name in getattr(cfg, field):
@@ -259,6 +281,12 @@ def parallelize(model, cfg, device, world, dtype):
     for block in [*model.transformer_blocks, *model.single_transformer_blocks]:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     return fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def adamw(model, cfg):
+    """AdamW over the parameters that train: all of them, or only the LoRA adapters."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                             weight_decay=cfg.weight_decay)
 
 
 def gradient_sync(model, sync):
@@ -360,7 +388,7 @@ def tokenizer_is_empty(tokenizer):
 
 def load_pipeline(cfg, device, dtype):
     """FluxPipeline for cfg.model_path: VAE and text encoders on device in dtype, frozen; the transformer in fp32
-    (the master weights) on the CPU until parallelize() shards it onto the devices block by block."""
+    (the master weights; with LoRA the frozen base in dtype) on the CPU until parallelize() moves it."""
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
     def load(fn, field, path, **kwargs):
@@ -371,12 +399,13 @@ def load_pipeline(cfg, device, dtype):
                 f"{field}={path}: cannot load FLUX ({type(e).__name__}: {str(e).splitlines()[0][:200]}); download "
                 "black-forest-labs/FLUX.1-dev (huggingface-cli download) and pass its directory") from None
 
+    master = dtype if cfg.lora_rank else torch.float32
     if cfg.model_path == "tiny":
         pipe = build_random_flux(cfg.seed, **TINY)
     else:
         transformer = None if cfg.transformer_path else load(
             FluxTransformer2DModel.from_pretrained, "model_path", cfg.model_path, subfolder="transformer",
-            dtype=torch.float32)
+            dtype=master)
         pipe = load(FluxPipeline.from_pretrained, "model_path", cfg.model_path, transformer=transformer, dtype=dtype)
         for name in ("tokenizer", "tokenizer_2"):
             if tokenizer_is_empty(getattr(pipe, name)):
@@ -386,11 +415,47 @@ def load_pipeline(cfg, device, dtype):
                     "black-forest-labs/FLUX.1-dev completely (huggingface-cli download) and pass its directory")
     if cfg.transformer_path:
         pipe.transformer = load(FluxTransformer2DModel.from_pretrained, "transformer_path", cfg.transformer_path,
-                                dtype=torch.float32)
+                                dtype=master)
+    if cfg.lora_rank:
+        add_lora(pipe.transformer, cfg, dtype)
     pipe.set_progress_bar_config(disable=True)
     for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         module.to(device).requires_grad_(False).eval()
     return pipe
+
+
+def add_lora(transformer, cfg, dtype):
+    """peft LoRA through diffusers' adapter API: the base frozen in the compute dtype (bf16: 24 GB for FLUX.1-dev
+    instead of 48 GB fp32 plus gradients and AdamW), the adapters in fp32; B = 0 makes them start as a no-op."""
+    from diffusers import FluxPipeline
+    from peft import LoraConfig
+    from peft.utils import set_peft_model_state_dict
+
+    transformer.requires_grad_(False)
+    if transformer.dtype != dtype:  # a random model; from_pretrained already loaded the base in dtype
+        transformer.to(dtype)
+    try:
+        transformer.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights=True,
+                                           target_modules=list(cfg.lora_targets)))
+    except ValueError as e:
+        raise ConfigError(f"lora_targets={','.join(cfg.lora_targets)}: {str(e).splitlines()[0][:200]}") from None
+    for p in transformer.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    if cfg.lora_path:
+        if not Path(cfg.lora_path).is_dir():
+            raise ConfigError(f"lora_path={cfg.lora_path}: no such directory; pass out_dir/lora of a LoRA run")
+        try:
+            state = FluxPipeline.lora_state_dict(cfg.lora_path)
+            state = {k.removeprefix("transformer."): v for k, v in state.items() if k.startswith("transformer.")}
+            unexpected = set_peft_model_state_dict(transformer, state).unexpected_keys
+        except (OSError, ValueError, RuntimeError) as e:
+            raise ConfigError(f"lora_path={cfg.lora_path}: cannot load the adapter at lora_rank={cfg.lora_rank} "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); pass out_dir/lora of a LoRA run "
+                              "and the --lora_rank and --lora_targets it was trained with") from None
+        if unexpected or not state:
+            raise ConfigError(f"lora_path={cfg.lora_path}: the adapter does not fit lora_targets="
+                              f"{','.join(cfg.lora_targets)} ({len(state)} tensors, unexpected {unexpected[:2]})")
 
 
 @dataclass
@@ -513,16 +578,18 @@ def dpm_solver_pp_2m_step(x, v, k, grid, prev_x0):
 
 @torch.no_grad()
 def rollout(v_fn, x, grid, solver):
-    """Integrate dx/dt = v from t = 1 to 0 on grid, keeping every state: returns [N, T + 1, L, C] in fp32."""
-    states, prev_x0 = [x.float()], None
+    """Integrate dx/dt = v from t = 1 to 0 on grid, keeping every state [N, T + 1, L, C] and, beside it, the
+    TrainSolver's one-step prediction from each state [N, T, L, C] (theta_old's DDIM step: free, v is at hand)."""
+    states, train_next, prev_x0 = [x.float()], [], None
     for k in range(len(grid) - 1):
         v = v_fn(states[-1], grid[k])
+        train_next.append(euler_step(states[-1], v, grid[k], grid[k + 1]))
         if solver == "euler":
-            nxt = euler_step(states[-1], v, grid[k], grid[k + 1])
+            nxt = train_next[-1]
         else:
             nxt, prev_x0 = dpm_solver_pp_2m_step(states[-1], v, k, grid, prev_x0)
         states.append(nxt)
-    return torch.stack(states, dim=1)
+    return torch.stack(states, dim=1), torch.stack(train_next, dim=1)
 
 
 def sde_step(x, v, t, t_next, eta):
@@ -540,12 +607,14 @@ def gaussian_log_prob(x, mean, std):
 
 @torch.no_grad()
 def sde_rollout(v_fn, x, grid, eta, gen):
-    """SDE sampling keeping every state and each transition's log-probability: [N, T + 1, L, C], [N, T]."""
+    """SDE sampling keeping every state and each stochastic transition's log-probability: [N, T + 1, L, C],
+    [N, T - 1]. The last step is the data prediction x - t v, the image DanceGRPO decodes (never trained)."""
     states, log_probs = [x.float()], []
-    for k in range(len(grid) - 1):
+    for k in range(len(grid) - 2):
         mean, std = sde_step(states[-1], v_fn(states[-1], grid[k]), grid[k], grid[k + 1], eta)
         states.append(mean + std * torch.randn(mean.shape, generator=gen).to(mean.device))
         log_probs.append(gaussian_log_prob(states[-1], mean, std))
+    states.append(euler_step(states[-1], v_fn(states[-1], grid[-2]), grid[-2], grid[-1]))
     return torch.stack(states, dim=1), torch.stack(log_probs, dim=1)
 
 
@@ -581,6 +650,11 @@ def jpeg_compressibility(images, prompts):
 def jpeg_incompressibility(images, prompts):
     """The JPEG size in kB (DDPO's incompressibility reward): rewards detailed images."""
     return -jpeg_compressibility(images, prompts)
+
+
+def brightness(images, prompts):
+    """Mean pixel value: a toy reward that, unlike JPEG sizes, is smooth in the image."""
+    return images.float().mean(dim=(1, 2, 3))
 
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's pixel statistics, used by all three models below
@@ -806,6 +880,7 @@ REWARDS = {
     "imagereward": imagereward_reward,
     "jpeg_compressibility": lambda cfg, device: jpeg_compressibility,
     "jpeg_incompressibility": lambda cfg, device: jpeg_incompressibility,
+    "brightness": lambda cfg, device: brightness,
 }
 
 
@@ -917,13 +992,14 @@ def trained_per_group(cfg):
     return cfg.group_size if cfg.method == "sde" else cfg.num_anchors
 
 
-def anchor_objective(transformer, states, adv, j, k, grid, cond, cfg, dtype=torch.float32):
-    """J_{j,k}: one TrainSolver step from the anchor's stored state, scored against all candidates at t_{k+1}."""
+def anchor_objective(transformer, states, adv, j, k, grid, cond, cfg, dtype, old_next):
+    """J_{j,k}: one TrainSolver step from the anchor's stored state, scored against all candidates at t_{k+1};
+    pi_old's anchor is old_next[j, k] (cfg.old_anchor: theta_old's own TrainSolver step, or the stored state)."""
     x = states[j, k].unsqueeze(0)
     x_theta = euler_step(x, velocity(transformer, x, grid[k], cond, dtype), grid[k], grid[k + 1])[0]
     candidates = states[:, k + 1]
     logp = surrogate_log_probs(neighbour_distances(candidates, x_theta, cfg.distance), cfg.temperature)
-    logp_old = surrogate_log_probs(neighbour_distances(candidates, states[j, k + 1], cfg.distance), cfg.temperature)
+    logp_old = surrogate_log_probs(neighbour_distances(candidates, old_next[j, k], cfg.distance), cfg.temperature)
     J, clip_frac = grpo_objective(adv, logp, logp_old, cfg.clip_range)
     return J, clip_frac, (logp - logp_old).detach().abs().mean()
 
@@ -1013,7 +1089,8 @@ def group_prompt(prompts, seed, iteration, group):
 
 
 def neighbourhood_rollout(pipe, cond, cfg, grid, gen, size, sigma, dtype):
-    """size ODE trajectories from a neighbourhood of one base noise (eq. 7), with theta_old: [size, T + 1, L, C].
+    """size ODE trajectories from a neighbourhood of one base noise (eq. 7), with theta_old: the states
+    [size, T + 1, L, C] and the TrainSolver's prediction from each [size, T, L, C] (see rollout).
 
     With sigma = 0 and size = 1 this is plain deterministic ODE sampling, the inference sampler.
     """
@@ -1021,7 +1098,8 @@ def neighbourhood_rollout(pipe, cond, cfg, grid, gen, size, sigma, dtype):
     base = draw_noise(pipe, 1, cfg.resolution, gen, device)
     x1 = perturbed_noise(base, draw_noise(pipe, size, cfg.resolution, gen, device), sigma)
     v_fn = lambda x, t: velocity(pipe.transformer, x, t, cond, dtype)  # noqa: E731
-    return torch.cat([rollout(v_fn, x, grid, cfg.rollout_solver) for x in x1.split(cfg.rollout_batch_size)])
+    parts = [rollout(v_fn, x, grid, cfg.rollout_solver) for x in x1.split(cfg.rollout_batch_size)]
+    return torch.cat([states for states, _ in parts]), torch.cat([train_next for _, train_next in parts])
 
 
 def sde_group_rollout(pipe, cond, cfg, grid, gen, dtype):
@@ -1038,7 +1116,7 @@ def generate(pipe, prompts, cfg, grid, seed, dtype, cache, indices=None):
     images = []
     for i, prompt in zip(range(len(prompts)) if indices is None else indices, prompts):
         cond = encode_prompt(pipe, prompt, cfg, cache)
-        states = neighbourhood_rollout(pipe, cond, cfg, grid, group_generator(seed, -1, i), 1, 0.0, dtype)
+        states, _ = neighbourhood_rollout(pipe, cond, cfg, grid, group_generator(seed, -1, i), 1, 0.0, dtype)
         images.append(decode_images(pipe, states[:, -1], cfg.resolution))
     return torch.cat(images)
 
@@ -1060,33 +1138,37 @@ class Group:
     states: torch.Tensor  # [G, T + 1, L, C], theta_old
     rewards: torch.Tensor  # [M, G]
     adv: torch.Tensor  # [G]
-    anchors: list  # the trajectories trained, one optimizer step each
+    anchors: list  # the trajectories trained, in the order of the optimizer steps
     steps: list  # per anchor, the transitions it is trained on
-    logp_old: torch.Tensor | None = None  # [G, T]: the SDE baseline's old log-probabilities
+    old: torch.Tensor  # what pi_old needs: [G, T, L, C] anchor targets (old_anchor), or the SDE's [G, T - 1] log-probs
 
 
 def policy_update(model, optimizer, groups, grid, cfg, dtype):
     """Alg. 1's update: for each anchor, accumulate -J_{j,k} / K over the K transitions, then one optimizer step.
-    The SDE baseline runs the same loop with every sample as an anchor and its own objective."""
+    The SDE baseline runs the same loop with every sample as an anchor, its own objective, and one step per
+    sde_samples_per_step samples (the loss then averaged over them, as DanceGRPO's gradient accumulation)."""
     K, B = cfg.num_train_steps, len(groups[0].anchors)
+    per_step = cfg.sde_samples_per_step if cfg.method == "sde" else 1
+    chunks = [range(b, min(b + per_step, B)) for b in range(0, B, per_step)]
+    objective = sde_objective if cfg.method == "sde" else anchor_objective
     stats = dict(loss=0.0, clip_frac=0.0, first_anchor_abs_log_ratio=0.0, grad_norm=0.0)
-    for b in range(B):
+    for c, chunk in enumerate(chunks):
         optimizer.zero_grad(set_to_none=True)
-        micro_steps = [(group, k) for group in groups for k in group.steps[b]]
-        for n, (group, k) in enumerate(micro_steps):
+        micro_steps = [(group, b, k) for group in groups for b in chunk for k in group.steps[b]]
+        scale = K * len(chunk) * len(groups)
+        for n, (group, b, k) in enumerate(micro_steps):
             with gradient_sync(model, sync=n == len(micro_steps) - 1):
-                args = (model, group.states, group.adv, group.anchors[b], k, grid, group.cond, cfg, dtype)
-                J, clip_frac, abs_log_ratio = (sde_objective(*args, group.logp_old) if cfg.method == "sde"
-                                               else anchor_objective(*args))
-                loss = -J / (K * len(groups))
+                J, clip_frac, abs_log_ratio = objective(model, group.states, group.adv, group.anchors[b], k, grid,
+                                                        group.cond, cfg, dtype, group.old)
+                loss = -J / scale
                 loss.backward()
-            stats["loss"] += loss.item() / B
+            stats["loss"] += loss.item() / len(chunks)
             stats["clip_frac"] += clip_frac.item() / (B * K * len(groups))
-            if b == 0:  # theta = theta_old here: any |log rho| is the rollout/train solver drift
-                stats["first_anchor_abs_log_ratio"] += abs_log_ratio.item() / (K * len(groups))
+            if c == 0:  # theta = theta_old here: any |log rho| is the rollout/train solver drift (or round-off)
+                stats["first_anchor_abs_log_ratio"] += abs_log_ratio.item() / scale
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
-        stats["grad_norm"] += grad_norm.item() / B
+        stats["grad_norm"] += grad_norm.item() / len(chunks)
         optimizer.step()
     return stats
 
@@ -1107,10 +1189,11 @@ def train_iteration(pipe, model, optimizer, reward_fns, weights, prompts, grid, 
         t0 = clock(device)
         cond = encode_prompt(pipe, prompt, cfg, cache)
         if cfg.method == "sde":
-            states, logp_old = sde_group_rollout(pipe, cond, cfg, grid, gen, dtype)
+            states, old = sde_group_rollout(pipe, cond, cfg, grid, gen, dtype)
         else:
-            states, logp_old = neighbourhood_rollout(pipe, cond, cfg, grid, gen, cfg.group_size, cfg.noise_sigma,
-                                                     dtype), None
+            states, train_next = neighbourhood_rollout(pipe, cond, cfg, grid, gen, cfg.group_size, cfg.noise_sigma,
+                                                       dtype)
+            old = train_next if cfg.old_anchor == "train_solver" else states[:, 1:]
         t1 = clock(device)
         images = torch.cat([decode_images(pipe, x, cfg.resolution) for x in states[:, -1].split(cfg.reward_batch_size)])
         rewards = torch.cat([score(reward_fns, chunk, [prompt] * len(chunk))
@@ -1122,7 +1205,7 @@ def train_iteration(pipe, model, optimizer, reward_fns, weights, prompts, grid, 
         else:
             adv = group_advantages(rewards, weights, cfg.adv_p)
             anchors, steps = sample_anchors_and_steps(G, cfg.num_anchors, T, K, gen)
-        groups.append(Group(prompt, cond, states, rewards, adv.to(states.device), anchors, steps, logp_old))
+        groups.append(Group(prompt, cond, states, rewards, adv.to(states.device), anchors, steps, old))
         timings["rollout"] += t1 - t0
         timings["reward"] += clock(device) - t1
     t2 = clock(device)
@@ -1221,9 +1304,33 @@ def export_transformer(model, path, rank, dtype):
         (model.module if isinstance(model, DDP) else model).save_config(path)
 
 
+def export_lora(model, path, rank):
+    """The adapter as FluxPipeline.save_lora_weights writes it, with its LoraConfig (alpha included), so that
+    FluxPipeline.load_lora_weights(path) reproduces the trained model."""
+    from diffusers import FluxPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    transformer = model.module if isinstance(model, DDP) else model
+    if rank == 0:
+        layers = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(transformer).items()}
+        FluxPipeline.save_lora_weights(path, transformer_lora_layers=layers,
+                                       transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
+
+
+def export_model(model, path, cfg, rank, dtype):
+    """path/transformer (diffusers format) or, with LoRA, path/lora (the adapter alone)."""
+    if cfg.lora_rank:
+        export_lora(model, path / "lora", rank)
+    else:
+        export_transformer(model, path / "transformer", rank, dtype)
+
+
 def latest_checkpoint(out_dir):
     pointer = Path(out_dir) / "checkpoints" / "latest"
     return pointer.parent / pointer.read_text().strip() if pointer.exists() else None
+
+
+TRAINED = StateDictOptions(ignore_frozen_params=True)  # a checkpoint holds what trains: all of it, or the adapter
 
 
 def save_checkpoint(model, optimizer, cfg, iteration, rank, world, dtype):
@@ -1235,9 +1342,9 @@ def save_checkpoint(model, optimizer, cfg, iteration, rank, world, dtype):
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier(world)
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer, options=TRAINED)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / "state", no_dist=world == 1)
-    export_transformer(model, tmp / "transformer", rank, dtype)
+    export_model(model, tmp, cfg, rank, dtype)
     if rank == 0:
         (tmp / "meta.json").write_text(json.dumps({"iteration": iteration, "config": dataclasses.asdict(cfg)}))
         shutil.rmtree(final, ignore_errors=True)
@@ -1253,10 +1360,11 @@ def save_checkpoint(model, optimizer, cfg, iteration, rank, world, dtype):
 def load_checkpoint(model, optimizer, path, world):
     """Restore model and optimizer (in whatever sharding this run uses); returns the checkpoint's iteration and
     config."""
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer, options=TRAINED)
     state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=path / "state", no_dist=world == 1)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    dcp.load(state, checkpoint_id=path / "state", no_dist=world == 1)  # strict: every trained tensor must be there
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))  # the frozen base is model_path's
     return json.loads((path / "meta.json").read_text())
 
 
@@ -1315,7 +1423,7 @@ def train(cfg):
     eval_grid = pipeline_grid(pipe, cfg, cfg.eval_steps or cfg.num_steps)
     model = parallelize(pipe.transformer, cfg, device, world, dtype)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = adamw(model, cfg)
     start = restore(model, optimizer, cfg, resume_from, rank, world) if resume_from else 0
     group_ids = range(rank * cfg.groups_per_rank, (rank + 1) * cfg.groups_per_rank)
     cache = {}  # every prompt this rank will meet is known from the seed: encode them all, then free the GPU
@@ -1360,7 +1468,12 @@ def train(cfg):
             save_checkpoint(model, optimizer, cfg, it + 1, rank, world, dtype)
     if start < cfg.iterations:  # a resumed run with nothing left to do keeps its checkpoint as it is
         save_checkpoint(model, optimizer, cfg, cfg.iterations, rank, world, dtype)
-    export_transformer(model, out / "transformer", rank, dtype)
+    export_model(model, out, cfg, rank, dtype)
+    if cfg.export_merged:  # the run is over: merge the adapter into the base in place
+        transformer = model.module if isinstance(model, DDP) else model
+        transformer.fuse_lora()
+        transformer.unload_lora()
+        export_transformer(transformer, out / "transformer", rank, dtype)
     if rank == 0:
         if len(record) > 1:  # the final evaluation
             log.write(json.dumps(record) + "\n")

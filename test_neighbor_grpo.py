@@ -175,12 +175,13 @@ def test_rho_is_one_and_gradient_is_minus_sum_adv_grad_distance_at_theta_old(tin
     cfg = tiny_cfg(None, "--rollout_solver=euler", "--group_size=6")
     grid = ng.time_grid(cfg.num_steps, ng.latent_shape(tiny_pipe, cfg.resolution)[0], tiny_pipe.scheduler.config)
     cond = ng.encode_prompt(tiny_pipe, "a red cube", cfg, {})
-    states = ng.neighbourhood_rollout(tiny_pipe, cond, cfg, grid, torch.Generator().manual_seed(7), 6, 0.3,
-                                      torch.float32)
+    states, train_next = ng.neighbourhood_rollout(tiny_pipe, cond, cfg, grid, torch.Generator().manual_seed(7),
+                                                  6, 0.3, torch.float32)
     adv = ng.quasi_norm_advantages(torch.randn(6, generator=torch.Generator().manual_seed(8)), 0.8)
     model, j, k = tiny_pipe.transformer, 2, 5
     params = [p for p in model.parameters() if p.requires_grad]
-    J, _, abs_log_ratio = ng.anchor_objective(model, states, adv, j, k, grid, cond, cfg)
+    J, _, abs_log_ratio = ng.anchor_objective(model, states, adv, j, k, grid, cond, cfg, torch.float32,
+                                              states[:, 1:])
     grad_J = torch.autograd.grad(J, params, allow_unused=True)
     assert abs_log_ratio < 1e-5  # matching solvers at theta = theta_old: rho = 1
     x = states[j, k].unsqueeze(0)
@@ -190,6 +191,33 @@ def test_rho_is_one_and_gradient_is_minus_sum_adv_grad_distance_at_theta_old(tin
     pairs = [(a, b) for a, b in zip(grad_J, grad_d) if a is not None]
     assert pairs and all(torch.allclose(a, b, rtol=1e-3, atol=1e-9) for a, b in pairs)
     assert sum(a.abs().sum() for a, _ in pairs) > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_train_solver_old_anchor_gives_rho_one_at_theta_old_for_dpm_rollouts(tiny_pipe, dtype):
+    """pi_old anchored at theta_old's own DDIM step (batched in the rollout) = pi_theta's (batch 1) before any
+    update; anchored at the stored DPM++ state it is not, wherever the second-order step differs from Euler."""
+    cfg = tiny_cfg(None, "--group_size=6", "--rollout_batch_size=6")
+    grid = ng.pipeline_grid(tiny_pipe, cfg, cfg.num_steps)
+    cond = ng.encode_prompt(tiny_pipe, "a red cube", cfg, {})
+    states, train_next = ng.neighbourhood_rollout(tiny_pipe, cond, cfg, grid, torch.Generator().manual_seed(7), 6,
+                                                  0.3, dtype)
+    adv = ng.quasi_norm_advantages(torch.randn(6, generator=torch.Generator().manual_seed(8)), 0.8)
+    for j, k in [(0, 0), (1, 3), (4, 5), (5, 7)]:
+        ratio = ng.anchor_objective(tiny_pipe.transformer, states, adv, j, k, grid, cond, cfg, dtype, train_next)[2]
+        assert ratio < 1e-6
+    stored = ng.anchor_objective(tiny_pipe.transformer, states, adv, 1, 4, grid, cond, cfg, dtype, states[:, 1:])[2]
+    assert stored > 1e-5  # the DPM++ / DDIM offset, already a tenth of the 1e-4 clip at initialisation
+    for k in (0, -1):  # DPM++'s first-order steps out of t = 1 and into t = 0 are Euler steps
+        assert torch.allclose(states[:, k + 1 if k == 0 else k], train_next[:, k], atol=1e-5)
+
+
+def test_old_anchors_give_identical_updates_with_euler_rollouts(tmp_path):
+    args = ["--rollout_solver=euler", "--iterations=2", "--sample_every=0", "--eval_every=0"]
+    ng.train(tiny_cfg(tmp_path / "stored", *args, "--old_anchor=rollout"))
+    ng.train(tiny_cfg(tmp_path / "ddim", *args, "--old_anchor=train_solver"))
+    assert max_abs_diff(exported(tmp_path / "stored"), exported(tmp_path / "ddim")) == 0
+    assert read_log(tmp_path / "stored")[1]["loss"] == read_log(tmp_path / "ddim")[1]["loss"]
 
 
 # ---------------------------------------------------------------------------- time grid and solvers
@@ -226,7 +254,7 @@ def test_euler_matches_flow_match_euler_scheduler():
     x = x_ref = torch.randn(3, 64, 16, generator=torch.Generator().manual_seed(9))
     for k, t in enumerate(scheduler.timesteps):
         x_ref = scheduler.step(smooth_velocity(x_ref, grid[k]), t, x_ref).prev_sample
-    ours = ng.rollout(smooth_velocity, x, grid, "euler")
+    ours, _ = ng.rollout(smooth_velocity, x, grid, "euler")
     assert ours.shape == (3, 9, 64, 16)
     assert torch.allclose(ours[:, -1], x_ref, atol=1e-5)
 
@@ -244,10 +272,10 @@ def test_dpm_solver_pp_2m_matches_diffusers(steps):
     x = x_ref = torch.randn(3, 64, 16, generator=torch.Generator().manual_seed(10))
     for k, t in enumerate(scheduler.timesteps):
         x_ref = scheduler.step(smooth_velocity(x_ref, grid[k]), t, x_ref).prev_sample
-    ours = ng.rollout(smooth_velocity, x, grid, "dpm++2m")[:, -1]
+    ours = ng.rollout(smooth_velocity, x, grid, "dpm++2m")[0][:, -1]
     assert torch.allclose(ours, x_ref, atol=1e-4)
     # out of t = 1 (r = inf), the step after it and the last step are first order: with 3 steps DPM++(2M) is Euler
-    euler = ng.rollout(smooth_velocity, x, grid, "euler")[:, -1]
+    euler = ng.rollout(smooth_velocity, x, grid, "euler")[0][:, -1]
     assert torch.allclose(ours, euler, atol=1e-6) == (steps == 3)
 
 
@@ -263,7 +291,7 @@ def test_dpm_solver_pp_2m_beats_euler_on_a_gaussian_flow(mu, s):
     err = {}
     for T in (8, 16, 32):
         for solver in ng.SOLVERS:
-            final = ng.rollout(v_exact, z, ng.time_grid(T, 2025, FLUX_SCHEDULER), solver)[:, -1].double()
+            final = ng.rollout(v_exact, z, ng.time_grid(T, 2025, FLUX_SCHEDULER), solver)[0][:, -1].double()
             err[solver, T] = (final - (mu + s * z)).pow(2).mean().sqrt().item()
     for T in (8, 16, 32):
         assert err["dpm++2m", T] < err["euler", T]
@@ -279,7 +307,7 @@ def test_inference_sampler_is_flux_pipeline_sampling(tiny_pipe):
     prompt = "a hamster resembling a horse"
     cond = ng.encode_prompt(tiny_pipe, prompt, cfg, {})
     ours = ng.neighbourhood_rollout(tiny_pipe, cond, cfg, grid, torch.Generator().manual_seed(12), 1, 0.0,
-                                    torch.float32)[:, -1]
+                                    torch.float32)[0][:, -1]
     noise = ng.draw_noise(tiny_pipe, 1, cfg.resolution, torch.Generator().manual_seed(12), torch.device("cpu"))
     ref = tiny_pipe(prompt, height=cfg.resolution, width=cfg.resolution, num_inference_steps=cfg.num_steps,
                     guidance_scale=cfg.guidance_scale, latents=noise, output_type="latent",
@@ -313,12 +341,12 @@ def test_sde_sampling_keeps_the_ode_marginal_on_a_gaussian_flow(mu, s):
 
     n, grid = 200_000, ng.time_grid(100, 256, FLUX_SCHEDULER, shift=3.0)
     x1 = torch.randn(n, 1, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(15))
-    ode = ng.rollout(v_exact, x1, grid, "euler")[:, -1].flatten()
+    ode = ng.rollout(v_exact, x1, grid, "euler")[0][:, -1].flatten()
     states, log_probs = ng.sde_rollout(v_exact, x1, grid, 0.3, torch.Generator().manual_seed(16))
     sde = states[:, -1].flatten()
     se_mean, se_var = s / math.sqrt(n), s**2 * math.sqrt(2 / n)
     assert abs(sde.mean() - ode.mean()) < 3 * se_mean and abs(sde.var() - ode.var()) < 3 * se_var
-    assert log_probs.shape == (n, 100) and torch.isfinite(log_probs).all()
+    assert log_probs.shape == (n, 99) and torch.isfinite(log_probs).all()  # the last step is deterministic
     x, gen = x1.float(), torch.Generator().manual_seed(16)  # the same noise without eq. 5's drift correction
     for k in range(100):
         std = 0.3 * math.sqrt(grid[k] - grid[k + 1])
@@ -339,6 +367,44 @@ def test_sde_baseline_trains_every_sample_on_its_own_steps(tmp_path, monkeypatch
         tiny_cfg(None, "--method=sde", "--num_train_steps=8")
 
 
+def test_sde_step_on_a_group_is_one_step_on_the_mean_of_its_per_sample_gradients(tiny_pipe):
+    """DanceGRPO's accumulation: sde_samples_per_step = G is one optimizer step on the averaged gradient; 1 is G
+    steps."""
+    import copy
+
+    cfg = tiny_cfg(None, "--method=sde", "--group_size=4", "--num_steps=4", "--num_train_steps=2",
+                   "--sde_samples_per_step=4", "--max_grad_norm=1e9")
+    grid, gen = ng.pipeline_grid(tiny_pipe, cfg, 4), torch.Generator().manual_seed(20)
+    cond = ng.encode_prompt(tiny_pipe, "a blue sphere", cfg, {})
+    states, logp_old = ng.sde_group_rollout(tiny_pipe, cond, cfg, grid, gen, torch.float32)
+    adv = ng.std_advantages(torch.randn(4, generator=gen))
+    anchors, steps = ng.sample_sde_steps(4, 4, 2, gen)
+    group = ng.Group("a blue sphere", cond, states, torch.zeros(1, 4), adv, anchors, steps, logp_old)
+    model = copy.deepcopy(tiny_pipe.transformer)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    ng.policy_update(model, optimizer, [group], grid, cfg, torch.float32)
+    reference = copy.deepcopy(tiny_pipe.transformer)  # per-sample gradients of -J / K, averaged over the group
+    for b, j in enumerate(anchors):
+        for k in steps[b]:
+            J = ng.sde_objective(reference, states, adv, j, k, grid, cond, cfg, torch.float32, logp_old)[0]
+            (-J / (2 * 4)).backward()
+    moved = 0.0
+    for n, p in model.named_parameters():
+        g = dict(reference.named_parameters())[n].grad
+        expected = before[n] - (g if g is not None else 0)
+        assert torch.allclose(p.detach(), expected, rtol=1e-4, atol=1e-7), n
+        moved += (p.detach() - before[n]).abs().sum().item()
+    assert moved > 0
+    calls = []
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    optimizer.register_step_pre_hook(lambda *_: calls.append(1))
+    ng.policy_update(model, optimizer, [group], grid, ng.parse_config(
+        ["--preset=tiny", "--method=sde", "--group_size=4", "--num_steps=4", "--num_train_steps=2",
+         "--sde_samples_per_step=1"]), torch.float32)
+    assert len(calls) == 4
+
+
 # ---------------------------------------------------------------------------- config and bad input
 
 
@@ -353,6 +419,13 @@ def test_sde_baseline_trains_every_sample_on_its_own_steps(tmp_path, monkeypatch
     (["--group_size=1", "--num_anchors=1"], "group_size"),
     (["--rollout_solver=heun"], "rollout_solver"),
     (["--distance=l1"], "distance"),
+    (["--old_anchor=stored"], "old_anchor"),
+    (["--lora_rank=-1"], "lora_rank"),
+    (["--lora_rank=4", "--parallel=fsdp"], "parallel"),
+    (["--lora_path=/tmp"], "lora_path"),
+    (["--lora_rank=4", "--lora_targets=to_nothing"], "lora_targets"),
+    (["--lora_rank=4", "--lora_path=/nonexistent/lora"], "lora_path"),
+    (["--sde_samples_per_step=0"], "sde_samples_per_step"),
     (["--rewards=aesthetics"], "rewards"),
     (["--reward_weights=1,2"], "reward_weights"),
     (["--resolution=100"], "resolution"),
@@ -476,6 +549,18 @@ def test_tiny_preset_learns_and_lr_zero_does_not_move(tmp_path):
     assert r0 == r0_frozen  # the same prompts and noise: only the update differs
 
 
+def test_lora_learns_and_lr_zero_does_not_move(tmp_path):
+    """Adapters on the attention projections alone lift the mean brightness within a few iterations."""
+    curves = {}
+    for lr in ("3e-2", "0"):
+        ng.train(tiny_cfg(tmp_path / lr, "--lora_rank=4", "--lora_alpha=8", f"--lr={lr}", "--rewards=brightness",
+                          "--iterations=12", "--sample_every=0", "--eval_every=0", "--ckpt_every=0"))
+        curves[lr] = [rec["reward/brightness"] for rec in read_log(tmp_path / lr)]
+    assert sum(curves["3e-2"][-4:]) / 4 - curves["3e-2"][0] > 0.03  # measured: 0.507 -> 0.58
+    assert abs(sum(curves["0"][-4:]) / 4 - curves["0"][0]) < 0.01
+    assert curves["3e-2"][0] == curves["0"][0]
+
+
 # ---------------------------------------------------------------------------- distributed, checkpoints, resume
 
 DRIVER = """
@@ -513,29 +598,42 @@ def max_abs_diff(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-@pytest.mark.parametrize("parallel,checkpointing", [("ddp", "false"), ("fsdp", "true")])
-def test_two_ranks_equal_one_process_over_the_same_groups(tmp_path, parallel, checkpointing):
+LORA = ["--lora_rank=4", "--lora_alpha=8", "--lr=1e-2"]
+
+
+@pytest.mark.parametrize("parallel,checkpointing,lora", [("ddp", "false", []), ("fsdp", "true", []),
+                                                         ("ddp", "true", LORA)])
+def test_two_ranks_equal_one_process_over_the_same_groups(tmp_path, parallel, checkpointing, lora):
     # a reward continuous in the image: JPEG sizes jump by whole bytes when float noise flips a pixel's rounding
     args = ["--preset=tiny", "--iterations=3", "--sample_every=0", "--num_train_steps=2",
-            "--rewards=test_neighbor_grpo:brightness"]
+            "--rewards=brightness", *lora]
     ranks = run_ranks(tmp_path, parallel, 2, *args, f"--parallel={parallel}", f"--grad_checkpointing={checkpointing}")
     (one,) = run_ranks(tmp_path, "one", 1, *args, "--groups_per_rank=2")
     assert max_abs_diff(ranks[0], ranks[1]) == 0  # identical on every rank
-    assert max_abs_diff(ranks[0], one) < 1e-5  # the same updates as one process averaging both groups (lr 1e-3)
-    initial = dict(ng.build_random_flux(0, **ng.TINY).transformer.named_parameters())
-    assert max_abs_diff(one, {k: v.detach() for k, v in initial.items()}) > 1e-3  # and it did train
+    # the same updates as one process averaging both groups, to round-off times Adam's step (lr 1e-3; LoRA 1e-2)
+    assert max_abs_diff(ranks[0], one) < (1e-4 if lora else 1e-5)
+    if lora:  # the adapters trained (B starts at zero), through the checkpointed blocks
+        assert min(v.abs().max().item() for k, v in one.items() if "lora_B" in k) > 1e-3
+    else:
+        initial = dict(ng.build_random_flux(0, **ng.TINY).transformer.named_parameters())
+        assert max_abs_diff(one, {k: v.detach() for k, v in initial.items()}) > 1e-3  # and it did train
 
 
 def exported(out_dir):
+    """The trained weights a run exported: the whole transformer, or the LoRA adapter."""
     from diffusers import FluxTransformer2DModel
+    from safetensors.torch import load_file
 
+    if (out_dir / "lora").exists():
+        return load_file(out_dir / "lora/pytorch_lora_weights.safetensors")
     return dict(FluxTransformer2DModel.from_pretrained(out_dir / "transformer").named_parameters())
 
 
-def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
-    args = ["--iterations=4", "--sample_every=0", "--ckpt_every=2"]
+@pytest.mark.parametrize("lora", [[], LORA], ids=["full", "lora"])
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, lora):
+    args = ["--iterations=4", "--sample_every=0", "--ckpt_every=2", *lora]
     ng.train(tiny_cfg(tmp_path / "straight", *args))
-    ng.train(tiny_cfg(tmp_path / "resumed", "--iterations=2", "--sample_every=0"))
+    ng.train(tiny_cfg(tmp_path / "resumed", "--iterations=2", "--sample_every=0", *lora))
     assert (tmp_path / "resumed/checkpoints/latest").read_text() == "step-000002"
     ng.train(tiny_cfg(tmp_path / "resumed", *args, "--resume"))
     assert max_abs_diff(exported(tmp_path / "straight"), exported(tmp_path / "resumed")) == 0
@@ -584,6 +682,56 @@ def test_exported_transformer_loads_into_diffusers_and_matches_the_trained_model
         assert torch.allclose(ng.velocity(loaded, x, 0.7, cond), ng.velocity(model, x, 0.7, cond), atol=1e-6)
     images = pipe("a cat", height=64, width=64, num_inference_steps=2, output_type="pt").images
     assert images.shape == (1, 3, 64, 64)
+
+
+def test_lora_starts_as_a_no_op_and_trains_only_the_adapter(tmp_path):
+    cfg = tiny_cfg(tmp_path, *LORA, "--iterations=2", "--sample_every=0", "--eval_every=0")
+    base = ng.build_random_flux(cfg.seed, **ng.TINY)
+    pipe = ng.load_pipeline(cfg, torch.device("cpu"), torch.float32)
+    cond = ng.encode_prompt(pipe, "a cat", cfg, {})
+    x = torch.randn(2, *ng.latent_shape(pipe, cfg.resolution), generator=torch.Generator().manual_seed(21))
+    with torch.no_grad():
+        assert torch.equal(ng.velocity(pipe.transformer, x, 0.6, cond), ng.velocity(base.transformer, x, 0.6, cond))
+    trainable = {n for n, p in pipe.transformer.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    model = ng.train(cfg)
+    initial = dict(base.transformer.named_parameters())
+    for name, p in model.named_parameters():
+        if name in trainable:
+            assert p.dtype == torch.float32
+        else:  # the frozen base, under peft's names
+            assert torch.equal(p, initial[name.replace(".base_layer", "")]), name
+    assert all(dict(model.named_parameters())[n].abs().max() > 0 for n in trainable if "lora_B" in n)
+
+
+def test_lora_adapter_loads_with_load_lora_weights_and_merges(tmp_path):
+    """out_dir/lora into a fresh pipeline with FluxPipeline.load_lora_weights, the merged export, and --eval_only
+    from --lora_path: all the trained model."""
+    out = tmp_path / "run"
+    model = ng.train(tiny_cfg(out, *LORA, "--iterations=2", "--sample_every=0", "--eval_every=0"))
+    cfg = tiny_cfg()
+    pipe = ng.build_random_flux(0, **ng.TINY)
+    pipe.load_lora_weights(out / "lora")
+    cond = ng.encode_prompt(pipe, "a cat", cfg, {})
+    x = torch.randn(2, *ng.latent_shape(pipe, cfg.resolution), generator=torch.Generator().manual_seed(22))
+    with torch.no_grad():
+        trained = ng.velocity(model, x, 0.7, cond)
+        assert torch.allclose(ng.velocity(pipe.transformer, x, 0.7, cond), trained, atol=1e-6)
+        assert not torch.allclose(ng.velocity(ng.build_random_flux(0, **ng.TINY).transformer, x, 0.7, cond), trained,
+                                  atol=1e-4)
+    ng.train(tiny_cfg(tmp_path / "merged", *LORA, "--iterations=2", "--sample_every=0", "--eval_every=0",
+                      "--export_merged"))
+    assert max_abs_diff(exported(tmp_path / "merged"), exported(out)) == 0  # the same run: the same adapter
+    from diffusers import FluxTransformer2DModel
+
+    merged = FluxTransformer2DModel.from_pretrained(tmp_path / "merged/transformer")
+    with torch.no_grad():
+        assert torch.allclose(ng.velocity(merged, x, 0.7, cond), trained, atol=1e-5)
+    means = {}
+    for name, args in (("adapter", [*LORA, f"--lora_path={out / 'lora'}"]),
+                       ("merged", [f"--transformer_path={tmp_path / 'merged/transformer'}"])):
+        means[name] = ng.run_evaluation(tiny_cfg(tmp_path / f"eval_{name}", "--eval_only", *args))
+    assert means["adapter"] == pytest.approx(means["merged"], abs=1e-3)
 
 
 def test_model_path_loads_a_pipeline_directory_with_from_pretrained(tmp_path):

@@ -13,9 +13,6 @@ RUN=${1:?usage: bash train.sh RUN [--field=value ...]; RUN is one of the cases b
 shift
 NODES=${NODES:-1}
 GPUS=${GPUS:-8}
-BATCH=${BATCH:-32}  # prompt groups per iteration (paper: 32; ablations: 16)
-GROUPS_PER_RANK=$(( BATCH / (NODES * GPUS) ))
-(( GROUPS_PER_RANK >= 1 )) || { echo "BATCH=$BATCH is smaller than NODES*GPUS=$((NODES * GPUS))"; exit 2; }
 
 case "$RUN" in
   multi-8step)   ARGS=() ;;                                        # Table 1: DPM++ 8 steps, NFE_theta 1.33 (default)
@@ -25,8 +22,12 @@ case "$RUN" in
   hps-8step-p2)  ARGS=(--rewards=hpsv2 --adv_p=2) ;;               # Table 2/6: standard GRPO normalisation
   ablation-base) ARGS=(--rewards=hpsv2 --noise_sigma=0.5 --adv_p=2) ;;  # Tables 4-6 start from (sigma, B, p) = (0.5, 4, 2)
   dancegrpo)     ARGS=(--preset=dancegrpo) ;;                      # Table 3's SDE baseline: 25 steps, all 12 samples, K=14
+  lora-1gpu)     ARGS=(--preset=flux-dev-lora); GPUS=1; BATCH=${BATCH:-8} ;;  # LoRA r=64 on one GPU; BATCH=32 = paper's batch, 4x slower
   *) echo "unknown run '$RUN'"; exit 2 ;;
 esac
+BATCH=${BATCH:-32}  # prompt groups per iteration (paper: 32; ablations: 16)
+GROUPS_PER_RANK=$(( BATCH / (NODES * GPUS) ))
+(( GROUPS_PER_RANK >= 1 )) || { echo "BATCH=$BATCH is smaller than NODES*GPUS=$((NODES * GPUS))"; exit 2; }
 
 if (( NODES > 1 )); then
   LAUNCH=(torchrun --nnodes="$NODES" --node_rank="${NODE_RANK:?}" --nproc_per_node="$GPUS"
