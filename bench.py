@@ -74,7 +74,7 @@ def setup(cfg, flux_blocks):
     optimizer = ng.adamw(model, cfg)
     grid = ng.pipeline_grid(pipe, cfg, cfg.num_steps)
     return dict(rank=rank, world=world, device=device, dtype=dtype, pipe=pipe, model=model, optimizer=optimizer,
-                reward_fns=reward_fns, weights=cfg.reward_weights or (1.0,) * len(cfg.rewards), grid=grid,
+                reward_fns=reward_fns, weights=ng.reward_mix(cfg), grid=grid,
                 prompts=prompts, cache={})
 
 

@@ -803,6 +803,56 @@ def test_hpsv2_adapter_matches_the_packages_own_scoring(tmp_path, monkeypatch):
     assert torch.allclose(torch.cat([reward(images[i:i + 1], prompts[i:i + 1]) for i in range(3)]), scores, atol=1e-5)
 
 
+def test_clipscore_adapter_matches_open_clips_hf_hub_path(tmp_path, monkeypatch):
+    """MixGRPO's CLIP score: open_clip.create_model_from_pretrained("hf-hub:...") with its preprocess, the
+    ViT-H-14 tokenizer and the cosine; here a tiny model laid out as the hub repo holds it."""
+    from hpsv2.src import open_clip
+
+    config = {"model_cfg": TINY_OPEN_CLIP, "preprocess_cfg": {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.3, 0.25]}}
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(config))
+    torch.manual_seed(23)
+    torch.save(open_clip.CLIP(**TINY_OPEN_CLIP).state_dict(), tmp_path / "open_clip_pytorch_model.bin")
+    monkeypatch.setattr(open_clip.factory, "download_pretrained_from_hf",
+                        lambda model_id, filename="open_clip_pytorch_model.bin", **kw: str(tmp_path / filename))
+    model, preprocess = open_clip.create_model_from_pretrained("hf-hub:apple/DFN5B-CLIP-ViT-H-14-384")
+    cfg = tiny_cfg(None, f"--reward_paths=clipscore={tmp_path / 'open_clip_pytorch_model.bin'},"
+                         f"clipscore_config={tmp_path / 'open_clip_config.json'}")
+    reward = ng.load_reward("clipscore", cfg, "cpu")
+    images, prompts = uint8_grid_images(3, 224, 4), ["a cat", "a red cube in the snow", "a lemon"]
+    tokenizer = open_clip.get_tokenizer("ViT-H-14")
+    with torch.no_grad():
+        expected = torch.cat([torch.nn.functional.cosine_similarity(
+            model.encode_image(preprocess(to_pil(im)).unsqueeze(0)), model.encode_text(tokenizer([p])))
+            for im, p in zip(images, prompts)])
+    assert torch.allclose(reward(images, prompts), expected, atol=1e-5)
+
+
+def test_aesthetic_adapter_matches_the_predictors_own_scoring(tmp_path):
+    """Flow-GRPO's aesthetic scorer: CLIPProcessor, get_image_features, L2 normalisation, the v2 MLP."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    text = dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2)
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, image_size=224,
+                  patch_size=32)
+    torch.manual_seed(24)
+    clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=768)).eval()
+    clip.save_pretrained(tmp_path / "clip")
+    mlp = torch.nn.Module()  # the predictor's own layout, written out independently of ng.aesthetic_mlp
+    mlp.layers = torch.nn.Sequential(torch.nn.Linear(768, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128),
+                                     torch.nn.Dropout(0.2), torch.nn.Linear(128, 64), torch.nn.Dropout(0.1),
+                                     torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))
+    torch.save(mlp.state_dict(), tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
+    cfg = tiny_cfg(None, f"--reward_paths=aesthetic={tmp_path / 'sac+logos+ava1-l14-linearMSE.pth'},"
+                         f"aesthetic_clip={tmp_path / 'clip'}")
+    reward = ng.load_reward("aesthetic", cfg, "cpu")
+    images = uint8_grid_images(3, 224, 5)
+    with torch.no_grad():
+        pixels = CLIPImageProcessor()([to_pil(im) for im in images], return_tensors="pt").pixel_values
+        embed = clip.get_image_features(pixel_values=pixels).pooler_output
+        expected = mlp.eval().layers(embed / embed.norm(dim=-1, keepdim=True)).squeeze(1)
+    assert torch.allclose(reward(images, ["a"] * 3), expected, atol=1e-5)
+
+
 def test_pickscore_adapter_matches_clip_forward(tmp_path):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
@@ -864,7 +914,10 @@ def test_imagereward_adapter_matches_the_packages_own_scoring(tmp_path, monkeypa
 
 @pytest.mark.parametrize("reward,key,repo", [("hpsv2", "hpsv2", "xswu/HPSv2 HPS_v2.1_compressed.pt"),
                                              ("pickscore", "pickscore", "yuvalkirstain/PickScore_v1"),
-                                             ("imagereward", "imagereward_bert", "bert-base-uncased")])
+                                             ("imagereward", "imagereward_bert", "bert-base-uncased"),
+                                             ("clipscore", "clipscore_config",
+                                              "apple/DFN5B-CLIP-ViT-H-14-384 open_clip_config.json"),
+                                             ("aesthetic", "aesthetic_clip", "openai/clip-vit-large-patch14")])
 def test_missing_reward_weights_say_what_to_download(reward, key, repo):
     with pytest.raises(ng.ConfigError) as error:
         ng.load_reward(reward, tiny_cfg(), "cpu")
@@ -903,6 +956,128 @@ def test_hpdv2_prompts_from_a_local_directory_and_an_even_subset(tmp_path):
         ng.load_prompts(str(tmp_path), "eval_prompts")
 
 
+def test_eval_table_has_table_1s_shape_with_the_papers_rows():
+    summary = {name: dict(mean=0.5 + i, se=0.01) for i, name in enumerate(["hpsv2", "aesthetic", "brightness"])}
+    lines = ng.table1(summary, 3200, "runs/x/transformer").splitlines()
+    assert lines[0] == "| model | hpsv2 | aesthetic | brightness |"
+    assert lines[2] == "| runs/x/transformer (n = 3200) | 0.5000 ± 0.0100 | 1.5000 ± 0.0100 | 2.5000 ± 0.0100 |"
+    assert lines[3] == "| FLUX.1-dev (paper) | 0.310 | 6.108 | – |" and lines[4].endswith("| 0.366 | 6.621 | – |")
+    assert ng.Config().eval_only_rewards == ("hpsv2", "pickscore", "imagereward", "clipscore", "unifiedreward",
+                                             "aesthetic")
+
+
+def test_hpdv2_training_prompts_are_extracted_once_from_the_hub_cache(tmp_path, monkeypatch):
+    """train.json laid out as huggingface_hub caches a dataset repo: unique prompts, in order, into a text file."""
+    snapshot = tmp_path / "hub/datasets--zhwang--HPDv2/snapshots/0123abc"
+    snapshot.mkdir(parents=True)
+    (tmp_path / "hub/datasets--zhwang--HPDv2/refs").mkdir()
+    (tmp_path / "hub/datasets--zhwang--HPDv2/refs/main").write_text("0123abc")
+    rows = [dict(prompt=p, image_path=["a.jpg", "b.jpg"], human_preference=[1, 0]) for p in
+            ["a cat", " a dog ", "a cat", "a red cube"]]
+    (snapshot / "train.json").write_text(json.dumps(rows))
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(ng, "HPDV2_TRAIN_PROMPTS", tmp_path / "data/hpdv2_train.txt")
+    assert ng.load_prompts("hpdv2", "prompt_file") == ["a cat", "a dog", "a red cube"]
+    assert (tmp_path / "data/hpdv2_train.txt").read_text() == "a cat\na dog\na red cube\n"
+    (snapshot / "train.json").unlink()  # the cached text file is reused
+    assert ng.load_prompts("hpdv2", "prompt_file") == ["a cat", "a dog", "a red cube"]
+    monkeypatch.setattr(ng, "HPDV2_TRAIN_PROMPTS", tmp_path / "elsewhere.txt")
+    with pytest.raises(ng.ConfigError, match="huggingface-cli download zhwang/HPDv2 train.json --repo-type dataset"):
+        ng.load_prompts("hpdv2", "prompt_file")
+
+
+def test_reward_weights_are_normalised_to_sum_one(tmp_path):
+    rewards = "--rewards=brightness,jpeg_compressibility,jpeg_incompressibility"
+    args = [rewards, "--iterations=2", "--sample_every=0", "--eval_every=0"]
+    ng.train(tiny_cfg(tmp_path / "equal", *args))
+    ng.train(tiny_cfg(tmp_path / "twos", *args, "--reward_weights=2,2,2"))
+    assert max_abs_diff(exported(tmp_path / "equal"), exported(tmp_path / "twos")) == 0
+    assert ng.reward_mix(tiny_cfg(None, rewards, "--reward_weights=3,1,0")) == (0.75, 0.25, 0.0)
+
+
+class Judge:
+    """A fake OpenAI-compatible chat-completions server on 127.0.0.1 that checks each request's shape."""
+
+    def __init__(self, mode):
+        import http.server
+        import threading
+
+        judge = self
+        self.mode, self.requests = mode, []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                import base64
+                import io
+                import time
+
+                from PIL import Image
+
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                assert self.path == "/v1/chat/completions" and body["model"] == "UnifiedReward"
+                image, text = body["messages"][0]["content"]
+                jpeg = base64.b64decode(image["image_url"]["url"].removeprefix("data:image/jpeg;base64,"))
+                assert Image.open(io.BytesIO(jpeg)).format == "JPEG" and "Final Score" in text["text"]
+                judge.requests.append(text["text"])
+                if judge.mode == "slow":
+                    time.sleep(1.0)
+                score = 1 + 4 * Image.open(io.BytesIO(jpeg)).convert("L").getpixel((0, 0)) / 255
+                answer = "Looks fine." if judge.mode == "malformed" else f"Alignment good.\nFinal Score: {score:.2f}"
+                reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_unifiedreward_posts_each_image_and_parses_the_final_score(tmp_path):
+    judge = Judge("good")
+    try:
+        question = tmp_path / "question.txt"
+        question.write_text("Rate {prompt} and end with Final Score: X")
+        fn = ng.load_reward("unifiedreward", tiny_cfg(None, f"--unifiedreward_url={judge.url}",
+                                                      f"--unifiedreward_question={question}"), "cpu")
+        images = torch.stack([torch.full((3, 16, 16), v) for v in (0.0, 0.5, 1.0)])
+        scores = fn(images, ["a cat", "a dog", "a lemon"])
+        assert torch.allclose(scores, torch.tensor([1.0, 3.0, 5.0]), atol=0.05)
+        assert sorted(judge.requests) == [f"Rate {p} and end with Final Score: X" for p in ("a cat", "a dog", "a lemon")]
+    finally:
+        judge.close()
+
+
+@pytest.mark.parametrize("mode,message", [("malformed", "without 'Final Score: N'"), ("slow", "after 2 tries"),
+                                          ("down", "after 2 tries")])
+def test_unifiedreward_stops_naming_the_server_when_it_fails(mode, message):
+    judge = Judge(mode)
+    url = judge.url
+    if mode == "down":
+        judge.close()
+    try:
+        fn = ng.unifiedreward_scorer(url + "/chat/completions", ng.UNIFIEDREWARD_QUESTION, timeout=0.3, tries=2,
+                                     backoff=0.01)
+        with pytest.raises(ng.RewardError, match=f"unifiedreward.*{url}.*{message}"):
+            fn(torch.rand(2, 3, 16, 16), ["a cat", "a dog"])
+    finally:
+        if mode != "down":
+            judge.close()
+    with pytest.raises(ng.ConfigError, match="unifiedreward_url"):
+        tiny_cfg(None, "--rewards=unifiedreward")
+
+
 EVAL_ARGS = ["--preset=tiny", "--eval_only", "--rewards=jpeg_compressibility,test_neighbor_grpo:brightness",
              "--eval_size=5", "--num_samples=2"]
 
@@ -919,7 +1094,7 @@ def test_eval_only_scores_a_checkpoint_deterministically(tmp_path):
     summary = first["rewards"]["test_neighbor_grpo:brightness"]
     assert first["num_prompts"] == 5 and summary["mean"] == pytest.approx(sum(values) / 5)
     assert summary["se"] == pytest.approx(torch.tensor(values, dtype=torch.float64).std().item() / math.sqrt(5))
-    assert len((tmp_path / "trained/eval.md").read_text().splitlines()) == 4  # header, rule, one row per reward
+    assert len((tmp_path / "trained/eval.md").read_text().splitlines()) == 3  # header, rule, the model's row
     from PIL import Image
 
     assert Image.open(tmp_path / "trained/eval.png").size == (2 * 64, 64)
