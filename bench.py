@@ -56,32 +56,17 @@ def parse(argv):
 
 
 def setup(cfg, flux_blocks):
-    """Everything train() builds before its loop, on this rank."""
-    rank, world, device = ng.setup_distributed(cfg)
-    dtype, prompts = ng.compute_dtype(cfg), ng.load_prompts(cfg.prompt_file)
-    reward_fns = {name: ng.load_reward(name, cfg, device) for name in cfg.rewards}  # before building the model
+    """train()'s own builder, neighbor_grpo.build; --flux_blocks=D,S swaps the weights for random ones at FLUX.1-dev's
+    width (model_path=random:D,S). No evaluation, and no refusal of an out_dir that holds a run: bench writes none."""
     if flux_blocks:
-        double, single = (int(n) for n in flux_blocks.split(","))
-        pipe = ng.build_random_flux(cfg.seed, **{**ng.FLUX_DEV, "layers": double, "single_layers": single})
-        for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
-            module.to(device, None if dtype == torch.float32 else dtype).requires_grad_(False).eval()
-        if cfg.lora_rank:
-            ng.add_lora(pipe.transformer, cfg, dtype)
-    else:
-        pipe = ng.load_pipeline(cfg, device, dtype)
-    model = ng.parallelize(pipe.transformer, cfg, device, world, dtype)
-    model.train()
-    optimizer = ng.adamw(model, cfg)
-    grid = ng.pipeline_grid(pipe, cfg, cfg.num_steps)
-    return dict(rank=rank, world=world, device=device, dtype=dtype, pipe=pipe, model=model, optimizer=optimizer,
-                reward_fns=reward_fns, weights=ng.reward_mix(cfg), grid=grid,
-                prompts=prompts, cache={})
+        cfg = dataclasses.replace(cfg, model_path=f"random:{flux_blocks}")
+    return ng.build(dataclasses.replace(cfg, eval_every=0, overwrite=True, resume=False))
 
 
 def unit_costs(s, cfg):
     """One batched no-grad forward (the rollout's unit) and one batch-1 forward+backward (the update's unit)."""
-    pipe, model, device, dtype = s["pipe"], s["model"], s["device"], s["dtype"]
-    cond = ng.encode_prompt(pipe, s["prompts"][0], cfg, s["cache"])
+    pipe, model, device, dtype = s.pipe, s.model, s.device, s.dtype
+    cond = ng.encode_prompt(pipe, s.prompts[0], cfg, s.cache)
     x = torch.randn(min(cfg.rollout_batch_size, cfg.group_size), *ng.latent_shape(pipe, cfg.resolution),
                     device=device)
 
@@ -93,18 +78,17 @@ def unit_costs(s, cfg):
         ng.velocity(model, x[:1], 0.5, cond, dtype).pow(2).mean().backward()
 
     t_fwd, t_fb = timed(forward, device), timed(forward_backward, device)
-    s["optimizer"].zero_grad(set_to_none=True)
+    s.optimizer.zero_grad(set_to_none=True)
     return t_fwd, t_fb
 
 
 def one_iteration(s, cfg, iteration):
     """One real training iteration (train_iteration, the code train() runs): phase seconds and mean rewards."""
-    group_ids = range(s["rank"] * cfg.groups_per_rank, (s["rank"] + 1) * cfg.groups_per_rank)
-    t0 = ng.clock(s["device"])
-    groups, stats, timings = ng.train_iteration(s["pipe"], s["model"], s["optimizer"], s["reward_fns"],
-                                                s["weights"], s["prompts"], s["grid"], cfg, iteration, s["dtype"],
-                                                s["cache"], group_ids)
-    timings["total"] = ng.clock(s["device"]) - t0
+    t0 = ng.clock(s.device)
+    groups, stats, timings = ng.train_iteration(s.pipe, s.model, s.optimizer, s.reward_fns,
+                                                s.weights, s.prompts, s.grid, cfg, iteration, s.dtype,
+                                                s.cache, s.group_ids)
+    timings["total"] = ng.clock(s.device) - t0
     return timings, torch.cat([g.rewards for g in groups], dim=1).mean(1).tolist(), stats
 
 
@@ -126,8 +110,8 @@ def report(cfg, opts, totals, t_fwd, t_fb, s):
     ideal = dict(rollout=calls * t_fwd, update=B * K * n * t_fb)
     rb = min(cfg.rollout_batch_size, G)
     blocks = f"FLUX.1-dev width, {opts['flux_blocks']} blocks" if opts["flux_blocks"] else cfg.model_path
-    print(f"bench | {blocks} | {cfg.resolution}px | {s['device']} {str(s['dtype']).removeprefix('torch.')} | "
-          f"world {s['world']} x {n} group(s) | G={G} B={B} T={T} K={K} | {opts['iters']} iterations")
+    print(f"bench | {blocks} | {cfg.resolution}px | {s.device} {str(s.dtype).removeprefix('torch.')} | "
+          f"world {s.world} x {n} group(s) | G={G} B={B} T={T} K={K} | {opts['iters']} iterations")
     print(f"unit costs: forward (batch {rb}) {t_fwd * 1e3:.1f} ms, forward+backward (batch 1) {t_fb * 1e3:.1f} ms")
     print(f"{'phase':<8} {'measured s':>11} {'ideal s':>9} {'ratio':>6}  ideal is")
     print(f"{'rollout':<8} {totals['rollout']:>11.3f} {ideal['rollout']:>9.3f} "
@@ -136,8 +120,8 @@ def report(cfg, opts, totals, t_fwd, t_fb, s):
     print(f"{'update':<8} {totals['update']:>11.3f} {ideal['update']:>9.3f} "
           f"{totals['update'] / ideal['update']:>6.2f}  B*K = {B * K * n} forward+backward of batch 1")
     print(f"{'total':<8} {totals['total']:>11.3f} s/iteration")
-    if s["device"].type == "cuda":
-        print(f"peak memory {torch.cuda.max_memory_allocated(s['device']) / 2**30:.2f} GiB")
+    if s.device.type == "cuda":
+        print(f"peak memory {torch.cuda.max_memory_allocated(s.device) / 2**30:.2f} GiB")
 
 
 PAPER_S_PER_ITER = dict(neighbor=45.08, sde=237.86)  # Table 3, 32 x H800: Neighbor GRPO 8-step DPM++, DanceGRPO
@@ -164,14 +148,14 @@ def compare(opts, cfg):
         row = dict(method=m, iteration=i, wall_clock_s=wall[m], **{f"time/{k}": v for k, v in timings.items()},
                    **{f"reward/{n}": r for n, r in zip(c.rewards, rewards)}, **stats)
         if opts["eval_every"] and (i + 1) % opts["eval_every"] == 0:  # both on Neighbor GRPO's ODE sampler
-            images = ng.generate(setups[m]["pipe"], prompts, cfg, ref["grid"], cfg.seed, ref["dtype"],
-                                 setups[m]["cache"])
-            row.update({f"eval/{n}": r for n, r in zip(c.rewards, ng.score(ref["reward_fns"], images, prompts)
+            images = ng.generate(setups[m].pipe, prompts, cfg, ref.grid, cfg.seed, ref.dtype,
+                                 setups[m].cache)
+            row.update({f"eval/{n}": r for n, r in zip(c.rewards, ng.score(ref.reward_fns, images, prompts)
                                                        .mean(1).tolist())})
         rows.append(row)
         if i >= opts["warmup"]:
             seconds[m].append(timings["total"])
-    if ref["rank"] == 0:
+    if ref.rank == 0:
         report_comparison(cfgs, seconds, rows, Path(opts["out"]))
 
 
@@ -264,7 +248,7 @@ def run(opts, cfg):
     s = setup(cfg, opts["flux_blocks"])
     t_fwd, t_fb = unit_costs(s, cfg)
     totals = run_iterations(s, cfg, opts["iters"], opts["warmup"])
-    if s["rank"] == 0:
+    if s.rank == 0:
         report(cfg, opts, totals, t_fwd, t_fb, s)
     if ng.dist.is_initialized():
         ng.dist.destroy_process_group()

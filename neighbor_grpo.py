@@ -25,6 +25,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import string
 import sys
 import time
@@ -56,7 +57,7 @@ TABLE1_REWARDS = ("hpsv2", "pickscore", "imagereward", "clipscore", "unifiedrewa
 @dataclass
 class Config:
     # model
-    model_path: str = "black-forest-labs/FLUX.1-dev"  # hub id or local dir; "tiny" builds a random tiny FLUX
+    model_path: str = "black-forest-labs/FLUX.1-dev"  # hub id or local dir; "tiny" / "random:D,S": random (README)
     resolution: int = 720  # image side in pixels (DanceGRPO/MixGRPO protocol)
     guidance_scale: float = 3.5  # FLUX.1-dev embedded guidance, as FluxPipeline
     max_sequence_length: int = 512  # T5 tokens per prompt (FluxPipeline default)
@@ -89,6 +90,7 @@ class Config:
     reward_batch_size: int = 4  # images per VAE decode and reward call
     unifiedreward_url: str = ""  # an OpenAI-compatible server (vLLM, SGLang) serving UnifiedReward: http://host:port/v1
     unifiedreward_question: str = ""  # a text file with the judge's question, {prompt} for the caption; "" = ours
+    unifiedreward_score: str = "Final Score"  # the label the score follows (MixGRPO's semantic question: Alignment Score)
     # evaluation: deterministic ODE samples (sigma = 0) of held-out prompts, every reward, mean +- standard error
     eval_only: bool = False  # evaluate transformer_path (or model_path) and exit
     eval_prompts: str = "hpdv2"  # "hpdv2" = the 3200 HPDv2 benchmark prompts (hub, or a dir of its JSONs), or a file
@@ -98,12 +100,14 @@ class Config:
     eval_only_rewards: tuple[str, ...] = TABLE1_REWARDS  # --eval_only: Table 1's metrics (a judge URL needed for
     # unifiedreward, skipped without one); () = eval_rewards
     eval_steps: int = 0  # ODE steps of the evaluation sampler (0 = num_steps)
+    eval_batch_size: int = 8  # prompts per transformer call when sampling for evaluation and sample grids
     # optimisation
     iterations: int = 300  # GRPO iterations (paper)
     groups_per_rank: int = 1  # prompt groups per process per iteration (paper: 1 per GPU)
     lr: float = 1e-5  # AdamW learning rate (paper)
     weight_decay: float = 1e-4  # AdamW weight decay (DanceGRPO)
     max_grad_norm: float = 1.0  # gradient-norm clip before every optimizer step (DanceGRPO)
+    max_skipped_steps: int = 8  # optimizer steps in a row skipped for a non-finite gradient before the run stops
     # LoRA: low-rank adapters on a frozen base, for one GPU (DanceGRPO's and Flow-GRPO's LoRA scripts)
     lora_rank: int = 0  # 0 = full fine-tuning (the paper); r > 0 = peft LoRA of rank r (Flow-GRPO: 64)
     lora_alpha: float = 128.0  # adapters scale by alpha / r (Flow-GRPO: 128 at r = 64; DanceGRPO: 256 at 128)
@@ -123,6 +127,8 @@ class Config:
     ckpt_every: int = 50  # iterations between checkpoints (0 = only at the end); the latest one is kept
     sample_every: int = 50  # iterations between sample grids (fixed prompts and noise, sigma = 0)
     num_samples: int = 4  # images in a sample grid
+    wandb_project: str = ""  # also log every log.jsonl record to this Weights & Biases project (pip install wandb)
+    wandb_id: str = ""  # the W&B run id to continue when resuming ("" = a new run)
 
 
 DANCEGRPO = dict(method="sde", num_steps=25, num_train_steps=14, shift=3.0)  # Table 3's SDE baseline: NFE_theta 14
@@ -213,6 +219,8 @@ def validate(cfg):
         (cfg.rollout_solver in SOLVERS, f"rollout_solver={cfg.rollout_solver}: use one of {', '.join(SOLVERS)}"),
         (cfg.distance in DISTANCES, f"distance={cfg.distance}: use one of {', '.join(DISTANCES)}"),
         (cfg.shift >= 0, f"shift={cfg.shift}: must be >= 0 (0 = dynamic shift, DanceGRPO uses 3.0)"),
+        (not cfg.model_path.startswith("random:") or re.fullmatch(r"random:\d+,\d+", cfg.model_path),
+         f"model_path={cfg.model_path}: a random FLUX.1-dev-width model is random:D,S (D double, S single blocks)"),
         (cfg.resolution > 0 and cfg.resolution % 16 == 0,
          f"resolution={cfg.resolution}: FLUX packs 2x2 latent patches, so use a positive multiple of 16"),
         (len(cfg.rewards) >= 1, "rewards: name at least one reward, e.g. --rewards=hpsv2"),
@@ -225,9 +233,12 @@ def validate(cfg):
         (cfg.mixed_precision in ("bf16", "fp32"), f"mixed_precision={cfg.mixed_precision}: use bf16 or fp32"),
         (cfg.parallel in PARALLEL, f"parallel={cfg.parallel}: use fsdp (sharded) or ddp (replicated)"),
         (cfg.ckpt_every >= 0, f"ckpt_every={cfg.ckpt_every}: must be >= 0 (0 = only at the end)"),
+        (cfg.max_skipped_steps >= 1, f"max_skipped_steps={cfg.max_skipped_steps}: must be >= 1; use 8"),
+        (not cfg.wandb_project or importlib.util.find_spec("wandb"),
+         f"wandb_project={cfg.wandb_project}: needs the wandb package (not a requirement): pip install wandb"),
         (not (cfg.resume and cfg.overwrite), "resume and overwrite: pick one; --resume continues the run in out_dir"),
-        (min(cfg.groups_per_rank, cfg.rollout_batch_size, cfg.reward_batch_size) >= 1,
-         "groups_per_rank, rollout_batch_size and reward_batch_size must be >= 1"),
+        (min(cfg.groups_per_rank, cfg.rollout_batch_size, cfg.reward_batch_size, cfg.eval_batch_size) >= 1,
+         "groups_per_rank, rollout_batch_size, reward_batch_size and eval_batch_size must be >= 1"),
         (cfg.sample_every >= 0 and cfg.num_samples >= 1, "sample_every must be >= 0 (0 = never) and num_samples >= 1"),
         (cfg.lora_rank >= 0, f"lora_rank={cfg.lora_rank}: must be >= 0 (0 = full fine-tuning; Flow-GRPO uses 64)"),
         (cfg.lora_alpha > 0, f"lora_alpha={cfg.lora_alpha}: must be > 0; use 2 * lora_rank (Flow-GRPO)"),
@@ -242,8 +253,8 @@ def validate(cfg):
             checks.append((name in REWARDS or ":" in name,
                            f"{field}: unknown reward {name!r}; use one of {', '.join(REWARDS)} or module.path:function"))
     checks.append(("unifiedreward" not in cfg.rewards + cfg.eval_rewards or cfg.unifiedreward_url,
-                   "unifiedreward_url: the unifiedreward judge needs a server, e.g. --unifiedreward_url=http://host:8000/v1 "
-                   "(README, Rewards)"))
+                   "unifiedreward_url: the unifiedreward judge needs a server, e.g. "
+                   "--unifiedreward_url=http://host:8000/v1 (README, Rewards)"))
     for item in cfg.reward_paths:
         key = item.partition("=")[0]
         checks.append((key in REWARD_WEIGHTS and "=" in item,
@@ -336,6 +347,15 @@ def all_gather_objects(obj, world):
     return out
 
 
+def progress(iterable, desc, rank):
+    """A tqdm bar on rank 0 when stdout is a terminal (not in logs or CI); the iterable itself otherwise."""
+    if rank != 0 or not sys.stdout.isatty():
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, leave=False)
+
+
 def barrier(world):
     if world > 1:
         dist.barrier()
@@ -415,6 +435,11 @@ def load_pipeline(cfg, device, dtype):
     master = dtype if cfg.lora_rank else torch.float32
     if cfg.model_path == "tiny":
         pipe = build_random_flux(cfg.seed, **TINY)
+    elif cfg.model_path.startswith("random:"):  # FLUX.1-dev's width with D double and S single blocks (bench.py)
+        double, single = (int(n) for n in cfg.model_path.removeprefix("random:").split(","))
+        pipe = build_random_flux(cfg.seed, **{**FLUX_DEV, "layers": double, "single_layers": single})
+        for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2) if dtype != torch.float32 else ():
+            module.to(dtype)  # as from_pretrained(dtype=dtype) loads them
     else:
         transformer = None if cfg.transformer_path else load(
             FluxTransformer2DModel.from_pretrained, "model_path", cfg.model_path, subfolder="transformer",
@@ -492,8 +517,8 @@ def latent_shape(pipe, resolution):
 def encode_prompt(pipe, prompt, cfg, cache):
     """CLIP pooled + T5 embeddings of one prompt, computed once and cached on the CPU."""
     device = pipe.vae.device
-    if prompt not in cache:
-        embeds, pooled, _ = pipe.encode_prompt(prompt, prompt_2=prompt, device=device,
+    if prompt not in cache:  # on the text encoders' device: the CPU once offloaded, for a prompt met late
+        embeds, pooled, _ = pipe.encode_prompt(prompt, prompt_2=prompt, device=pipe.text_encoder_2.device,
                                                max_sequence_length=cfg.max_sequence_length)
         cache[prompt] = (embeds.cpu(), pooled.cpu())
     embeds, pooled = cache[prompt]
@@ -504,9 +529,9 @@ def encode_prompt(pipe, prompt, cfg, cache):
     return Condition(embeds.to(device), pooled.to(device), txt_ids, img_ids, guidance)
 
 
-def encode_prompts(pipe, prompts, cfg, cache):
+def encode_prompts(pipe, prompts, cfg, cache, rank=0):
     """Fill the prompt-embedding cache, then move the idle text encoders (T5-XXL: 9.5 GB) off the GPU."""
-    for prompt in dict.fromkeys(prompts):
+    for prompt in progress(dict.fromkeys(prompts), "encoding prompts", rank):
         encode_prompt(pipe, prompt, cfg, cache)
     if cfg.offload_text_encoders:
         pipe.text_encoder.to("cpu")
@@ -956,7 +981,6 @@ UNIFIEDREWARD_QUESTION = (  # ours; MixGRPO's asks for the same closing line
     "attributes, counts, relations) and its visual quality (clarity, detail, artefacts, aesthetic appeal). Reason "
     "briefly, then end with one overall score from 1 (poor) to 5 (excellent) on its own line as "
     "'Final Score: X'.\nCaption: {prompt}")
-FINAL_SCORE = re.compile(r"Final Score:\W*([0-9]+(?:\.[0-9]+)?)")
 
 
 def unifiedreward_reward(cfg, device):
@@ -968,10 +992,11 @@ def unifiedreward_reward(cfg, device):
             raise ConfigError(f"unifiedreward_question={cfg.unifiedreward_question}: no such file; write the question "
                               "with {prompt} where the caption goes, or pass '' for the built-in one")
         question = Path(cfg.unifiedreward_question).read_text()
-    return unifiedreward_scorer(cfg.unifiedreward_url.rstrip("/") + "/chat/completions", question)
+    return unifiedreward_scorer(cfg.unifiedreward_url.rstrip("/") + "/chat/completions", question,
+                                cfg.unifiedreward_score)
 
 
-def unifiedreward_scorer(url, question, workers=8, timeout=120.0, tries=3, backoff=2.0):
+def unifiedreward_scorer(url, question, label="Final Score", workers=8, timeout=120.0, tries=3, backoff=2.0):
     """Each image (JPEG, base64) and its caption posted concurrently by a bounded pool; a request that fails or
     times out is retried with exponential backoff, then the run stops naming the server."""
     import base64
@@ -979,6 +1004,8 @@ def unifiedreward_scorer(url, question, workers=8, timeout=120.0, tries=3, backo
     import urllib.request
 
     from PIL import Image
+
+    pattern = re.compile(re.escape(label) + r"\W*([0-9]+(?:\.[0-9]+)?)")  # "Final Score: 4", "... (1-5): 3.5"
 
     def ask(image, prompt):
         buffer = io.BytesIO()
@@ -995,17 +1022,17 @@ def unifiedreward_scorer(url, question, workers=8, timeout=120.0, tries=3, backo
                 with urllib.request.urlopen(request, timeout=timeout) as response:
                     answer = json.loads(response.read())["choices"][0]["message"]["content"]
                 break
-            except (OSError, ValueError, KeyError, IndexError, TypeError) as e:  # refused, timed out, HTTP error, bad JSON
+            except (OSError, ValueError, KeyError, IndexError, TypeError) as e:  # refused, time-out, HTTP, bad JSON
                 error = e
                 time.sleep(backoff * 2**attempt if attempt + 1 < tries else 0)
         else:
             raise RewardError(f"reward 'unifiedreward': no answer from {url} after {tries} tries "
                               f"({type(error).__name__}: {error}); start the judge (README, Rewards) or fix "
                               "--unifiedreward_url")
-        match = FINAL_SCORE.search(answer)
+        match = pattern.search(answer)
         if match is None:
-            raise RewardError(f"reward 'unifiedreward': {url} answered without 'Final Score: N' ({answer[:80]!r}); "
-                              "serve the UnifiedReward model, or make --unifiedreward_question ask for that line")
+            raise RewardError(f"reward 'unifiedreward': {url} answered without '{label}: N' ({answer[:80]!r}); serve "
+                              "the UnifiedReward model, or make --unifiedreward_question ask for that line")
         return float(match.group(1))
 
     def unifiedreward(images, prompts):
@@ -1033,6 +1060,10 @@ class RewardError(RuntimeError):
     """A reward that failed or returned something unusable: the message names the reward."""
 
 
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite gradients step after step): the message says what is kept."""
+
+
 def load_reward(name, cfg, device):
     """A built-in reward by name, or any importable callable given as module.path:function."""
     if name in REWARDS:
@@ -1044,11 +1075,29 @@ def load_reward(name, cfg, device):
         raise ConfigError(f"rewards: cannot import {name!r} ({e}); give module.path:function on PYTHONPATH") from None
 
 
+REWARD_TRIES, REWARD_BACKOFF_S = 3, 2.0  # a reward that raises (a remote server's hiccup) is called again after 2, 4 s
+
+
+def call_reward(name, fn, images, prompts):
+    """fn(images, prompts), retried with exponential backoff when it raises; then the run stops naming it."""
+    for attempt in range(REWARD_TRIES):
+        try:
+            return fn(images, prompts)
+        except (RewardError, ConfigError):
+            raise
+        except Exception as e:  # noqa: BLE001: any failure of user code is retried, then reported
+            error = e
+            if attempt + 1 < REWARD_TRIES:
+                time.sleep(REWARD_BACKOFF_S * 2**attempt)
+    raise RewardError(f"reward {name!r} raised {type(error).__name__} ({str(error)[:160]}) {REWARD_TRIES} times in a "
+                      "row; check the reward's model or server, then continue with --resume")
+
+
 def score(reward_fns, images, prompts):
     """Rewards [M, N] of N images for M reward functions, checked for shape and finiteness."""
     rows = []
     for name, fn in reward_fns.items():
-        r = torch.as_tensor(fn(images, prompts)).detach().float().cpu().reshape(-1)
+        r = torch.as_tensor(call_reward(name, fn, images, prompts)).detach().float().cpu().reshape(-1)
         if r.numel() != len(prompts):
             raise RewardError(f"reward {name!r} returned {r.numel()} scores for {len(prompts)} images")
         if not torch.isfinite(r).all():
@@ -1288,12 +1337,18 @@ def sde_group_rollout(pipe, cond, cfg, grid, gen, dtype):
 
 @torch.no_grad()
 def generate(pipe, prompts, cfg, grid, seed, dtype, cache, indices=None):
-    """Inference: one deterministic ODE sample per prompt, its noise fixed by the prompt's index: [N, 3, H, W]."""
-    images = []
-    for i, prompt in zip(range(len(prompts)) if indices is None else indices, prompts):
-        cond = encode_prompt(pipe, prompt, cfg, cache)
-        states, _ = neighbourhood_rollout(pipe, cond, cfg, grid, group_generator(seed, -1, i), 1, 0.0, dtype)
-        images.append(decode_images(pipe, states[:, -1], cfg.resolution))
+    """Inference: one deterministic ODE sample per prompt, eval_batch_size prompts per transformer call, each
+    noise drawn as neighbourhood_rollout(sigma = 0, size = 1) draws it from the prompt's index, so the images do
+    not depend on batching or on the number of ranks: [N, 3, H, W]."""
+    device, images = pipe.vae.device, []
+    items = list(zip(range(len(prompts)) if indices is None else indices, prompts))
+    for chunk in (items[b: b + cfg.eval_batch_size] for b in range(0, len(items), cfg.eval_batch_size)):
+        conds = [encode_prompt(pipe, prompt, cfg, cache) for _, prompt in chunk]
+        cond = dataclasses.replace(conds[0], prompt_embeds=torch.cat([c.prompt_embeds for c in conds]),
+                                   pooled=torch.cat([c.pooled for c in conds]))
+        x1 = torch.cat([draw_noise(pipe, 1, cfg.resolution, group_generator(seed, -1, i), device) for i, _ in chunk])
+        states, _ = rollout(lambda x, t: velocity(pipe.transformer, x, t, cond, dtype), x1, grid, cfg.rollout_solver)
+        images += [decode_images(pipe, x, cfg.resolution) for x in states[:, -1].split(cfg.reward_batch_size)]
     return torch.cat(images)
 
 
@@ -1327,7 +1382,7 @@ def policy_update(model, optimizer, groups, grid, cfg, dtype):
     per_step = cfg.sde_samples_per_step if cfg.method == "sde" else 1
     chunks = [range(b, min(b + per_step, B)) for b in range(0, B, per_step)]
     objective = sde_objective if cfg.method == "sde" else anchor_objective
-    stats = dict(loss=0.0, clip_frac=0.0, first_anchor_abs_log_ratio=0.0, grad_norm=0.0)
+    stats = dict(loss=0.0, clip_frac=0.0, first_anchor_abs_log_ratio=0.0, grad_norm=0.0, skipped_steps=0)
     for c, chunk in enumerate(chunks):
         optimizer.zero_grad(set_to_none=True)
         micro_steps = [(group, b, k) for group in groups for b in chunk for k in group.steps[b]]
@@ -1344,8 +1399,11 @@ def policy_update(model, optimizer, groups, grid, cfg, dtype):
                 stats["first_anchor_abs_log_ratio"] += abs_log_ratio.item() / scale
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
-        stats["grad_norm"] += grad_norm.item() / len(chunks)
-        optimizer.step()
+        if torch.isfinite(grad_norm):  # the norm of all-reduced gradients: every rank takes the same branch
+            stats["grad_norm"] += grad_norm.item() / len(chunks)
+            optimizer.step()
+        else:  # a non-finite loss or gradient: skip this step rather than write NaN into the weights
+            stats["skipped_steps"] += 1
     return stats
 
 
@@ -1409,14 +1467,17 @@ def rank_eval_prompts(prompts, rank, world):
 def evaluate(pipe, prompts, reward_fns, cfg, grid, dtype, cache, rank, world, path):
     """Rank 0 writes path.json (per-prompt scores, mean, std, standard error), path.md and path.png (the first
     num_samples prompts); returns {reward: mean} on rank 0, None elsewhere."""
-    n, rows, samples = len(prompts), [], {}
-    for i in eval_indices(n, rank, world):
-        j = min(i, n - 1)
-        image = generate(pipe, [prompts[j]], cfg, grid, cfg.seed, dtype, cache, indices=[j])
-        if i < n:
-            rows.append((i, score(reward_fns, image, [prompts[i]])[:, 0].tolist()))
-            if i < cfg.num_samples:
-                samples[i] = image[0].cpu()
+    n, rows, samples, mine = len(prompts), [], {}, eval_indices(len(prompts), rank, world)
+    chunks = [mine[b: b + cfg.eval_batch_size] for b in range(0, len(mine), cfg.eval_batch_size)]
+    for chunk in progress(chunks, f"evaluating {n} prompts", rank):
+        js = [min(i, n - 1) for i in chunk]  # every rank runs as many chunks of the same sizes (FSDP)
+        images = generate(pipe, [prompts[j] for j in js], cfg, grid, cfg.seed, dtype, cache, indices=js)
+        real = [(i, image) for i, image in zip(chunk, images) if i < n]
+        scores = torch.cat([score(reward_fns, torch.stack([im for _, im in part]), [prompts[i] for i, _ in part])
+                            for part in (real[b: b + cfg.reward_batch_size]
+                                         for b in range(0, len(real), cfg.reward_batch_size))], dim=1)
+        rows += [(i, scores[:, c].tolist()) for c, (i, _) in enumerate(real)]
+        samples.update({i: image.cpu() for i, image in real if i < cfg.num_samples})
     gathered = all_gather_objects((rows, samples), world)
     if rank != 0:
         return None
@@ -1473,7 +1534,7 @@ def run_evaluation(cfg):
     pipe.transformer.to(device, dtype).eval()  # inference: no fp32 master weights, nothing sharded
     grid = pipeline_grid(pipe, cfg, cfg.eval_steps or cfg.num_steps)
     cache = {}
-    encode_prompts(pipe, rank_eval_prompts(prompts, rank, world), cfg, cache)
+    encode_prompts(pipe, rank_eval_prompts(prompts, rank, world), cfg, cache, rank)
     means = evaluate(pipe, prompts, reward_fns, cfg, grid, dtype, cache, rank, world, out / "eval")
     if rank == 0:
         print((out / "eval.md").read_text(), end="")
@@ -1596,90 +1657,202 @@ def restore(model, optimizer, cfg, path, rank, world):
     return meta["iteration"]
 
 
+class Preemption:
+    """SIGTERM and SIGUSR1, what SLURM and Kubernetes send before a kill, only raise a flag; the loop then
+    finishes its iteration, checkpoints and exits 0, on every rank once any rank got one."""
+
+    SIGNALS = [getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name)]
+
+    def __enter__(self):
+        self.signal = None
+        self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+        return self
+
+    def handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def __call__(self, world, device):
+        flag = torch.tensor([float(self.signal is not None)], device=device)
+        if world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
 def log_line(it, rewards, stats, cfg):
     return (f"iter {it:4d} | " + " ".join(f"{n} {r.mean():.4f}" for n, r in zip(cfg.rewards, rewards)) +
             f" | loss {stats['loss']:+.3e} | clip {stats['clip_frac']:.2f} | "
             f"|log rho| {stats['first_anchor_abs_log_ratio']:.1e} | {stats['time/total']:.2f}s")
 
 
-def train(cfg):
-    """Neighbor GRPO on this process's share of the prompt groups; returns the trained (wrapped) transformer."""
+@dataclass
+class Run:
+    """Everything the loop needs, built once by build() (bench.py builds the same)."""
+
+    rank: int
+    world: int
+    device: torch.device
+    dtype: torch.dtype
+    pipe: typing.Any  # FluxPipeline
+    model: torch.nn.Module  # the transformer, parallelised
+    optimizer: torch.optim.Optimizer
+    prompts: list
+    reward_fns: dict
+    weights: tuple
+    grid: list
+    eval_prompts: list
+    eval_fns: dict
+    eval_grid: list
+    start: int  # the first iteration to run (> 0 when resumed)
+    group_ids: range  # this rank's prompt groups
+    cache: dict  # prompt -> embeddings
+
+
+def build(cfg):
+    """Prompts and rewards (they fail faster than FLUX loads), the pipeline, the parallel model, AdamW, the
+    resumed state, and every prompt this rank will meet encoded (known from the seed) before the text encoders
+    leave the GPU."""
     rank, world, device = setup_distributed(cfg)
-    dtype, out = compute_dtype(cfg), Path(cfg.out_dir)
-    resume_from = resume_state(cfg, out)
-    prompts = load_prompts(cfg.prompt_file)  # prompts and rewards first: they fail faster than FLUX loads
+    dtype = compute_dtype(cfg)
+    resume_from = resume_state(cfg, Path(cfg.out_dir))
+    prompts = load_prompts(cfg.prompt_file)
     reward_fns = {name: load_reward(name, cfg, device) for name in cfg.rewards}
     eval_prompts, eval_fns = eval_setup(cfg, reward_fns, device) if cfg.eval_every else ([], {})
     pipe = load_pipeline(cfg, device, dtype)
-    weights = reward_mix(cfg)
-    grid = pipeline_grid(pipe, cfg, cfg.num_steps)
-    eval_grid = pipeline_grid(pipe, cfg, cfg.eval_steps or cfg.num_steps)
     model = parallelize(pipe.transformer, cfg, device, world, dtype)
     model.train()
     optimizer = adamw(model, cfg)
     start = restore(model, optimizer, cfg, resume_from, rank, world) if resume_from else 0
     group_ids = range(rank * cfg.groups_per_rank, (rank + 1) * cfg.groups_per_rank)
-    cache = {}  # every prompt this rank will meet is known from the seed: encode them all, then free the GPU
+    cache = {}
     encode_prompts(pipe, [group_prompt(prompts, cfg.seed, it, g)[0] for it in range(start, cfg.iterations)
                           for g in group_ids] + prompts[: cfg.num_samples] + rank_eval_prompts(eval_prompts, rank, world),
-                   cfg, cache)
+                   cfg, cache, rank)
+    return Run(rank, world, device, dtype, pipe, model, optimizer, prompts, reward_fns, reward_mix(cfg),
+               pipeline_grid(pipe, cfg, cfg.num_steps), eval_prompts, eval_fns,
+               pipeline_grid(pipe, cfg, cfg.eval_steps or cfg.num_steps), start, group_ids, cache)
+
+
+def plot_curves(out, rewards):
+    """out/curves.png from log.jsonl: training and held-out rewards, clip fraction and first-anchor |log rho|."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    for name in rewards:
+        train = [r for r in log if f"reward/{name}" in r]
+        axes[0].plot([r["iter"] for r in train], [r[f"reward/{name}"] for r in train], label=f"train {name}")
+    for name in dict.fromkeys(k.removeprefix("eval/") for r in log for k in r if k.startswith("eval/")):
+        evals = [r for r in log if f"eval/{name}" in r]
+        axes[0].plot([r["iter"] for r in evals], [r[f"eval/{name}"] for r in evals], "o-", label=f"held-out {name}")
+    train = [r for r in log if "clip_frac" in r]
+    axes[1].plot([r["iter"] for r in train], [r["clip_frac"] for r in train])
+    axes[2].semilogy([r["iter"] for r in train], [max(r["first_anchor_abs_log_ratio"], 1e-12) for r in train])
+    for ax, title in zip(axes, ("reward", "clip fraction", "first-anchor |log rho| (theta = theta_old)")):
+        ax.set(xlabel="iteration", title=title)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=100)
+    plt.close(fig)
+
+
+def train(cfg):
+    """Neighbor GRPO on this process's share of the prompt groups; returns the trained (wrapped) transformer."""
+    r, out = build(cfg), Path(cfg.out_dir)
+    rank, world, device, dtype, pipe, model, optimizer, start = (
+        r.rank, r.world, r.device, r.dtype, r.pipe, r.model, r.optimizer, r.start)
+    prompts, grid, cache = r.prompts, r.grid, r.cache
+    wandb = None
     if rank == 0:
         (out / "samples").mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         log = open_log(out, start)
+        if cfg.wandb_project:  # optional: the same records as log.jsonl
+            wandb = importlib.import_module("wandb")
+            wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg), dir=out, resume="allow",
+                       id=cfg.wandb_id or None)
         method = (f"SDE-GRPO | eta={cfg.sde_eta}" if cfg.method == "sde" else
                   f"Neighbor GRPO | B={cfg.num_anchors} sigma={cfg.noise_sigma} p={cfg.adv_p}")
         print(f"{method} | {cfg.model_path} | {world} process(es) x {cfg.groups_per_rank} group(s) | "
               f"G={cfg.group_size} T={cfg.num_steps} K={cfg.num_train_steps} | start at iteration {start}")
     nfe_old, nfe_new = cfg.num_steps, nfe_theta(trained_per_group(cfg), cfg.group_size, cfg.num_train_steps)
-    for it in range(start, cfg.iterations + 1):
-        record = dict(iter=it)
-        if cfg.sample_every and (it % cfg.sample_every == 0 or it == cfg.iterations):
-            images = generate(pipe, prompts[: cfg.num_samples], cfg, grid, cfg.seed, dtype, cache)  # on every rank
+    skipped_in_a_row = 0
+    with Preemption() as preempted:
+        for it in range(start, cfg.iterations + 1):
+            record = dict(iter=it)
+            if cfg.sample_every and (it % cfg.sample_every == 0 or it == cfg.iterations):
+                images = generate(pipe, prompts[: cfg.num_samples], cfg, grid, cfg.seed, dtype, cache)  # every rank
+                if rank == 0:
+                    save_grid(images, out / f"samples/{it:06d}.png")
+            if cfg.eval_every and (it % cfg.eval_every == 0 or it == cfg.iterations):
+                means = evaluate(pipe, r.eval_prompts, r.eval_fns, cfg, r.eval_grid, dtype, cache, rank, world,
+                                 out / f"eval/iter_{it:06d}")
+                record.update({f"eval/{k}": v for k, v in (means or {}).items()})
+            if it == cfg.iterations:
+                break
+            t0 = clock(device)
+            groups, stats, timings = train_iteration(pipe, model, optimizer, r.reward_fns, r.weights, prompts, grid,
+                                                     cfg, it, dtype, cache, r.group_ids)
+            timings["total"] = clock(device) - t0
+            rewards = all_gather_columns(torch.cat([g.rewards for g in groups], dim=1), world, device)
+            stats = all_mean({**stats, **{f"time/{k}": v for k, v in timings.items()}}, world, device)
             if rank == 0:
-                save_grid(images, out / f"samples/{it:06d}.png")
-        if cfg.eval_every and (it % cfg.eval_every == 0 or it == cfg.iterations):
-            means = evaluate(pipe, eval_prompts, eval_fns, cfg, eval_grid, dtype, cache, rank, world,
-                             out / f"eval/iter_{it:06d}")
-            record.update({f"eval/{k}": v for k, v in (means or {}).items()})
-        if it == cfg.iterations:
-            break
-        t0 = clock(device)
-        groups, stats, timings = train_iteration(pipe, model, optimizer, reward_fns, weights, prompts, grid, cfg,
-                                                 it, dtype, cache, group_ids)
-        timings["total"] = clock(device) - t0
-        rewards = all_gather_columns(torch.cat([g.rewards for g in groups], dim=1), world, device)
-        stats = all_mean({**stats, **{f"time/{k}": v for k, v in timings.items()}}, world, device)
+                record.update(**{f"reward/{n}": r.mean().item() for n, r in zip(cfg.rewards, rewards)},
+                              **{f"reward_std/{n}": r.std().item() for n, r in zip(cfg.rewards, rewards)},
+                              **stats, nfe_old=nfe_old, nfe_theta=nfe_new)
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                print(log_line(it, rewards, stats, cfg))
+                if any(k.startswith("eval/") for k in record):
+                    plot_curves(out, cfg.rewards)
+                if wandb:
+                    wandb.log(record, step=it)
+            skipped_in_a_row = skipped_in_a_row + int(stats["skipped_steps"]) if stats["skipped_steps"] else 0
+            if skipped_in_a_row >= cfg.max_skipped_steps:
+                raise TrainingError(
+                    f"{skipped_in_a_row} optimizer steps in a row had a non-finite loss or gradient (iteration {it}); "
+                    f"nothing was saved since, so the last checkpoint in {out / 'checkpoints'} is good: --resume "
+                    "from it with a lower --lr, or raise --max_skipped_steps")
+            if preempted(world, device):  # finish the iteration, checkpoint, exit 0; the scheduler reruns with --resume
+                save_checkpoint(model, optimizer, cfg, it + 1, rank, world, dtype)
+                if rank == 0:
+                    print(f"stopped by {preempted.signal or 'a signal to another rank'} after iteration {it}: "
+                          f"checkpoint step-{it + 1:06d} written; continue with the same command and --resume")
+                    log.close()
+                barrier(world)
+                return model
+            if cfg.ckpt_every and (it + 1) % cfg.ckpt_every == 0 and it + 1 < cfg.iterations:
+                save_checkpoint(model, optimizer, cfg, it + 1, rank, world, dtype)
+        if start < cfg.iterations:  # a resumed run with nothing left to do keeps its checkpoint as it is
+            save_checkpoint(model, optimizer, cfg, cfg.iterations, rank, world, dtype)
+        export_model(model, out, cfg, rank, dtype)
+        if cfg.export_merged:  # the run is over: merge the adapter into the base in place
+            transformer = model.module if isinstance(model, DDP) else model
+            transformer.fuse_lora()
+            transformer.unload_lora()
+            export_transformer(transformer, out / "transformer", rank, dtype)
         if rank == 0:
-            record.update(**{f"reward/{n}": r.mean().item() for n, r in zip(cfg.rewards, rewards)},
-                          **{f"reward_std/{n}": r.std().item() for n, r in zip(cfg.rewards, rewards)},
-                          **stats, nfe_old=nfe_old, nfe_theta=nfe_new)
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            print(log_line(it, rewards, stats, cfg))
-        if cfg.ckpt_every and (it + 1) % cfg.ckpt_every == 0 and it + 1 < cfg.iterations:
-            save_checkpoint(model, optimizer, cfg, it + 1, rank, world, dtype)
-    if start < cfg.iterations:  # a resumed run with nothing left to do keeps its checkpoint as it is
-        save_checkpoint(model, optimizer, cfg, cfg.iterations, rank, world, dtype)
-    export_model(model, out, cfg, rank, dtype)
-    if cfg.export_merged:  # the run is over: merge the adapter into the base in place
-        transformer = model.module if isinstance(model, DDP) else model
-        transformer.fuse_lora()
-        transformer.unload_lora()
-        export_transformer(transformer, out / "transformer", rank, dtype)
-    if rank == 0:
-        if len(record) > 1:  # the final evaluation
-            log.write(json.dumps(record) + "\n")
-        log.close()
-    barrier(world)
-    return model
+            if len(record) > 1:  # the final evaluation
+                log.write(json.dumps(record) + "\n")
+                wandb and wandb.log(record, step=cfg.iterations)
+            log.close()
+            plot_curves(out, cfg.rewards)
+            wandb and wandb.finish()
+        barrier(world)
+        return model
 
 
 def main(argv=None):
     try:
         cfg = parse_config(sys.argv[1:] if argv is None else argv)
         run_evaluation(cfg) if cfg.eval_only else train(cfg)
-    except (ConfigError, RewardError) as e:
+    except (ConfigError, RewardError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:

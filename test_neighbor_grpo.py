@@ -564,9 +564,10 @@ def test_lora_learns_and_lr_zero_does_not_move(tmp_path):
 # ---------------------------------------------------------------------------- distributed, checkpoints, resume
 
 DRIVER = """
-import sys, torch, torch.distributed as dist
+import os, pathlib, sys, torch, torch.distributed as dist
 import neighbor_grpo as ng
 out = sys.argv[1]
+pathlib.Path(f"{out}.pid{os.environ.get('RANK', 0)}").write_text(str(os.getpid()))  # for the signal tests
 model = ng.train(ng.parse_config(sys.argv[2:] + ["--out_dir=" + out]))
 rank = dist.get_rank() if dist.is_initialized() else 0
 full = lambda p: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().clone()
@@ -1067,8 +1068,8 @@ def test_unifiedreward_stops_naming_the_server_when_it_fails(mode, message):
     if mode == "down":
         judge.close()
     try:
-        fn = ng.unifiedreward_scorer(url + "/chat/completions", ng.UNIFIEDREWARD_QUESTION, timeout=0.3, tries=2,
-                                     backoff=0.01)
+        fn = ng.unifiedreward_scorer(url + "/chat/completions", ng.UNIFIEDREWARD_QUESTION, "Final Score",
+                                     timeout=0.3, tries=2, backoff=0.01)
         with pytest.raises(ng.RewardError, match=f"unifiedreward.*{url}.*{message}"):
             fn(torch.rand(2, 3, 16, 16), ["a cat", "a dog"])
     finally:
@@ -1102,18 +1103,22 @@ def test_eval_only_scores_a_checkpoint_deterministically(tmp_path):
         ng.main([*EVAL_ARGS, f"--out_dir={tmp_path / 'base'}"])
 
 
-def test_eval_over_two_ranks_equals_one_process(tmp_path):
+def test_eval_scores_do_not_depend_on_batch_size_or_ranks(tmp_path):
     import subprocess
     import sys
 
+    args = [*EVAL_ARGS, "--rewards=brightness"]  # continuous in the image: JPEG sizes jump with float noise
+    for batch in (1, 4):
+        ng.main([*args, f"--eval_batch_size={batch}", f"--out_dir={tmp_path / f'batch{batch}'}"])
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(ng.__file__)), OMP_NUM_THREADS="1")
-    for name, launcher in (("one", [sys.executable]),
-                           ("two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"])):
-        result = subprocess.run([*launcher, ng.__file__, *EVAL_ARGS, f"--out_dir={tmp_path / name}"], env=env,
-                                capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
-    one, two = (json.loads((tmp_path / n / "eval.json").read_text()) for n in ("one", "two"))
-    assert one["scores"] == two["scores"] and one["num_prompts"] == 5  # 5 prompts over 2 ranks: one padded slot
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", ng.__file__, *args,
+                             f"--out_dir={tmp_path / 'two'}"], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = [json.loads((tmp_path / n / "eval.json").read_text()) for n in ("batch1", "batch4", "two")]
+    assert runs[0]["num_prompts"] == 5  # 5 prompts over 2 ranks: one padded slot
+    for run in runs[1:]:
+        assert [r["index"] for r in run["scores"]] == list(range(5))
+        assert all(abs(a["brightness"] - b["brightness"]) < 1e-5 for a, b in zip(runs[0]["scores"], run["scores"]))
 
 
 def test_bench_compare_runs_both_methods_and_writes_the_curves(tmp_path, capsys):
@@ -1140,3 +1145,112 @@ def test_resuming_a_finished_run_leaves_its_checkpoint_untouched(tmp_path, monke
     ng.train(tiny_cfg(tmp_path, "--iterations=1", "--sample_every=0", "--eval_every=0", "--resume"))
     assert saves == []  # nothing new to save: the latest checkpoint is never rewritten in place
     assert (tmp_path / "checkpoints/latest").read_text() == "step-000001"
+
+
+# ---------------------------------------------------------------------------- preemption, bad steps, flaky rewards
+
+SIGNAL_ARGS = ["--preset=tiny", "--iterations=8", "--sample_every=0", "--eval_every=0", "--ckpt_every=0",
+               "--num_train_steps=2", "--rewards=brightness"]
+
+
+def start_and_signal(tmp_path, name, nproc, signum, rank, *args):
+    """Launch the driver, send signum to one rank's process once iteration 1 is logged, wait for it to end."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "driver.py").write_text(DRIVER)
+    out = tmp_path / name
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(ng.__file__)), OMP_NUM_THREADS="1",
+               PYTHONUNBUFFERED="1")
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1 else [
+        sys.executable]
+    proc = subprocess.Popen([*launcher, str(tmp_path / "driver.py"), str(out), *SIGNAL_ARGS, *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("iter    1 |"):
+            deadline = time.time() + 30
+            while not (tmp_path / f"{name}.pid{rank}").exists() and time.time() < deadline:
+                time.sleep(0.1)
+            os.kill(int((tmp_path / f"{name}.pid{rank}").read_text()), signum)
+            break
+    lines += proc.stdout.readlines()
+    assert proc.wait(timeout=120) == 0, "".join(lines)[-3000:]
+    assert signal.Signals(signum).name in "".join(lines) or rank != 0
+    return "".join(lines), out
+
+
+def test_sigterm_finishes_the_iteration_checkpoints_and_resumes_exactly(tmp_path):
+    import signal
+
+    ng.train(ng.parse_config([*SIGNAL_ARGS, f"--out_dir={tmp_path / 'straight'}"]))
+    output, out = start_and_signal(tmp_path, "stopped", 1, signal.SIGTERM, 0)
+    stopped_at = len(read_log(out))
+    assert "continue with the same command and --resume" in output and 2 <= stopped_at < 8
+    assert (out / "checkpoints/latest").read_text() == f"step-{stopped_at:06d}"
+    ng.train(ng.parse_config([*SIGNAL_ARGS, f"--out_dir={out}", "--resume"]))
+    assert max_abs_diff(exported(tmp_path / "straight"), exported(out)) == 0
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_iteration(tmp_path):
+    import signal
+
+    output, out = start_and_signal(tmp_path, "ranks", 2, signal.SIGUSR1, 1, "--parallel=ddp")
+    stopped_at = len(read_log(out))
+    assert "stopped by a signal to another rank" in output and 2 <= stopped_at < 8
+    ranks = [torch.load(out / f"params_rank{r}.pt") for r in range(2)]
+    assert max_abs_diff(ranks[0], ranks[1]) == 0  # both returned after the same update
+    ng.train(ng.parse_config([*SIGNAL_ARGS, f"--out_dir={out}", "--resume", "--groups_per_rank=2"]))
+    assert len(read_log(out)) == 8
+
+
+def nan_on_calls(monkeypatch, calls):
+    """grpo_objective returning NaN on the given call numbers (B = 4 anchors x K = 4 steps = 16 calls an iteration)."""
+    real, count = ng.grpo_objective, [0]
+
+    def objective(*args):
+        J, clip_frac = real(*args)
+        count[0] += 1
+        return (J * float("nan") if count[0] - 1 in calls else J), clip_frac
+
+    monkeypatch.setattr(ng, "grpo_objective", objective)
+
+
+def test_a_non_finite_gradient_skips_the_step_on_every_rank_and_training_goes_on(tmp_path, monkeypatch):
+    nan_on_calls(monkeypatch, range(16, 32))  # iteration 1
+    model = ng.train(tiny_cfg(tmp_path, "--iterations=3", "--sample_every=0", "--eval_every=0"))
+    assert [r["skipped_steps"] for r in read_log(tmp_path)] == [0, 4, 0]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_non_finite_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    nan_on_calls(monkeypatch, range(16, 10_000))  # from iteration 1 on
+    with pytest.raises(SystemExit) as exit_info:
+        ng.main(["--preset=tiny", f"--out_dir={tmp_path}", "--iterations=6", "--sample_every=0", "--eval_every=0",
+                 "--ckpt_every=1", "--max_skipped_steps=6"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "8 optimizer steps in a row" in err and "--resume" in err
+    assert (tmp_path / "checkpoints/latest").read_text() == "step-000002"  # after iteration 1, unharmed by it
+    assert all(torch.isfinite(v).all() for v in exported(tmp_path / "checkpoints/step-000002").values())
+
+
+def test_a_reward_that_raises_is_retried_then_named(monkeypatch):
+    monkeypatch.setattr(ng, "REWARD_BACKOFF_S", 0.0)
+    calls = []
+
+    def flaky(images, prompts):
+        calls.append(1)
+        if len(calls) < 3:
+            raise TimeoutError("the reward server timed out")
+        return images.mean(dim=(1, 2, 3))
+
+    images = torch.rand(2, 3, 8, 8)
+    assert torch.allclose(ng.score({"flaky": flaky}, images, ["a", "b"])[0], images.mean(dim=(1, 2, 3)))
+    calls.clear()
+    monkeypatch.setattr(ng, "REWARD_TRIES", 2)
+    with pytest.raises(ng.RewardError, match="reward 'flaky' raised TimeoutError .* 2 times"):
+        ng.score({"flaky": flaky}, images, ["a", "b"])
