@@ -38,7 +38,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -293,18 +294,25 @@ def autocast(device, dtype):
 
 
 def parallelize(model, cfg, device, world, dtype):
-    """FSDP2 per transformer block, then the root (compute in dtype, gradients reduced in fp32), or DDP."""
+    """FSDP2 per transformer block, then the root (compute in dtype, gradients reduced in fp32), or DDP.
+    FSDP shards an empty (meta) model, then rank 0 broadcasts its weights and each rank keeps only its shard:
+    no rank but 0 ever holds a full copy (load_pipeline(meta=True) builds theirs without weights)."""
     if cfg.grad_checkpointing:
         model.enable_gradient_checkpointing()
     if world == 1:
         return model.to(device)
     if cfg.parallel == "ddp":
         return DDP(model.to(device), device_ids=[device.index] if device.type == "cuda" else None)
-    mesh = init_device_mesh(device.type, (world,))  # fully_shard moves each block to the device as it shards
+    full = model.state_dict() if dist.get_rank() == 0 else {}  # rank 0's CPU tensors: the only full copy
+    model.to("meta")
+    mesh = init_device_mesh(device.type, (world,))
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for block in [*model.transformer_blocks, *model.single_transformer_blocks]:
         fully_shard(block, mesh=mesh, mp_policy=policy)
-    return fully_shard(model, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    model.to_empty(device=device)  # this rank's shards, allocated on the device, then filled from rank 0
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model
 
 
 def adamw(model, cfg):
@@ -419,9 +427,10 @@ def tokenizer_is_empty(tokenizer):
     return not ids or tokenizer.unk_token_id in ids
 
 
-def load_pipeline(cfg, device, dtype):
+def load_pipeline(cfg, device, dtype, meta=False):
     """FluxPipeline for cfg.model_path: VAE and text encoders on device in dtype, frozen; the transformer in fp32
-    (the master weights; with LoRA the frozen base in dtype) on the CPU until parallelize() moves it."""
+    (the master weights; with LoRA the frozen base in dtype) on the CPU until parallelize() moves it. meta=True
+    (FSDP ranks but 0): the transformer's architecture alone, on the meta device; rank 0 sends the weights."""
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
     def load(fn, field, path, **kwargs):
@@ -432,6 +441,13 @@ def load_pipeline(cfg, device, dtype):
                 f"{field}={path}: cannot load FLUX ({type(e).__name__}: {str(e).splitlines()[0][:200]}); download "
                 "black-forest-labs/FLUX.1-dev (huggingface-cli download) and pass its directory") from None
 
+    def load_transformer(field, path, **kwargs):
+        if meta:
+            config = load(FluxTransformer2DModel.load_config, field, path, **kwargs)
+            with torch.device("meta"):
+                return FluxTransformer2DModel.from_config(config)
+        return load(FluxTransformer2DModel.from_pretrained, field, path, dtype=master, **kwargs)
+
     master = dtype if cfg.lora_rank else torch.float32
     if cfg.model_path == "tiny":
         pipe = build_random_flux(cfg.seed, **TINY)
@@ -441,9 +457,8 @@ def load_pipeline(cfg, device, dtype):
         for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2) if dtype != torch.float32 else ():
             module.to(dtype)  # as from_pretrained(dtype=dtype) loads them
     else:
-        transformer = None if cfg.transformer_path else load(
-            FluxTransformer2DModel.from_pretrained, "model_path", cfg.model_path, subfolder="transformer",
-            dtype=master)
+        transformer = None if cfg.transformer_path else load_transformer("model_path", cfg.model_path,
+                                                                          subfolder="transformer")
         pipe = load(FluxPipeline.from_pretrained, "model_path", cfg.model_path, transformer=transformer, dtype=dtype)
         for name in ("tokenizer", "tokenizer_2"):
             if tokenizer_is_empty(getattr(pipe, name)):
@@ -452,8 +467,7 @@ def load_pipeline(cfg, device, dtype):
                     f"vocabulary; {name}/ lacks tokenizer.json (or vocab.json + merges.txt, spiece.model): download "
                     "black-forest-labs/FLUX.1-dev completely (huggingface-cli download) and pass its directory")
     if cfg.transformer_path:
-        pipe.transformer = load(FluxTransformer2DModel.from_pretrained, "transformer_path", cfg.transformer_path,
-                                dtype=master)
+        pipe.transformer = load_transformer("transformer_path", cfg.transformer_path)
     if cfg.lora_rank:
         add_lora(pipe.transformer, cfg, dtype)
     pipe.set_progress_bar_config(disable=True)
@@ -1721,7 +1735,7 @@ def build(cfg):
     prompts = load_prompts(cfg.prompt_file)
     reward_fns = {name: load_reward(name, cfg, device) for name in cfg.rewards}
     eval_prompts, eval_fns = eval_setup(cfg, reward_fns, device) if cfg.eval_every else ([], {})
-    pipe = load_pipeline(cfg, device, dtype)
+    pipe = load_pipeline(cfg, device, dtype, meta=world > 1 and cfg.parallel == "fsdp" and rank > 0)
     model = parallelize(pipe.transformer, cfg, device, world, dtype)
     model.train()
     optimizer = adamw(model, cfg)

@@ -620,6 +620,45 @@ def test_two_ranks_equal_one_process_over_the_same_groups(tmp_path, parallel, ch
         assert max_abs_diff(one, {k: v.detach() for k, v in initial.items()}) > 1e-3  # and it did train
 
 
+LOAD_DRIVER = """
+import os, sys, torch, torch.distributed as dist
+from diffusers import FluxTransformer2DModel
+import neighbor_grpo as ng
+out, rank = sys.argv[1], os.environ.get("RANK", "0")
+real = FluxTransformer2DModel.from_pretrained.__func__
+def spy(cls, *args, **kwargs):  # who reads the transformer's weights from disk
+    open(f"{out}.weights_read_by_rank{rank}", "w").close()
+    return real(cls, *args, **kwargs)
+FluxTransformer2DModel.from_pretrained = classmethod(spy)
+r = ng.build(ng.parse_config(sys.argv[2:] + ["--out_dir=" + out]))
+full = lambda p: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().clone()
+torch.save({n: full(p) for n, p in r.model.named_parameters()}, f"{out}.params{rank}.pt")
+if dist.is_initialized():
+    dist.destroy_process_group()
+"""
+
+
+def test_fsdp_ranks_but_0_never_read_the_weights_and_get_the_same_model(tmp_path):
+    import subprocess
+    import sys
+
+    from diffusers import FluxTransformer2DModel
+
+    ng.build_random_flux(3, **ng.TINY).save_pretrained(tmp_path / "pipe")  # FLUX.1-dev's directory layout
+    (tmp_path / "driver.py").write_text(LOAD_DRIVER)
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(ng.__file__)), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             str(tmp_path / "driver.py"), str(tmp_path / "run"), "--preset=tiny", "--parallel=fsdp",
+                             f"--model_path={tmp_path / 'pipe'}", "--eval_every=0"], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "run.weights_read_by_rank0").exists() and not (tmp_path / "run.weights_read_by_rank1").exists()
+    reference = dict(FluxTransformer2DModel.from_pretrained(tmp_path / "pipe/transformer").named_parameters())
+    for rank in (0, 1):
+        assert max_abs_diff(torch.load(tmp_path / f"run.params{rank}.pt"),
+                            {k: v.detach() for k, v in reference.items()}) == 0
+
+
 def exported(out_dir):
     """The trained weights a run exported: the whole transformer, or the LoRA adapter."""
     from diffusers import FluxTransformer2DModel
