@@ -147,6 +147,14 @@ PRESETS = {
     ),
 }
 
+DIGITS_DIR = Path(__file__).resolve().parent / "data" / "digits"  # written by data/digits/prepare.py, committed
+PRESETS["digits"] = dict(  # a pretrained 16x16 FLUX-architecture model of handwritten digits: alignment on a CPU
+    model_path=str(DIGITS_DIR), resolution=16, max_sequence_length=48, rewards=("digit_alignment",),
+    prompt_file=str(DIGITS_DIR / "prompts.txt"), eval_prompts=str(DIGITS_DIR / "eval_prompts.txt"), eval_size=0,
+    eval_every=10, eval_only_rewards=(), eval_batch_size=20, lr=1e-3, iterations=60, device="cpu",
+    mixed_precision="fp32", parallel="ddp", grad_checkpointing=False, out_dir="runs/digits", sample_every=20,
+    num_samples=10, ckpt_every=0)
+
 SOLVERS = ("euler", "dpm++2m")
 OLD_ANCHORS = ("train_solver", "rollout")
 METHODS = ("neighbor", "sde")
@@ -235,6 +243,8 @@ def validate(cfg):
         (cfg.parallel in PARALLEL, f"parallel={cfg.parallel}: use fsdp (sharded) or ddp (replicated)"),
         (cfg.ckpt_every >= 0, f"ckpt_every={cfg.ckpt_every}: must be >= 0 (0 = only at the end)"),
         (cfg.max_skipped_steps >= 1, f"max_skipped_steps={cfg.max_skipped_steps}: must be >= 1; use 8"),
+        (cfg.model_path != str(DIGITS_DIR) or (DIGITS_DIR / "model_index.json").is_file(),
+         "preset=digits: data/digits holds no prepared model yet; run python data/digits/prepare.py (minutes on a CPU)"),
         (not cfg.wandb_project or importlib.util.find_spec("wandb"),
          f"wandb_project={cfg.wandb_project}: needs the wandb package (not a requirement): pip install wandb"),
         (not (cfg.resume and cfg.overwrite), "resume and overwrite: pick one; --resume continues the run in out_dir"),
@@ -990,6 +1000,34 @@ def aesthetic_scorer(clip, mlp, dtype):
     return aesthetic
 
 
+def digit_alignment_reward(cfg, device):
+    """The digits preset's alignment: the probability its classifier (logistic regression on 8x8 images, fit by
+    data/digits/prepare.py) gives to the digit the prompt asks for."""
+    path = Path(cfg.model_path) / "classifier.pt"
+    if not path.is_file():
+        raise ConfigError(f"rewards: digit_alignment needs {path}; use --preset=digits (or run data/digits/prepare.py)")
+    state = torch.load(path)
+    return digit_scorer(state["weight"], state["bias"])
+
+
+def digit_features(images):
+    """What the digit classifier sees: the image averaged to 8x8 grey, on load_digits' 0..16 scale."""
+    return F.adaptive_avg_pool2d(images.float().mean(1, keepdim=True), 8).flatten(1).cpu() * 16
+
+
+def digit_scorer(weight, bias):
+    def digit_alignment(images, prompts):
+        """p(asked digit | image), from the classifier's softmax."""
+        x = digit_features(images)
+        asked = [re.findall(r"\d", p) for p in prompts]
+        if not all(asked):
+            raise RewardError(f"reward 'digit_alignment': a prompt names no digit ({prompts[asked.index([])]!r})")
+        probs = torch.softmax(x @ weight.T + bias, dim=-1)
+        return probs[torch.arange(len(prompts)), torch.tensor([int(a[-1]) for a in asked])]
+
+    return digit_alignment
+
+
 UNIFIEDREWARD_QUESTION = (  # ours; MixGRPO's asks for the same closing line
     "You see an image generated from the caption below. Judge how faithfully it depicts the caption (objects, "
     "attributes, counts, relations) and its visual quality (clarity, detail, artefacts, aesthetic appeal). Reason "
@@ -1067,6 +1105,7 @@ REWARDS = {
     "jpeg_compressibility": lambda cfg, device: jpeg_compressibility,
     "jpeg_incompressibility": lambda cfg, device: jpeg_incompressibility,
     "brightness": lambda cfg, device: brightness,
+    "digit_alignment": digit_alignment_reward,
 }
 
 

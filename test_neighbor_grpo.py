@@ -1293,3 +1293,38 @@ def test_a_reward_that_raises_is_retried_then_named(monkeypatch):
     monkeypatch.setattr(ng, "REWARD_TRIES", 2)
     with pytest.raises(ng.RewardError, match="reward 'flaky' raised TimeoutError .* 2 times"):
         ng.score({"flaky": flaky}, images, ["a", "b"])
+
+
+# ---------------------------------------------------------------------------- the digits preset
+
+
+def load_prepare():
+    spec = importlib.util.spec_from_file_location("prepare", ng.DIGITS_DIR / "prepare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_digits_prepare_writes_a_pipeline_the_preset_loads(tmp_path):
+    load_prepare().main(["--vae_steps=2", "--flow_steps=2", "--eval_every=2", f"--out={tmp_path}"])
+    assert {"model_index.json", "transformer", "vae", "classifier.pt", "prompts.txt", "eval_prompts.txt"} <= {
+        p.name for p in tmp_path.iterdir()}
+    cfg = ng.parse_config(["--preset=digits", f"--model_path={tmp_path}"])
+    pipe = ng.load_pipeline(cfg, torch.device("cpu"), torch.float32)
+    assert ng.latent_shape(pipe, cfg.resolution) == (16, 16)
+    assert len(ng.load_prompts(str(tmp_path / "prompts.txt"))) == 40
+
+
+def test_digit_alignment_ranks_the_asked_digit_on_real_digits():
+    """prepare.py's classifier on held-out real digits, upsampled to 16x16 as prepare.py does and averaged back to
+    8x8 by the reward: the asked digit scores highest."""
+    prepare = load_prepare()
+    images, labels = prepare.digits()
+    classifier = prepare.train_classifier(images, labels, n_train=1500)
+    reward = ng.digit_scorer(classifier["weight"], classifier["bias"])
+    images, labels = images[1500:], labels[1500:]
+    scores = torch.stack([reward(images, [f"the digit {d}"] * len(images)) for d in range(10)])  # [10, N]
+    assert (scores.argmax(0) == labels).float().mean() > 0.9
+    assert torch.allclose(scores.sum(0), torch.ones(len(images)), atol=1e-4)  # a distribution over the digits
+    with pytest.raises(ng.RewardError, match="names no digit"):
+        reward(images[:1], ["a cat"])
