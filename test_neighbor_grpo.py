@@ -528,6 +528,9 @@ def test_tiny_run_writes_log_samples_and_a_diffusers_checkpoint(tmp_path):
         assert key in log[0] and math.isfinite(log[0][key])
     assert log[0]["nfe_old"] == 8 and round(log[0]["nfe_theta"], 2) == 1.33
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["000000.png", "000001.png", "000002.png"]
+    from PIL import Image
+
+    assert Image.open(tmp_path / "curves.png").size[0] > 0  # redrawn at each evaluation
     trained = FluxTransformer2DModel.from_pretrained(tmp_path / "transformer")
     initial = ng.build_random_flux(cfg.seed, **ng.TINY).transformer
     assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), initial.parameters()))
