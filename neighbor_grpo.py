@@ -151,9 +151,9 @@ DIGITS_DIR = Path(__file__).resolve().parent / "data" / "digits"  # written by d
 PRESETS["digits"] = dict(  # a pretrained 16x16 FLUX-architecture model of handwritten digits: alignment on a CPU
     model_path=str(DIGITS_DIR), resolution=16, max_sequence_length=48, rewards=("digit_alignment",),
     prompt_file=str(DIGITS_DIR / "prompts.txt"), eval_prompts=str(DIGITS_DIR / "eval_prompts.txt"), eval_size=0,
-    eval_every=10, eval_only_rewards=(), eval_batch_size=20, lr=1e-3, iterations=60, device="cpu",
-    mixed_precision="fp32", parallel="ddp", grad_checkpointing=False, out_dir="runs/digits", sample_every=20,
-    num_samples=10, ckpt_every=0)
+    eval_every=10, eval_only_rewards=(), eval_batch_size=20, lr=1e-4, groups_per_rank=2, iterations=60,
+    device="cpu", mixed_precision="fp32", parallel="ddp", grad_checkpointing=False, out_dir="runs/digits",
+    sample_every=20, num_samples=10, ckpt_every=0)
 
 SOLVERS = ("euler", "dpm++2m")
 OLD_ANCHORS = ("train_solver", "rollout")

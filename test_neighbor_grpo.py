@@ -1331,3 +1331,15 @@ def test_digit_alignment_ranks_the_asked_digit_on_real_digits():
     assert torch.allclose(scores.sum(0), torch.ones(len(images)), atol=1e-4)  # a distribution over the digits
     with pytest.raises(ng.RewardError, match="names no digit"):
         reward(images[:1], ["a cat"])
+
+
+def test_digits_preset_raises_held_out_alignment_against_an_lr_zero_control(tmp_path):
+    """The committed base model: Neighbor GRPO lifts the classifier's probability of the asked digit on fixed
+    held-out prompts and noise (measured: 0.31 -> 0.45 in 20 iterations); lr = 0 leaves it exactly in place."""
+    evals = {}
+    for lr in ("1e-4", "0"):
+        ng.train(ng.parse_config(["--preset=digits", f"--out_dir={tmp_path / lr}", f"--lr={lr}", "--iterations=20",
+                                  "--eval_every=20", "--sample_every=0"]))
+        evals[lr] = [r["eval/digit_alignment"] for r in read_log(tmp_path / lr) if "eval/digit_alignment" in r]
+    assert evals["1e-4"][0] == evals["0"][0] == evals["0"][1]
+    assert 0.2 < evals["0"][0] < 0.4 and evals["1e-4"][1] - evals["1e-4"][0] > 0.05
