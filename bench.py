@@ -132,7 +132,8 @@ def compare(opts, cfg):
     side-by-side training run (compare.csv, compare.png)."""
     cfgs = dict(neighbor=cfg, sde=dataclasses.replace(cfg, **ng.DANCEGRPO))
     setups = {m: setup(c, opts["flux_blocks"]) for m, c in cfgs.items()}
-    ref, prompts = setups["neighbor"], ng.EXAMPLE_PROMPTS[: cfg.num_samples]
+    ref = setups["neighbor"]
+    prompts = ref.prompts[: cfg.num_samples]  # the preset's own prompts (tiny: the examples)
     rows, seconds, wall, done = [], {m: [] for m in cfgs}, dict.fromkeys(cfgs, 0.0), dict.fromkeys(cfgs, 0)
     while True:  # interleaved, so both meet the same machine
         if opts["seconds"]:  # the method that has used less time goes next, until both used the budget
