@@ -376,6 +376,11 @@ def progress(iterable, desc, rank):
     return tqdm(iterable, desc=desc, leave=False)
 
 
+def batches(items, n):
+    """items in consecutive lists of at most n."""
+    return [items[b: b + n] for b in range(0, len(items), n)]
+
+
 def barrier(world):
     if world > 1:
         dist.barrier()
@@ -1368,15 +1373,19 @@ def group_prompt(prompts, seed, iteration, group):
     return prompts[torch.randint(len(prompts), (1,), generator=gen).item()], gen
 
 
+def neighbourhood_noise(pipe, cfg, gen, size, sigma, device):
+    """size initial noises around one base noise drawn from gen (eq. 7); sigma = 0, size = 1: the base itself."""
+    base = draw_noise(pipe, 1, cfg.resolution, gen, device)
+    return perturbed_noise(base, draw_noise(pipe, size, cfg.resolution, gen, device), sigma)
+
+
 def neighbourhood_rollout(pipe, cond, cfg, grid, gen, size, sigma, dtype):
     """size ODE trajectories from a neighbourhood of one base noise (eq. 7), with theta_old: the states
     [size, T + 1, L, C] and the TrainSolver's prediction from each [size, T, L, C] (see rollout).
 
     With sigma = 0 and size = 1 this is plain deterministic ODE sampling, the inference sampler.
     """
-    device = cond.img_ids.device
-    base = draw_noise(pipe, 1, cfg.resolution, gen, device)
-    x1 = perturbed_noise(base, draw_noise(pipe, size, cfg.resolution, gen, device), sigma)
+    x1 = neighbourhood_noise(pipe, cfg, gen, size, sigma, cond.img_ids.device)
     v_fn = lambda x, t: velocity(pipe.transformer, x, t, cond, dtype)  # noqa: E731
     parts = [rollout(v_fn, x, grid, cfg.rollout_solver) for x in x1.split(cfg.rollout_batch_size)]
     return torch.cat([states for states, _ in parts]), torch.cat([train_next for _, train_next in parts])
@@ -1393,15 +1402,15 @@ def sde_group_rollout(pipe, cond, cfg, grid, gen, dtype):
 @torch.no_grad()
 def generate(pipe, prompts, cfg, grid, seed, dtype, cache, indices=None):
     """Inference: one deterministic ODE sample per prompt, eval_batch_size prompts per transformer call, each
-    noise drawn as neighbourhood_rollout(sigma = 0, size = 1) draws it from the prompt's index, so the images do
-    not depend on batching or on the number of ranks: [N, 3, H, W]."""
+    noise neighbourhood_noise(sigma = 0, size = 1) of the prompt's index, so the images do not depend on batching
+    or on the number of ranks: [N, 3, H, W]."""
     device, images = pipe.vae.device, []
     items = list(zip(range(len(prompts)) if indices is None else indices, prompts))
-    for chunk in (items[b: b + cfg.eval_batch_size] for b in range(0, len(items), cfg.eval_batch_size)):
+    for chunk in batches(items, cfg.eval_batch_size):
         conds = [encode_prompt(pipe, prompt, cfg, cache) for _, prompt in chunk]
         cond = dataclasses.replace(conds[0], prompt_embeds=torch.cat([c.prompt_embeds for c in conds]),
                                    pooled=torch.cat([c.pooled for c in conds]))
-        x1 = torch.cat([draw_noise(pipe, 1, cfg.resolution, group_generator(seed, -1, i), device) for i, _ in chunk])
+        x1 = torch.cat([neighbourhood_noise(pipe, cfg, group_generator(seed, -1, i), 1, 0.0, device) for i, _ in chunk])
         states, _ = rollout(lambda x, t: velocity(pipe.transformer, x, t, cond, dtype), x1, grid, cfg.rollout_solver)
         images += [decode_images(pipe, x, cfg.resolution) for x in states[:, -1].split(cfg.reward_batch_size)]
     return torch.cat(images)
@@ -1435,7 +1444,7 @@ def policy_update(model, optimizer, groups, grid, cfg, dtype):
     sde_samples_per_step samples (the loss then averaged over them, as DanceGRPO's gradient accumulation)."""
     K, B = cfg.num_train_steps, len(groups[0].anchors)
     per_step = cfg.sde_samples_per_step if cfg.method == "sde" else 1
-    chunks = [range(b, min(b + per_step, B)) for b in range(0, B, per_step)]
+    chunks = batches(range(B), per_step)
     objective = sde_objective if cfg.method == "sde" else anchor_objective
     stats = dict(loss=0.0, clip_frac=0.0, first_anchor_abs_log_ratio=0.0, grad_norm=0.0, skipped_steps=0)
     for c, chunk in enumerate(chunks):
@@ -1522,15 +1531,13 @@ def rank_eval_prompts(prompts, rank, world):
 def evaluate(pipe, prompts, reward_fns, cfg, grid, dtype, cache, rank, world, path):
     """Rank 0 writes path.json (per-prompt scores, mean, std, standard error), path.md and path.png (the first
     num_samples prompts); returns {reward: mean} on rank 0, None elsewhere."""
-    n, rows, samples, mine = len(prompts), [], {}, eval_indices(len(prompts), rank, world)
-    chunks = [mine[b: b + cfg.eval_batch_size] for b in range(0, len(mine), cfg.eval_batch_size)]
-    for chunk in progress(chunks, f"evaluating {n} prompts", rank):
+    n, rows, samples = len(prompts), [], {}
+    for chunk in progress(batches(eval_indices(n, rank, world), cfg.eval_batch_size), f"evaluating {n} prompts", rank):
         js = [min(i, n - 1) for i in chunk]  # every rank runs as many chunks of the same sizes (FSDP)
         images = generate(pipe, [prompts[j] for j in js], cfg, grid, cfg.seed, dtype, cache, indices=js)
         real = [(i, image) for i, image in zip(chunk, images) if i < n]
         scores = torch.cat([score(reward_fns, torch.stack([im for _, im in part]), [prompts[i] for i, _ in part])
-                            for part in (real[b: b + cfg.reward_batch_size]
-                                         for b in range(0, len(real), cfg.reward_batch_size))], dim=1)
+                            for part in batches(real, cfg.reward_batch_size)], dim=1)
         rows += [(i, scores[:, c].tolist()) for c, (i, _) in enumerate(real)]
         samples.update({i: image.cpu() for i, image in real if i < cfg.num_samples})
     gathered = all_gather_objects((rows, samples), world)
@@ -1819,10 +1826,10 @@ def plot_curves(out, rewards):
 
 def train(cfg):
     """Neighbor GRPO on this process's share of the prompt groups; returns the trained (wrapped) transformer."""
-    r, out = build(cfg), Path(cfg.out_dir)
+    run, out = build(cfg), Path(cfg.out_dir)
     rank, world, device, dtype, pipe, model, optimizer, start = (
-        r.rank, r.world, r.device, r.dtype, r.pipe, r.model, r.optimizer, r.start)
-    prompts, grid, cache = r.prompts, r.grid, r.cache
+        run.rank, run.world, run.device, run.dtype, run.pipe, run.model, run.optimizer, run.start)
+    prompts, grid, cache = run.prompts, run.grid, run.cache
     wandb = None
     if rank == 0:
         (out / "samples").mkdir(parents=True, exist_ok=True)
@@ -1846,14 +1853,14 @@ def train(cfg):
                 if rank == 0:
                     save_grid(images, out / f"samples/{it:06d}.png")
             if cfg.eval_every and (it % cfg.eval_every == 0 or it == cfg.iterations):
-                means = evaluate(pipe, r.eval_prompts, r.eval_fns, cfg, r.eval_grid, dtype, cache, rank, world,
+                means = evaluate(pipe, run.eval_prompts, run.eval_fns, cfg, run.eval_grid, dtype, cache, rank, world,
                                  out / f"eval/iter_{it:06d}")
                 record.update({f"eval/{k}": v for k, v in (means or {}).items()})
             if it == cfg.iterations:
                 break
             t0 = clock(device)
-            groups, stats, timings = train_iteration(pipe, model, optimizer, r.reward_fns, r.weights, prompts, grid,
-                                                     cfg, it, dtype, cache, r.group_ids)
+            groups, stats, timings = train_iteration(pipe, model, optimizer, run.reward_fns, run.weights, prompts,
+                                                     grid, cfg, it, dtype, cache, run.group_ids)
             timings["total"] = clock(device) - t0
             rewards = all_gather_columns(torch.cat([g.rewards for g in groups], dim=1), world, device)
             stats = all_mean({**stats, **{f"time/{k}": v for k, v in timings.items()}}, world, device)

@@ -580,19 +580,25 @@ if dist.is_initialized():
 """
 
 
+def launch(nproc, script, *args):
+    """The command and environment running script under torchrun with nproc gloo ranks (plain python for one)."""
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(ng.__file__)), OMP_NUM_THREADS="1",
+               PYTHONUNBUFFERED="1")
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1 else [
+        sys.executable]
+    return [*launcher, str(script), *map(str, args)], env
+
+
 def run_ranks(tmp_path, name, nproc, *args):
     """neighbor_grpo.train under torchrun (gloo on CPU); returns each rank's full parameters."""
-    import os
     import subprocess
-    import sys
 
     (tmp_path / "driver.py").write_text(DRIVER)
     out = tmp_path / name
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(ng.__file__)), OMP_NUM_THREADS="1")
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1 else [
-        sys.executable]
-    result = subprocess.run([*launcher, str(tmp_path / "driver.py"), str(out), *args], env=env,
-                            capture_output=True, text=True, timeout=300)
+    command, env = launch(nproc, tmp_path / "driver.py", out, *args)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return [torch.load(out / f"params_rank{r}.pt") for r in range(nproc)]
 
@@ -643,17 +649,14 @@ if dist.is_initialized():
 
 def test_fsdp_ranks_but_0_never_read_the_weights_and_get_the_same_model(tmp_path):
     import subprocess
-    import sys
 
     from diffusers import FluxTransformer2DModel
 
     ng.build_random_flux(3, **ng.TINY).save_pretrained(tmp_path / "pipe")  # FLUX.1-dev's directory layout
     (tmp_path / "driver.py").write_text(LOAD_DRIVER)
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(ng.__file__)), OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                             str(tmp_path / "driver.py"), str(tmp_path / "run"), "--preset=tiny", "--parallel=fsdp",
-                             f"--model_path={tmp_path / 'pipe'}", "--eval_every=0"], env=env, capture_output=True,
-                            text=True, timeout=300)
+    command, env = launch(2, tmp_path / "driver.py", tmp_path / "run", "--preset=tiny", "--parallel=fsdp",
+                          f"--model_path={tmp_path / 'pipe'}", "--eval_every=0")
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "run.weights_read_by_rank0").exists() and not (tmp_path / "run.weights_read_by_rank1").exists()
     reference = dict(FluxTransformer2DModel.from_pretrained(tmp_path / "pipe/transformer").named_parameters())
@@ -1147,14 +1150,12 @@ def test_eval_only_scores_a_checkpoint_deterministically(tmp_path):
 
 def test_eval_scores_do_not_depend_on_batch_size_or_ranks(tmp_path):
     import subprocess
-    import sys
 
     args = [*EVAL_ARGS, "--rewards=brightness"]  # continuous in the image: JPEG sizes jump with float noise
     for batch in (1, 4):
         ng.main([*args, f"--eval_batch_size={batch}", f"--out_dir={tmp_path / f'batch{batch}'}"])
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(ng.__file__)), OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", ng.__file__, *args,
-                             f"--out_dir={tmp_path / 'two'}"], env=env, capture_output=True, text=True, timeout=300)
+    command, env = launch(2, ng.__file__, *args, f"--out_dir={tmp_path / 'two'}")
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = [json.loads((tmp_path / n / "eval.json").read_text()) for n in ("batch1", "batch4", "two")]
     assert runs[0]["num_prompts"] == 5  # 5 prompts over 2 ranks: one padded slot
@@ -1199,17 +1200,12 @@ def start_and_signal(tmp_path, name, nproc, signum, rank, *args):
     """Launch the driver, send signum to one rank's process once iteration 1 is logged, wait for it to end."""
     import signal
     import subprocess
-    import sys
     import time
 
     (tmp_path / "driver.py").write_text(DRIVER)
     out = tmp_path / name
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(ng.__file__)), OMP_NUM_THREADS="1",
-               PYTHONUNBUFFERED="1")
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1 else [
-        sys.executable]
-    proc = subprocess.Popen([*launcher, str(tmp_path / "driver.py"), str(out), *SIGNAL_ARGS, *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    command, env = launch(nproc, tmp_path / "driver.py", out, *SIGNAL_ARGS, *args)
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in proc.stdout:
         lines.append(line)
