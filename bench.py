@@ -11,8 +11,8 @@ are timed on the transformer alone in the same run.
 
 Bench options: --iters=N timed iterations (3), --warmup=N untimed ones (1), --flux_blocks=D,S a random model of
 FLUX.1-dev's width with D double and S single blocks (weights cannot be downloaded everywhere; speed and memory
-do not depend on them), --compare: Neighbor GRPO with the given config against the SDE baseline with
-DanceGRPO's setting on top of it (neighbor_grpo.DANCEGRPO), alternating iterations in one process, with
+do not depend on them), --compare: Neighbor GRPO with the given config against the SDE baseline (sde_grpo.py) with
+DanceGRPO's setting on top of it (sde_grpo.DANCEGRPO), alternating iterations in one process, with
 --eval_every=N (5) evaluations of both on the same deterministic sampler, or with --seconds=S a training run
 of S seconds each, always advancing the method that has used less time; it writes compare.csv and compare.png
 to --out (runs/compare). --sweep=FIELD=A,B trains one run per value and seed in --seeds (0,1,2) and writes
@@ -29,7 +29,10 @@ from pathlib import Path
 
 import torch
 
+import flux
 import neighbor_grpo as ng
+import sde_grpo
+from rewards import RewardError, score
 
 
 def timed(fn, device, repeats=3):
@@ -55,27 +58,27 @@ def parse(argv):
     return opts, ng.parse_config(rest)
 
 
-def setup(cfg, flux_blocks):
+def setup(cfg, flux_blocks, method=ng.NEIGHBOR):
     """train()'s own builder, neighbor_grpo.build; --flux_blocks=D,S swaps the weights for random ones at FLUX.1-dev's
     width (model_path=random:D,S). No evaluation, and no refusal of an out_dir that holds a run: bench writes none."""
     if flux_blocks:
         cfg = dataclasses.replace(cfg, model_path=f"random:{flux_blocks}")
-    return ng.build(dataclasses.replace(cfg, eval_every=0, overwrite=True, resume=False))
+    return ng.build(dataclasses.replace(cfg, eval_every=0, overwrite=True, resume=False), method)
 
 
 def unit_costs(s, cfg):
     """One batched no-grad forward (the rollout's unit) and one batch-1 forward+backward (the update's unit)."""
     pipe, model, device, dtype = s.pipe, s.model, s.device, s.dtype
-    cond = ng.encode_prompt(pipe, s.prompts[0], cfg, s.cache)
-    x = torch.randn(min(cfg.rollout_batch_size, cfg.group_size), *ng.latent_shape(pipe, cfg.resolution),
+    cond = flux.encode_prompt(pipe, s.prompts[0], cfg, s.cache)
+    x = torch.randn(min(cfg.rollout_batch_size, cfg.group_size), *flux.latent_shape(pipe, cfg.resolution),
                     device=device)
 
     def forward():
         with torch.no_grad():
-            ng.velocity(pipe.transformer, x, 0.5, cond, dtype)
+            flux.velocity(pipe.transformer, x, 0.5, cond, dtype)
 
     def forward_backward():
-        ng.velocity(model, x[:1], 0.5, cond, dtype).pow(2).mean().backward()
+        flux.velocity(model, x[:1], 0.5, cond, dtype).pow(2).mean().backward()
 
     t_fwd, t_fb = timed(forward, device), timed(forward_backward, device)
     s.optimizer.zero_grad(set_to_none=True)
@@ -84,11 +87,7 @@ def unit_costs(s, cfg):
 
 def one_iteration(s, cfg, iteration):
     """One real training iteration (train_iteration, the code train() runs): phase seconds and mean rewards."""
-    t0 = ng.clock(s.device)
-    groups, stats, timings = ng.train_iteration(s.pipe, s.model, s.optimizer, s.reward_fns,
-                                                s.weights, s.prompts, s.grid, cfg, iteration, s.dtype,
-                                                s.cache, s.group_ids)
-    timings["total"] = ng.clock(s.device) - t0
+    groups, stats, timings = ng.train_iteration(s, cfg, iteration)
     return timings, torch.cat([g.rewards for g in groups], dim=1).mean(1).tolist(), stats
 
 
@@ -103,9 +102,14 @@ def run_iterations(s, cfg, iters, warmup):
     return totals
 
 
+def trained_per_group(cfg):
+    """Trajectories trained per group: B anchors, or every sample for the SDE baseline."""
+    return cfg.group_size if isinstance(cfg, sde_grpo.SDEConfig) else cfg.num_anchors
+
+
 def report(cfg, opts, totals, t_fwd, t_fb, s):
     G, T, K, n = cfg.group_size, cfg.num_steps, cfg.num_train_steps, cfg.groups_per_rank
-    B = ng.trained_per_group(cfg)
+    B = trained_per_group(cfg)
     calls = math.ceil(G / cfg.rollout_batch_size) * T * n
     ideal = dict(rollout=calls * t_fwd, update=B * K * n * t_fb)
     rb = min(cfg.rollout_batch_size, G)
@@ -130,8 +134,8 @@ PAPER_S_PER_ITER = dict(neighbor=45.08, sde=237.86)  # Table 3, 32 x H800: Neigh
 def compare(opts, cfg):
     """Neighbor GRPO against the SDE baseline on one preset: seconds per iteration, NFEs, the speed-up, and a
     side-by-side training run (compare.csv, compare.png)."""
-    cfgs = dict(neighbor=cfg, sde=dataclasses.replace(cfg, **ng.DANCEGRPO))
-    setups = {m: setup(c, opts["flux_blocks"]) for m, c in cfgs.items()}
+    cfgs = dict(neighbor=cfg, sde=sde_grpo.SDEConfig(**{**dataclasses.asdict(cfg), **sde_grpo.DANCEGRPO}))
+    setups = {m: setup(c, opts["flux_blocks"], sde_grpo.SDE if m == "sde" else ng.NEIGHBOR) for m, c in cfgs.items()}
     ref = setups["neighbor"]
     prompts = ref.prompts[: cfg.num_samples]  # the preset's own prompts (tiny: the examples)
     rows, seconds, wall, done = [], {m: [] for m in cfgs}, dict.fromkeys(cfgs, 0.0), dict.fromkeys(cfgs, 0)
@@ -151,7 +155,7 @@ def compare(opts, cfg):
         if opts["eval_every"] and (i + 1) % opts["eval_every"] == 0:  # both on Neighbor GRPO's ODE sampler
             images = ng.generate(setups[m].pipe, prompts, cfg, ref.grid, cfg.seed, ref.dtype,
                                  setups[m].cache)
-            row.update({f"eval/{n}": r for n, r in zip(c.rewards, ng.score(ref.reward_fns, images, prompts)
+            row.update({f"eval/{n}": r for n, r in zip(c.rewards, score(ref.reward_fns, images, prompts)
                                                        .mean(1).tolist())})
         rows.append(row)
         if i >= opts["warmup"]:
@@ -161,7 +165,7 @@ def compare(opts, cfg):
 
 
 def report_comparison(cfgs, seconds, rows, out):
-    nfe = {m: (c.num_steps, ng.nfe_theta(ng.trained_per_group(c), c.group_size, c.num_train_steps))
+    nfe = {m: (c.num_steps, ng.nfe_theta(trained_per_group(c), c.group_size, c.num_train_steps))
            for m, c in cfgs.items()}
     mean = {m: sum(v) / len(v) for m, v in seconds.items()}
     print(f"{'method':<9} {'s/iter':>8} {'NFE_old':>8} {'NFE_theta':>10} {'paper s/iter':>13}")
@@ -233,7 +237,7 @@ def sweep(opts, cfg):
 def main(argv):
     try:
         run(*parse(argv))
-    except ng.ConfigError as e:
+    except (ng.ConfigError, flux.ModelError, RewardError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

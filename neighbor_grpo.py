@@ -1,17 +1,17 @@
 """
 Neighbor GRPO: contrastive ODE policy optimisation for FLUX (He et al., CVPR 2026, arXiv 2511.16955).
 
-    python neighbor_grpo.py --preset=tiny                 # random tiny FLUX-architecture model on CPU, ~1 minute
-    python neighbor_grpo.py --preset=digits               # a pretrained 16x16 digits model: alignment rises in 45 s
-    python neighbor_grpo.py --preset=flux-dev-lora        # FLUX.1-dev on one GPU with LoRA
-    torchrun --nproc_per_node=8 neighbor_grpo.py          # FLUX.1-dev, the paper's 8-step DPM++ setting
-    torchrun --nproc_per_node=8 neighbor_grpo.py --eval_only --transformer_path=runs/x/transformer
-    torchrun --nproc_per_node=8 neighbor_grpo.py --preset=dancegrpo   # the SDE-GRPO baseline (method=sde)
-    python neighbor_grpo.py --help                        # every field with its default and where it comes from
+    python neighbor_grpo.py --preset=tiny            # a random tiny FLUX-architecture model on CPU, ~1 minute
+    python neighbor_grpo.py --preset=digits          # a pretrained 16x16 digits model: alignment rises in a minute
+    python neighbor_grpo.py --preset=flux-dev-lora   # FLUX.1-dev on one GPU with LoRA
+    torchrun --nproc_per_node=8 neighbor_grpo.py     # FLUX.1-dev, the paper's 8-step DPM++ setting
+    torchrun --nproc_per_node=8 evaluate.py --transformer_path=runs/x/transformer   # Table 1 of a trained model
+    python neighbor_grpo.py --help                   # every field with its default and where it comes from
 
-Any Config field can be set as --field=value. The file reads top to bottom like the algorithm: config ->
-distributed set-up -> models -> time grid and solvers -> rewards -> advantages -> surrogate and objective ->
-one iteration -> evaluation -> checkpoints -> the loop -> main. "eq. N" and "Alg. 1" refer to the paper.
+Any Config field can be set as --field=value. The file reads top to bottom like the algorithm: config -> distributed
+set-up -> FLUX -> time grid and solvers -> prompt groups and their noise neighbourhood -> advantages -> surrogate
+and objective -> the policy update and one iteration -> evaluation -> checkpoints -> the loop -> main. "eq. N" and
+"Alg. 1" refer to the paper. Rewards live in rewards.py; the SDE-GRPO baseline in sde_grpo.py reuses this loop.
 """
 
 import contextlib
@@ -20,15 +20,12 @@ import difflib
 import importlib
 import importlib.util
 import inspect
-import io
 import json
-import logging
 import math
 import os
 import re
 import shutil
 import signal
-import string
 import sys
 import time
 import typing
@@ -39,12 +36,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+from flux import (Condition, ModelError, decode_images, encode_prompt, export_lora, export_transformer, latent_shape,
+                  load_pipeline, velocity)
+from rewards import RewardError, load_reward, reward_config_problems, score
 
 # diffusers' FLUX blocks return slices; nothing downstream writes into them in place (the FSDP tests check gradients)
 warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
@@ -55,6 +55,7 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DC
 
 
 TABLE1_REWARDS = ("hpsv2", "pickscore", "imagereward", "clipscore", "unifiedreward", "aesthetic")  # Table 1's columns
+ROOT = Path(__file__).resolve().parent
 
 
 @dataclass
@@ -66,7 +67,8 @@ class Config:
     max_sequence_length: int = 512  # T5 tokens per prompt (FluxPipeline default)
     transformer_path: str = ""  # a trained transformer (diffusers format) to start from or evaluate; "" = model_path's
     offload_text_encoders: bool = True  # encode this rank's prompts up front, then move CLIP and T5 to the CPU
-    prompt_file: str = "hpdv2"  # training prompts: "hpdv2" = HPDv2's train split (the paper), a text file, "" = examples
+    prompt_file: str = "hpdv2"  # training prompts: "hpdv2" = HPDv2's train split (data/hpdv2/prepare.py), a text
+    # file with one prompt per line, "" = the paper's example prompts
     # neighbourhood rollout (Sec. 3.3)
     group_size: int = 12  # G candidates per prompt (Table 3)
     noise_sigma: float = 0.3  # sigma, strength of the initial-noise perturbation (eq. 7, Table 4)
@@ -77,16 +79,12 @@ class Config:
     # policy update (Sec. 3.4, Alg. 1)
     num_anchors: int = 4  # B anchors per group (Table 5)
     num_train_steps: int = 4  # K transitions per anchor (Table 3)
-    distance: str = "mean"  # ||.||^2 of eq. 8 averaged ("mean") or summed ("sum") over latent elements (SPEC)
-    old_anchor: str = "train_solver"  # pi_old's anchor: theta_old's one-step DDIM prediction, or "rollout" (README)
+    distance: str = "mean"  # ||.||^2 of eq. 8 averaged ("mean") or summed ("sum") over latent elements (docs)
+    old_anchor: str = "train_solver"  # pi_old's anchor: theta_old's one-step DDIM prediction, or "rollout" (docs)
     temperature: float = 1.0  # tau in softmax(-d / tau); the paper omits it (supp. eq. 19)
     clip_range: float = 1e-4  # epsilon of the ratio clip (eq. 4; DanceGRPO, MixGRPO)
     adv_p: float = 0.8  # p of the group-wise quasi-norm advantage reweighting (eq. 11, Table 6)
-    # the baseline the paper reinterprets: SDE-GRPO (DanceGRPO, Flow-GRPO; eq. 5, supp. Sec. 2)
-    method: str = "neighbor"  # "neighbor" (this paper) or "sde" (SDE rollouts, Gaussian policy, all G samples trained)
-    sde_eta: float = 0.3  # SDE noise: sigma_t = eta * sqrt(t_k - t_{k+1}) (DanceGRPO)
-    sde_samples_per_step: int = 12  # samples accumulated per optimizer step (DanceGRPO's FLUX scripts: 12 = a group)
-    # rewards
+    # rewards (rewards.py)
     rewards: tuple[str, ...] = ("hpsv2", "pickscore", "imagereward")  # built-in names or module.path:function
     reward_weights: tuple[float, ...] = ()  # one weight per reward; () = equal weights (MixGRPO protocol)
     reward_paths: tuple[str, ...] = ()  # local reward weights as key=path, keys in REWARD_WEIGHTS; default: the hub
@@ -95,13 +93,12 @@ class Config:
     unifiedreward_question: str = ""  # a text file with the judge's question, {prompt} for the caption; "" = ours
     unifiedreward_score: str = "Final Score"  # the label the score follows (MixGRPO's semantic question: Alignment Score)
     # evaluation: deterministic ODE samples (sigma = 0) of held-out prompts, every reward, mean +- standard error
-    eval_only: bool = False  # evaluate transformer_path (or model_path) and exit
-    eval_prompts: str = "hpdv2"  # "hpdv2" = the 3200 HPDv2 benchmark prompts (hub, or a dir of its JSONs), or a file
+    eval_prompts: str = "hpdv2"  # "hpdv2" = the 3200 HPDv2 benchmark prompts (data/hpdv2/prepare.py), or a text file
     eval_size: int = 256  # prompts per evaluation, spread evenly over eval_prompts (0 = all)
     eval_every: int = 50  # iterations between held-out evaluations during training (0 = never)
     eval_rewards: tuple[str, ...] = ()  # rewards scored in evaluation during training; () = the training rewards
-    eval_only_rewards: tuple[str, ...] = TABLE1_REWARDS  # --eval_only: Table 1's metrics (a judge URL needed for
-    # unifiedreward, skipped without one); () = eval_rewards
+    eval_only_rewards: tuple[str, ...] = TABLE1_REWARDS  # evaluate.py: Table 1's metrics (unifiedreward only with
+    # a judge URL); () = eval_rewards
     eval_steps: int = 0  # ODE steps of the evaluation sampler (0 = num_steps)
     eval_batch_size: int = 8  # prompts per transformer call when sampling for evaluation and sample grids
     # optimisation
@@ -134,38 +131,33 @@ class Config:
     wandb_id: str = ""  # the W&B run id to continue when resuming ("" = a new run)
 
 
-DANCEGRPO = dict(method="sde", num_steps=25, num_train_steps=14, shift=3.0)  # Table 3's SDE baseline: NFE_theta 14
-
+DIGITS_DIR = ROOT / "data" / "digits"  # written by data/digits/prepare.py, committed
 PRESETS = {
     "flux-dev": {},  # the defaults are the paper's best 8-step setting
-    "dancegrpo": DANCEGRPO,  # the SDE-GRPO baseline on FLUX.1-dev
     "flux-dev-lora": dict(  # the paper's 8-step setting on one GPU: LoRA at the LoRA scripts' lr
         lora_rank=64, lora_alpha=128.0, lr=3e-4, parallel="ddp", out_dir="runs/flux_dev_lora"),
     "tiny": dict(  # the same algorithm on a random tiny FLUX-architecture model, CPU, no download
         model_path="tiny", resolution=64, max_sequence_length=64, rewards=("jpeg_compressibility",),
         prompt_file="", eval_prompts="", eval_size=0, eval_every=20, eval_only_rewards=(),
         lr=1e-3, iterations=60, device="cpu", mixed_precision="fp32", parallel="ddp", grad_checkpointing=False,
-        out_dir="runs/tiny", sample_every=20, ckpt_every=30,
-    ),
+        out_dir="runs/tiny", sample_every=20, ckpt_every=30),
+    "digits": dict(  # a pretrained 16x16 FLUX-architecture model of handwritten digits: alignment on a CPU
+        model_path=str(DIGITS_DIR), resolution=16, max_sequence_length=48, rewards=("digit_alignment",),
+        prompt_file=str(DIGITS_DIR / "prompts.txt"), eval_prompts=str(DIGITS_DIR / "eval_prompts.txt"), eval_size=0,
+        eval_every=10, eval_only_rewards=(), eval_batch_size=20, lr=1e-4, groups_per_rank=2, iterations=60,
+        device="cpu", mixed_precision="fp32", parallel="ddp", grad_checkpointing=False, out_dir="runs/digits",
+        sample_every=20, num_samples=10, ckpt_every=0),
 }
-
-DIGITS_DIR = Path(__file__).resolve().parent / "data" / "digits"  # written by data/digits/prepare.py, committed
-PRESETS["digits"] = dict(  # a pretrained 16x16 FLUX-architecture model of handwritten digits: alignment on a CPU
-    model_path=str(DIGITS_DIR), resolution=16, max_sequence_length=48, rewards=("digit_alignment",),
-    prompt_file=str(DIGITS_DIR / "prompts.txt"), eval_prompts=str(DIGITS_DIR / "eval_prompts.txt"), eval_size=0,
-    eval_every=10, eval_only_rewards=(), eval_batch_size=20, lr=1e-4, groups_per_rank=2, iterations=60,
-    device="cpu", mixed_precision="fp32", parallel="ddp", grad_checkpointing=False, out_dir="runs/digits",
-    sample_every=20, num_samples=10, ckpt_every=0)
-
-SOLVERS = ("euler", "dpm++2m")
-OLD_ANCHORS = ("train_solver", "rollout")
-METHODS = ("neighbor", "sde")
-DISTANCES = ("mean", "sum")
-PARALLEL = ("fsdp", "ddp")
+SOLVERS, OLD_ANCHORS, DISTANCES, PARALLEL = ("euler", "dpm++2m"), ("train_solver", "rollout"), ("mean", "sum"), (
+    "fsdp", "ddp")
 
 
 class ConfigError(ValueError):
     """A configuration that cannot work: the message names the field and the fix."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite gradients step after step): the message says what is kept."""
 
 
 def _convert(name, text, annotation):
@@ -182,13 +174,15 @@ def _convert(name, text, annotation):
         raise ConfigError(f"--{name}={text}: expected {getattr(annotation, '__name__', annotation)}") from None
 
 
-def parse_config(argv):
+def parse_config(argv, config=Config, presets=PRESETS):
     """--preset=NAME first, then --field=value overrides (a bare --flag sets a bool to true)."""
-    fields = {f.name: f for f in dataclasses.fields(Config)}
+    fields = {f.name: f for f in dataclasses.fields(config)}
     overrides = {}
     for arg in argv:
         if arg in ("-h", "--help"):
-            print(__doc__ + "\nPresets: " + ", ".join(PRESETS) + "\n\n" + inspect.getsource(Config))
+            sources = [inspect.getsource(c) for c in config.__mro__[::-1] if dataclasses.is_dataclass(c)]
+            print(sys.modules[config.__module__].__doc__ + "\nPresets: " + ", ".join(presets) + "\n\n" +
+                  "\n".join(sources))
             sys.exit(0)
         if not arg.startswith("--"):
             raise ConfigError(f"argument {arg!r}: expected --field=value (see --help)")
@@ -198,10 +192,10 @@ def parse_config(argv):
             close = difflib.get_close_matches(key, fields, n=1)
             raise ConfigError(f"--{key}: no such field" + (f"; did you mean --{close[0]}?" if close else "; see --help"))
         overrides[key] = value if "=" in arg else "true"
-    preset = overrides.pop("preset", "flux-dev")
-    if preset not in PRESETS:
-        raise ConfigError(f"--preset={preset}: unknown preset; use one of {', '.join(PRESETS)}")
-    cfg = Config(**PRESETS[preset])
+    preset = overrides.pop("preset", next(iter(presets)))
+    if preset not in presets:
+        raise ConfigError(f"--preset={preset}: unknown preset; use one of {', '.join(presets)}")
+    cfg = config(**presets[preset])
     for key, value in overrides.items():
         setattr(cfg, key, _convert(key, value, fields[key].type))
     validate(cfg)
@@ -216,12 +210,6 @@ def validate(cfg):
         (1 <= B <= G, f"num_anchors={B}: anchors are drawn from the group, need 1 <= B <= group_size={G}"),
         (T >= 1, f"num_steps={T}: need at least one rollout step; use --num_steps=8 (paper)"),
         (1 <= K <= T, f"num_train_steps={K}: transitions are drawn from the rollout, need 1 <= K <= num_steps={T}"),
-        (cfg.method in METHODS, f"method={cfg.method}: use neighbor (this paper) or sde (the SDE-GRPO baseline)"),
-        (cfg.method != "sde" or K <= T - 1,
-         f"num_train_steps={K}: the SDE baseline never trains the step into t = 0, need K <= num_steps - 1 = {T - 1}"),
-        (cfg.sde_eta > 0, f"sde_eta={cfg.sde_eta}: must be > 0; use 0.3 (DanceGRPO)"),
-        (cfg.sde_samples_per_step >= 1,
-         f"sde_samples_per_step={cfg.sde_samples_per_step}: must be >= 1; use 12 (DanceGRPO) or 1 (a step a sample)"),
         (cfg.old_anchor in OLD_ANCHORS, f"old_anchor={cfg.old_anchor}: use one of {', '.join(OLD_ANCHORS)}"),
         (0 < cfg.noise_sigma < 1, f"noise_sigma={cfg.noise_sigma}: must lie in (0, 1) (eq. 7); use 0.3 (paper)"),
         (0 < cfg.adv_p <= 2, f"adv_p={cfg.adv_p}: the quasi-norm needs 0 < p <= 2 (eq. 11); use 0.8 (paper)"),
@@ -260,20 +248,9 @@ def validate(cfg):
          "parallel=fsdp: LoRA replicates the frozen base and averages adapter gradients; use --parallel=ddp"),
         (cfg.lora_rank or not (cfg.lora_path or cfg.export_merged),
          "lora_path and export_merged need an adapter: set --lora_rank (the rank the adapter was trained with)"),
-    ]
-    for field in ("rewards", "eval_rewards", "eval_only_rewards"):
-        for name in getattr(cfg, field):
-            checks.append((name in REWARDS or ":" in name,
-                           f"{field}: unknown reward {name!r}; use one of {', '.join(REWARDS)} or module.path:function"))
-    checks.append(("unifiedreward" not in cfg.rewards + cfg.eval_rewards or cfg.unifiedreward_url,
-                   "unifiedreward_url: the unifiedreward judge needs a server, e.g. "
-                   "--unifiedreward_url=http://host:8000/v1 (README, Rewards)"))
-    for item in cfg.reward_paths:
-        key = item.partition("=")[0]
-        checks.append((key in REWARD_WEIGHTS and "=" in item,
-                       f"reward_paths: {item!r} is not key=path with key one of {', '.join(REWARD_WEIGHTS)}"))
-    checks.append((cfg.eval_size >= 0 and cfg.eval_every >= 0 and cfg.eval_steps >= 0,
-                   "eval_size, eval_every and eval_steps must be >= 0 (0 = all prompts / never / num_steps)"))
+        (cfg.eval_size >= 0 and cfg.eval_every >= 0 and cfg.eval_steps >= 0,
+         "eval_size, eval_every and eval_steps must be >= 0 (0 = all prompts / never / num_steps)"),
+    ] + [(False, problem) for problem in reward_config_problems(cfg)]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
@@ -300,11 +277,6 @@ def compute_dtype(cfg):
     return torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
 
 
-def autocast(device, dtype):
-    """Mixed precision for the transformer and the reward towers; a no-op in fp32."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-
 def parallelize(model, cfg, device, world, dtype):
     """FSDP2 per transformer block, then the root (compute in dtype, gradients reduced in fp32), or DDP.
     FSDP shards an empty (meta) model, then rank 0 broadcasts its weights and each rank keeps only its shard:
@@ -327,12 +299,6 @@ def parallelize(model, cfg, device, world, dtype):
     return model
 
 
-def adamw(model, cfg):
-    """AdamW over the parameters that train: all of them, or only the LoRA adapters."""
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                             weight_decay=cfg.weight_decay)
-
-
 def gradient_sync(model, sync):
     """Gradient accumulation: ranks reduce gradients only on the last backward before an optimizer step."""
     if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
@@ -349,15 +315,6 @@ def all_mean(values, world, device):
     return dict(zip(values, (t / world).tolist()))
 
 
-def all_gather_columns(x, world, device):
-    """[M, N] on every rank -> [M, world * N], rank-major."""
-    if world == 1:
-        return x
-    parts = [torch.empty_like(x, device=device) for _ in range(world)]
-    dist.all_gather(parts, x.to(device).contiguous())
-    return torch.cat(parts, dim=1).cpu()
-
-
 def all_gather_objects(obj, world):
     """[obj of rank 0, obj of rank 1, ...] on every rank (pickled: for small results)."""
     if world == 1:
@@ -365,6 +322,11 @@ def all_gather_objects(obj, world):
     out = [None] * world
     dist.all_gather_object(out, obj)
     return out
+
+
+def barrier(world):
+    if world > 1:
+        dist.barrier()
 
 
 def progress(iterable, desc, rank):
@@ -379,221 +341,6 @@ def progress(iterable, desc, rank):
 def batches(items, n):
     """items in consecutive lists of at most n."""
     return [items[b: b + n] for b in range(0, len(items), n)]
-
-
-def barrier(world):
-    if world > 1:
-        dist.barrier()
-
-
-# -----------------------------------------------------------------------------
-# Models: FLUX through diffusers' FluxPipeline (transformer, VAE, CLIP + T5 text encoders)
-
-
-TINY = dict(  # a FLUX-architecture model small enough for a CPU
-    layers=1, single_layers=2, heads=2, head_dim=16, rope=(4, 6, 6), text_dim=32, pooled_dim=32, text_layers=2,
-    latent_channels=4, vae_channels=(16, 32), vae_layers=1, vae_groups=8)
-FLUX_DEV = dict(  # FLUX.1-dev's sizes (its text encoders are CLIP-L and T5-XXL; random stand-ins keep their widths)
-    layers=19, single_layers=38, heads=24, head_dim=128, rope=(16, 56, 56), text_dim=4096, pooled_dim=768,
-    text_layers=1, latent_channels=16, vae_channels=(128, 256, 512, 512), vae_layers=2, vae_groups=32)
-
-
-def build_random_flux(seed, *, layers, single_layers, heads, head_dim, rope, text_dim, pooled_dim, text_layers,
-                      latent_channels, vae_channels, vae_layers, vae_groups):
-    """A randomly initialised FluxPipeline of the given sizes: the classes of FLUX.1-dev, tokenizers built in memory."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
-
-    torch.manual_seed(seed)
-    # character-level tokens: long prompts are truncated (CLIP at 77 as in FLUX), which is fine for random models
-    logging.getLogger("diffusers.pipelines.flux.pipeline_flux").setLevel(logging.ERROR)
-    chars = list(string.ascii_lowercase + string.digits + ",.!?'-")
-    clip_vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}  # character-level BPE vocabulary
-    for c in chars:
-        clip_vocab[c], clip_vocab[c + "</w>"] = len(clip_vocab), len(clip_vocab) + 1
-    tokenizer = CLIPTokenizer(vocab=clip_vocab, merges=[], model_max_length=77)
-    t5_vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]  # unigram vocabulary
-    t5_vocab += [(c, -2.0) for c in chars] + [("\u2581" + c, -2.5) for c in chars]
-    tokenizer_2 = T5Tokenizer(vocab=t5_vocab, extra_ids=0)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=pooled_dim, intermediate_size=64, num_hidden_layers=text_layers,
-        num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    text_encoder_2 = T5EncoderModel(T5Config(
-        vocab_size=len(tokenizer_2), d_model=text_dim, d_ff=64, d_kv=16, num_layers=text_layers, num_heads=2,
-        relative_attention_num_buckets=8))
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=4 * latent_channels, num_layers=layers, num_single_layers=single_layers,
-        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=text_dim,
-        pooled_projection_dim=pooled_dim, guidance_embeds=True, axes_dims_rope=rope)
-    n = len(vae_channels)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=vae_channels, layers_per_block=vae_layers,
-        latent_channels=latent_channels, norm_num_groups=vae_groups, scaling_factor=0.3611, shift_factor=0.1159,
-        use_quant_conv=False, use_post_quant_conv=False)
-    scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's scheduler config (only the time grid is used)
-        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-        base_image_seq_len=256, max_image_seq_len=4096)
-    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
-
-
-def tokenizer_is_empty(tokenizer):
-    """transformers 5 silently builds an empty tokenizer when the vocabulary files are missing (even offline)."""
-    ids = tokenizer("a photo of a cat", add_special_tokens=False).input_ids
-    return not ids or tokenizer.unk_token_id in ids
-
-
-def load_pipeline(cfg, device, dtype, meta=False):
-    """FluxPipeline for cfg.model_path: VAE and text encoders on device in dtype, frozen; the transformer in fp32
-    (the master weights; with LoRA the frozen base in dtype) on the CPU until parallelize() moves it. meta=True
-    (FSDP ranks but 0): the transformer's architecture alone, on the meta device; rank 0 sends the weights."""
-    from diffusers import FluxPipeline, FluxTransformer2DModel
-
-    def load(fn, field, path, **kwargs):
-        try:
-            return fn(path, **kwargs)
-        except (OSError, ValueError) as e:
-            raise ConfigError(
-                f"{field}={path}: cannot load FLUX ({type(e).__name__}: {str(e).splitlines()[0][:200]}); download "
-                "black-forest-labs/FLUX.1-dev (huggingface-cli download) and pass its directory") from None
-
-    def load_transformer(field, path, **kwargs):
-        if meta:
-            config = load(FluxTransformer2DModel.load_config, field, path, **kwargs)
-            with torch.device("meta"):
-                return FluxTransformer2DModel.from_config(config)
-        return load(FluxTransformer2DModel.from_pretrained, field, path, dtype=master, **kwargs)
-
-    master = dtype if cfg.lora_rank else torch.float32
-    if cfg.model_path == "tiny":
-        pipe = build_random_flux(cfg.seed, **TINY)
-    elif cfg.model_path.startswith("random:"):  # FLUX.1-dev's width with D double and S single blocks (bench.py)
-        double, single = (int(n) for n in cfg.model_path.removeprefix("random:").split(","))
-        pipe = build_random_flux(cfg.seed, **{**FLUX_DEV, "layers": double, "single_layers": single})
-        for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2) if dtype != torch.float32 else ():
-            module.to(dtype)  # as from_pretrained(dtype=dtype) loads them
-    else:
-        transformer = None if cfg.transformer_path else load_transformer("model_path", cfg.model_path,
-                                                                          subfolder="transformer")
-        pipe = load(FluxPipeline.from_pretrained, "model_path", cfg.model_path, transformer=transformer, dtype=dtype)
-        for name in ("tokenizer", "tokenizer_2"):
-            if tokenizer_is_empty(getattr(pipe, name)):
-                raise ConfigError(
-                    f"model_path={cfg.model_path}: {name} ({type(getattr(pipe, name)).__name__}) loaded with no "
-                    f"vocabulary; {name}/ lacks tokenizer.json (or vocab.json + merges.txt, spiece.model): download "
-                    "black-forest-labs/FLUX.1-dev completely (huggingface-cli download) and pass its directory")
-    if cfg.transformer_path:
-        pipe.transformer = load_transformer("transformer_path", cfg.transformer_path)
-    if cfg.lora_rank:
-        add_lora(pipe.transformer, cfg, dtype)
-    pipe.set_progress_bar_config(disable=True)
-    for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
-        module.to(device).requires_grad_(False).eval()
-    return pipe
-
-
-def add_lora(transformer, cfg, dtype):
-    """peft LoRA through diffusers' adapter API: the base frozen in the compute dtype (bf16: 24 GB for FLUX.1-dev
-    instead of 48 GB fp32 plus gradients and AdamW), the adapters in fp32; B = 0 makes them start as a no-op."""
-    from diffusers import FluxPipeline
-    from peft import LoraConfig
-    from peft.utils import set_peft_model_state_dict
-
-    transformer.requires_grad_(False)
-    if transformer.dtype != dtype:  # a random model; from_pretrained already loaded the base in dtype
-        transformer.to(dtype)
-    try:
-        transformer.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights=True,
-                                           target_modules=list(cfg.lora_targets)))
-    except ValueError as e:
-        raise ConfigError(f"lora_targets={','.join(cfg.lora_targets)}: {str(e).splitlines()[0][:200]}") from None
-    for p in transformer.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    if cfg.lora_path:
-        if not Path(cfg.lora_path).is_dir():
-            raise ConfigError(f"lora_path={cfg.lora_path}: no such directory; pass out_dir/lora of a LoRA run")
-        try:
-            state = FluxPipeline.lora_state_dict(cfg.lora_path)
-            state = {k.removeprefix("transformer."): v for k, v in state.items() if k.startswith("transformer.")}
-            unexpected = set_peft_model_state_dict(transformer, state).unexpected_keys
-        except (OSError, ValueError, RuntimeError) as e:
-            raise ConfigError(f"lora_path={cfg.lora_path}: cannot load the adapter at lora_rank={cfg.lora_rank} "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); pass out_dir/lora of a LoRA run "
-                              "and the --lora_rank and --lora_targets it was trained with") from None
-        if unexpected or not state:
-            raise ConfigError(f"lora_path={cfg.lora_path}: the adapter does not fit lora_targets="
-                              f"{','.join(cfg.lora_targets)} ({len(state)} tensors, unexpected {unexpected[:2]})")
-
-
-@dataclass
-class Condition:
-    """Everything besides (x, t) that FluxPipeline passes to the transformer, for one prompt."""
-
-    prompt_embeds: torch.Tensor  # [1, S, D_t5]
-    pooled: torch.Tensor  # [1, D_clip]
-    txt_ids: torch.Tensor  # [S, 3]
-    img_ids: torch.Tensor  # [L, 3]
-    guidance: torch.Tensor | None  # [1] or None for models without guidance embedding
-
-
-def latent_shape(pipe, resolution):
-    """(L, C) of the packed latents: 2x2 latent patches become tokens of 4 * latent_channels."""
-    side = resolution // pipe.vae_scale_factor // 2
-    return side * side, pipe.transformer.config.in_channels
-
-
-@torch.no_grad()
-def encode_prompt(pipe, prompt, cfg, cache):
-    """CLIP pooled + T5 embeddings of one prompt, computed once and cached on the CPU."""
-    device = pipe.vae.device
-    if prompt not in cache:  # on the text encoders' device: the CPU once offloaded, for a prompt met late
-        embeds, pooled, _ = pipe.encode_prompt(prompt, prompt_2=prompt, device=pipe.text_encoder_2.device,
-                                               max_sequence_length=cfg.max_sequence_length)
-        cache[prompt] = (embeds.cpu(), pooled.cpu())
-    embeds, pooled = cache[prompt]
-    side = cfg.resolution // pipe.vae_scale_factor // 2
-    img_ids = pipe._prepare_latent_image_ids(1, side, side, device, torch.float32)
-    txt_ids = torch.zeros(embeds.shape[1], 3, device=device)
-    guidance = torch.full([1], cfg.guidance_scale, device=device) if pipe.transformer.config.guidance_embeds else None
-    return Condition(embeds.to(device), pooled.to(device), txt_ids, img_ids, guidance)
-
-
-def encode_prompts(pipe, prompts, cfg, cache, rank=0):
-    """Fill the prompt-embedding cache, then move the idle text encoders (T5-XXL: 9.5 GB) off the GPU."""
-    for prompt in progress(dict.fromkeys(prompts), "encoding prompts", rank):
-        encode_prompt(pipe, prompt, cfg, cache)
-    if cfg.offload_text_encoders:
-        pipe.text_encoder.to("cpu")
-        pipe.text_encoder_2.to("cpu")
-
-
-def velocity(transformer, x, t, cond, dtype=torch.float32):
-    """v_theta(x, t, c) for a batch x [N, L, C] at time t, called exactly as FluxPipeline calls it."""
-    n = x.shape[0]
-    with autocast(x.device, dtype):
-        v = transformer(
-            hidden_states=x,
-            timestep=torch.full((n,), float(t), device=x.device),  # FluxPipeline passes sigma * 1000 / 1000
-            guidance=None if cond.guidance is None else cond.guidance.expand(n),
-            pooled_projections=cond.pooled.expand(n, -1),
-            encoder_hidden_states=cond.prompt_embeds.expand(n, -1, -1),
-            txt_ids=cond.txt_ids,
-            img_ids=cond.img_ids,
-            return_dict=False,
-        )[0]
-    return v.float()
-
-
-@torch.no_grad()
-def decode_images(pipe, x, resolution):
-    """Packed latents [N, L, C] -> images [N, 3, H, W] in [0, 1], as FluxPipeline decodes them."""
-    vae = pipe.vae
-    latents = pipe._unpack_latents(x, resolution, resolution, pipe.vae_scale_factor)
-    latents = latents / vae.config.scaling_factor + vae.config.shift_factor
-    images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
-    return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
 # -----------------------------------------------------------------------------
@@ -661,30 +408,67 @@ def rollout(v_fn, x, grid, solver):
     return torch.stack(states, dim=1), torch.stack(train_next, dim=1)
 
 
-def sde_step(x, v, t, t_next, eta):
-    """SDE-GRPO's step (eq. 5; supp. eq. 4): mean x_ODE - sigma_t^2 / (2t) eps_hat with eps_hat = x + (1 - t) v,
-    standard deviation sigma_t = eta sqrt(t - t_next). Returns (mean, sigma_t)."""
-    sigma_t = eta * math.sqrt(t - t_next)
-    return euler_step(x, v, t, t_next) - sigma_t**2 / (2 * t) * (x + (1 - t) * v), sigma_t
+
+# -----------------------------------------------------------------------------
+# Prompt groups and their noise neighbourhood (Sec. 3.3, eq. 7). All randomness derives from (seed, iteration,
+# global group index), so any split of the same groups over ranks computes the same update, and a resumed run
+# draws what an uninterrupted one would.
+
+EXAMPLE_PROMPTS = [  # prompts of the paper's Figure 6 and supplementary Figure 1
+    "A low poly lemon in high quality rendering",
+    "A hamster resembling a horse",
+    "Peter Griffin taking a selfie in a park on an iPhone 12 Pro.",
+    "A whale is reading a book about avoiding Japanese spears in an underwater library.",
+    "Two skunks - one small and dark blue with yellow eyes and a larger albino one with red eyes.",
+    "Anime-style vector illustration of a cloudy sky with a unique perspective.",
+    "Realism tattoo design sketch of a pirate ship.",
+    "The image shows a pirate holding up a beer in celebration.",
+    "The image is of a massive cave interior filled with glowing stalactites and stalagmites.",
+    "A cat laying on the floor of a kitchen.",
+    "A portrait of a woman with a paper bag over her head.",
+    "A kitchen counter top with a white bowl sitting next to another white bowl.",
+]
+HPDV2_FILES = dict(prompt_file=ROOT / "data/hpdv2/train.txt", eval_prompts=ROOT / "data/hpdv2/test.txt")
 
 
-def gaussian_log_prob(x, mean, std):
-    """log N(x; mean, std^2 I) per sample, averaged over latent elements as DanceGRPO and Flow-GRPO do."""
-    log_density = -((x.float() - mean.float()) ** 2) / (2 * std**2) - math.log(std) - 0.5 * math.log(2 * math.pi)
-    return log_density.flatten(1).mean(1)
+def load_prompts(source, field="prompt_file"):
+    """Prompts from a text file (one per line) or a JSON list; "hpdv2": the text files data/hpdv2/prepare.py writes
+    (HPDv2's training split for prompt_file, its 3200-prompt benchmark for eval_prompts); "" = the examples."""
+    if not source:
+        return list(EXAMPLE_PROMPTS)
+    path = Path(HPDV2_FILES[field] if source == "hpdv2" else source)
+    if source == "hpdv2" and not path.is_file():
+        raise ConfigError(f"{field}=hpdv2: {path} is missing; run python data/hpdv2/prepare.py once (it downloads "
+                          "HPDv2's prompts), or pass a text file with one prompt per line")
+    if not path.is_file():
+        raise ConfigError(f"{field}={source}: no such file; pass a text file with one prompt per line, or hpdv2")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{field}={source}: not UTF-8 text (byte {e.start}); save it as UTF-8, one prompt per line")
+    lines = json.loads(text) if path.suffix == ".json" else text.splitlines()
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise ConfigError(f"{field}={source}: holds no prompts; write one prompt per line")
+    return prompts
 
 
-@torch.no_grad()
-def sde_rollout(v_fn, x, grid, eta, gen):
-    """SDE sampling keeping every state and each stochastic transition's log-probability: [N, T + 1, L, C],
-    [N, T - 1]. The last step is the data prediction x - t v, the image DanceGRPO decodes (never trained)."""
-    states, log_probs = [x.float()], []
-    for k in range(len(grid) - 2):
-        mean, std = sde_step(states[-1], v_fn(states[-1], grid[k]), grid[k], grid[k + 1], eta)
-        states.append(mean + std * torch.randn(mean.shape, generator=gen).to(mean.device))
-        log_probs.append(gaussian_log_prob(states[-1], mean, std))
-    states.append(euler_step(states[-1], v_fn(states[-1], grid[-2]), grid[-2], grid[-1]))
-    return torch.stack(states, dim=1), torch.stack(log_probs, dim=1)
+def eval_subset(prompts, size):
+    """size prompts spread evenly over the list (every style of HPDv2 alike); all of them when size is 0."""
+    if not size or size >= len(prompts):
+        return prompts
+    return [prompts[i * len(prompts) // size] for i in range(size)]
+
+
+def group_generator(seed, iteration, group):
+    """The random stream of one prompt group, a function of (seed, iteration, global group index) only."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + iteration) * 1_000_033 + group)
+
+
+def group_prompt(prompts, seed, iteration, group):
+    """Group g's prompt at this iteration, and its generator for the noises, anchors and transitions."""
+    gen = group_generator(seed, iteration, group)
+    return prompts[torch.randint(len(prompts), (1,), generator=gen).item()], gen
 
 
 def perturbed_noise(base, delta, sigma):
@@ -700,474 +484,26 @@ def draw_noise(pipe, n, resolution, gen, device):
     return pipe._pack_latents(noise, n, channels, side, side).to(device)
 
 
-# -----------------------------------------------------------------------------
-# Rewards: fn(images [N, 3, H, W] in [0, 1], prompts list[str]) -> tensor [N]. Higher is better.
-
-
-def jpeg_compressibility(images, prompts):
-    """Minus the JPEG size in kB at quality 95 (DDPO's compressibility reward): rewards simple images."""
-    from PIL import Image
-
-    sizes = []
-    for image in (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy():
-        buffer = io.BytesIO()
-        Image.fromarray(image).save(buffer, format="JPEG", quality=95)
-        sizes.append(buffer.tell() / 1000)
-    return -torch.tensor(sizes)
-
-
-def jpeg_incompressibility(images, prompts):
-    """The JPEG size in kB (DDPO's incompressibility reward): rewards detailed images."""
-    return -jpeg_compressibility(images, prompts)
-
-
-def brightness(images, prompts):
-    """Mean pixel value: a toy reward that, unlike JPEG sizes, is smooth in the image."""
-    return images.float().mean(dim=(1, 2, 3))
-
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's pixel statistics, used by all three models below
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def clip_pixels(images, size, fit, mean=CLIP_MEAN, std=CLIP_STD):
-    """CLIP-style preprocessing on tensors, no PIL round trip. fit="crop": the short side to size, centre crop
-    (CLIP, PickScore, ImageReward; clamped like PIL's uint8); fit="pad": the long side to size, zero padding
-    (HPSv2's ResizeMaxSize). Bicubic with antialiasing, as PIL and torchvision resize."""
-    x = images.float()
-    h, w = x.shape[-2:]
-    if fit == "crop":  # torchvision's Resize(size): the long side truncated
-        nh, nw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
-    else:  # HPSv2's ResizeMaxSize: both sides rounded
-        nh, nw = round(h * size / max(h, w)), round(w * size / max(h, w))
-    if (nh, nw) != (h, w):
-        x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
-    if fit == "crop":
-        top, left = int(round((nh - size) / 2)), int(round((nw - size) / 2))  # torchvision's CenterCrop
-        x = x[..., top: top + size, left: left + size].clamp(0, 1)
-    else:
-        x = F.pad(x, ((size - nw) // 2, size - nw - (size - nw) // 2, (size - nh) // 2, size - nh - (size - nh) // 2))
-    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (mean, std))
-    return (x - mean) / std
-
-
-# what --reward_paths=KEY=PATH can replace: hub repo and file (None: a from_pretrained directory)
-REWARD_WEIGHTS = {
-    "hpsv2": ("xswu/HPSv2", "HPS_v2.1_compressed.pt"),
-    "pickscore": ("yuvalkirstain/PickScore_v1", None),
-    "pickscore_processor": ("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", None),
-    "imagereward": ("THUDM/ImageReward", "ImageReward.pt"),
-    "imagereward_med_config": ("THUDM/ImageReward", "med_config.json"),
-    "imagereward_bert": ("bert-base-uncased", None),
-    "clipscore": ("apple/DFN5B-CLIP-ViT-H-14-384", "open_clip_pytorch_model.bin"),  # MixGRPO's eval script
-    "clipscore_config": ("apple/DFN5B-CLIP-ViT-H-14-384", "open_clip_config.json"),
-    "aesthetic": ("trl-lib/ddpo-aesthetic-predictor", "aesthetic-model.pth"),  # = sac+logos+ava1-l14-linearMSE.pth
-    "aesthetic_clip": ("openai/clip-vit-large-patch14", None),
-}
-
-
-def missing_weights(key, error):
-    repo, filename = REWARD_WEIGHTS[key]
-    return (f"reward_paths: {key} weights not found ({type(error).__name__}); download them (huggingface-cli "
-            f"download {repo}{' ' + filename if filename else ''}) or pass --reward_paths={key}=/local/"
-            f"{filename or repo.split('/')[-1]}")
-
-
-def reward_weights(cfg, key, loader=None):
-    """A reward's weights from --reward_paths, else the hub (or its local cache); loader(path) for directories."""
-    local = dict(item.split("=", 1) for item in cfg.reward_paths)
-    repo, filename = REWARD_WEIGHTS[key]
-    if key in local and not Path(local[key]).exists():
-        raise ConfigError(f"reward_paths: {key}={local[key]} does not exist")
-    try:
-        if loader is not None:
-            loaded = loader(local.get(key, repo))
-            if hasattr(loaded, "convert_tokens_to_ids") and tokenizer_is_empty(loaded):
-                raise OSError("a tokenizer without its vocabulary files")
-            return loaded
-        if key in local:
-            return local[key]
-        from huggingface_hub import hf_hub_download
-
-        return hf_hub_download(repo, filename)
-    except OSError as e:
-        raise ConfigError(missing_weights(key, e)) from None
-
-
-def import_package(module, package, reward):
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise ConfigError(f"rewards: {reward} needs the {package} package ({e}); pip install -r requirements.txt") from None
-
-
-def cosine(a, b):
-    """Row-wise cosine in fp32: bf16 would quantise an HPS score of 0.31 in steps of 0.002."""
-    return (F.normalize(a.float(), dim=-1) * F.normalize(b.float(), dim=-1)).sum(-1)
-
-
-HPS_ARCH = "ViT-H-14"  # HPSv2's open_clip architecture
-
-
-def hpsv2_reward(cfg, device):
-    """HPSv2.1 (Wu et al. 2023): the hpsv2 package's open_clip ViT-H-14 with HPS_v2.1_compressed.pt."""
-    open_clip = import_package("hpsv2.src.open_clip", "hpsv2x", "hpsv2")
-    path = reward_weights(cfg, "hpsv2")  # before building the 1B-parameter model
-    model = open_clip.create_model(HPS_ARCH, pretrained=None)  # hpsv2.score() would first fetch laion weights
-    model.load_state_dict(torch.load(path, map_location="cpu")["state_dict"])
-    return hpsv2_scorer(model.to(device).eval(), open_clip.get_tokenizer(HPS_ARCH), compute_dtype(cfg))
-
-
-def hpsv2_scorer(model, tokenizer, dtype):
-    @torch.no_grad()
-    def hpsv2(images, prompts):
-        """The image-text cosine of HPSv2's features (about 0.31 for FLUX.1-dev)."""
-        device = next(model.parameters()).device
-        pixels = clip_pixels(images.to(device), model.visual.image_size[0], fit="pad")
-        with autocast(device, dtype):
-            image, text = model.encode_image(pixels), model.encode_text(tokenizer(prompts).to(device))
-        return cosine(image, text)
-
-    return hpsv2
-
-
-def pickscore_reward(cfg, device):
-    """PickScore (Kirstain et al. 2023): CLIP ViT-H-14 fine-tuned on Pick-a-Pic, tokenised as laion's ViT-H-14."""
-    from transformers import CLIPModel, CLIPTokenizer
-
-    model = reward_weights(cfg, "pickscore", CLIPModel.from_pretrained)
-    tokenizer = reward_weights(cfg, "pickscore_processor", CLIPTokenizer.from_pretrained)
-    return pickscore_scorer(model.to(device).eval(), tokenizer, compute_dtype(cfg))
-
-
-def pickscore_scorer(model, tokenizer, dtype):
-    @torch.no_grad()
-    def pickscore(images, prompts):
-        """logit_scale * cos(image, text) / 100, as the paper reports it (about 0.23 for FLUX.1-dev)."""
-        device = model.device
-        text = tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt").to(device)
-        pixels = clip_pixels(images.to(device), model.config.vision_config.image_size, fit="crop")
-        with autocast(device, dtype):
-            image = model.get_image_features(pixel_values=pixels).pooler_output  # transformers 5: an output object
-            text = model.get_text_features(**text).pooler_output
-        return model.logit_scale.exp().float() * cosine(image, text) / 100
-
-    return pickscore
-
-
-def import_imagereward():
-    """image-reward 1.5's model code under transformers 5. Its package __init__ imports its training script and
-    OpenAI's clip, so only the model modules are loaded; its BERT copy (med.py) calls five transformers 4
-    helpers, restored here exactly (head pruning, which ImageReward never uses, excepted)."""
-    import types
-
-    import transformers.modeling_utils as modeling_utils
-    import transformers.pytorch_utils as pytorch_utils
-
-    if "ImageReward.ImageReward" in sys.modules:  # done before
-        return sys.modules["ImageReward.ImageReward"], sys.modules["ImageReward.models.BLIP.blip_pretrain"]
-    spec = importlib.util.find_spec("ImageReward")
-    if spec is None:
-        raise ConfigError("rewards: imagereward needs the image-reward package; pip install -r requirements.txt")
-    root = spec.submodule_search_locations[0]
-    for name, path in (("ImageReward", root), ("ImageReward.models", os.path.join(root, "models"))):
-        if not hasattr(sys.modules.get(name), "__path__"):
-            sys.modules[name] = types.ModuleType(name)
-            sys.modules[name].__path__ = [path]
-    for helper in ("apply_chunking_to_forward", "prune_linear_layer"):
-        setattr(modeling_utils, helper, getattr(pytorch_utils, helper))
-    modeling_utils.find_pruneable_heads_and_indices = None
-    med = importlib.import_module("ImageReward.models.BLIP.med")
-
-    def invert_attention_mask(self, mask):
-        mask = (mask[:, None, None, :] if mask.dim() == 2 else mask[:, None, :, :]).to(self.dtype)
-        return (1.0 - mask) * torch.finfo(self.dtype).min
-
-    def get_head_mask(self, head_mask, num_layers, is_attention_chunked=False):
-        if head_mask is not None:
-            raise ValueError("ImageReward: head masks are not supported")
-        return [None] * num_layers
-
-    med.BertModel.all_tied_weights_keys = {}  # transformers 5 sets this in post_init(), which med.py never calls
-    med.BertModel.invert_attention_mask = invert_attention_mask
-    med.BertModel.get_head_mask = get_head_mask
-    return importlib.import_module("ImageReward.ImageReward"), importlib.import_module(
-        "ImageReward.models.BLIP.blip_pretrain")
-
-
-def imagereward_tokenizer(path):
-    """BLIP's BERT tokenizer: bert-base-uncased plus [DEC] and [ENC], 30524 tokens (the package's init_tokenizer)."""
-    from transformers import BertTokenizer
-
-    tokenizer = BertTokenizer.from_pretrained(path)
-    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
-    tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
-    tokenizer.enc_token_id = tokenizer.convert_tokens_to_ids("[ENC]")
-    return tokenizer
-
-
-def build_imagereward(med_config, tokenizer):
-    """The package's ImageReward (BLIP ViT-L + BERT with cross-attention + MLP head) with the given tokenizer."""
-    image_reward, blip_pretrain = import_imagereward()
-    blip_pretrain.init_tokenizer = lambda: tokenizer  # the package would download bert-base-uncased here
-    return image_reward.ImageReward(med_config=med_config).eval()
-
-
-def imagereward_reward(cfg, device):
-    """ImageReward-v1.0 (Xu et al. 2023), raw model output (about 1.1 for FLUX.1-dev)."""
-    tokenizer = reward_weights(cfg, "imagereward_bert", imagereward_tokenizer)
-    med_config, checkpoint = reward_weights(cfg, "imagereward_med_config"), reward_weights(cfg, "imagereward")
-    model = build_imagereward(med_config, tokenizer)
-    state = torch.load(checkpoint, map_location="cpu")
-    missing, unexpected = model.load_state_dict(state, strict=False)  # strict=False as the package's load()
-    if [k for k in missing + unexpected if not k.endswith("position_ids")]:
-        raise ConfigError(f"reward_paths: imagereward checkpoint does not match ImageReward-v1.0 "
-                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return imagereward_scorer(model.to(device), compute_dtype(cfg))
-
-
-def imagereward_scorer(model, dtype):
-    @torch.no_grad()
-    def imagereward(images, prompts):
-        """ImageReward.score, batched: BLIP features under autocast, the MLP head in fp32, then standardised."""
-        device = next(model.parameters()).device
-        text = model.blip.tokenizer(prompts, padding="max_length", truncation=True, max_length=35,
-                                    return_tensors="pt").to(device)
-        pixels = clip_pixels(images.to(device), 224, fit="crop")
-        with autocast(device, dtype):
-            image = model.blip.visual_encoder(pixels)
-            out = model.blip.text_encoder(text.input_ids, attention_mask=text.attention_mask,
-                                          encoder_hidden_states=image,
-                                          encoder_attention_mask=torch.ones(image.shape[:-1], dtype=torch.long,
-                                                                            device=device), return_dict=True)
-        reward = model.mlp(out.last_hidden_state[:, 0].float())
-        return ((reward - model.mean) / model.std).squeeze(-1)
-
-    return imagereward
-
-
-def clipscore_reward(cfg, device):
-    """CLIP score (Table 1, ref. [8]) as MixGRPO's evaluation computes it: open_clip's ViT-H-14 of its
-    hf-hub config (apple/DFN5B-CLIP-ViT-H-14-384), the ViT-H-14 tokenizer, image-text cosine."""
-    open_clip = import_package("hpsv2.src.open_clip", "hpsv2x", "clipscore")
-    config = json.loads(Path(reward_weights(cfg, "clipscore_config")).read_text())
-    checkpoint = reward_weights(cfg, "clipscore")
-    model_cfg = dict(config["model_cfg"])
-    model = (open_clip.CustomTextCLIP if model_cfg.pop("custom_text", False) else open_clip.CLIP)(**model_cfg)
-    model.load_state_dict(torch.load(checkpoint, map_location="cpu"))
-    pre = config.get("preprocess_cfg", {})
-    return clipscore_scorer(model.to(device).eval(), open_clip.get_tokenizer(HPS_ARCH),
-                            pre.get("mean", CLIP_MEAN), pre.get("std", CLIP_STD), compute_dtype(cfg))
-
-
-def clipscore_scorer(model, tokenizer, mean, std, dtype):
-    @torch.no_grad()
-    def clipscore(images, prompts):
-        """The image-text cosine (about 0.39 for FLUX.1-dev)."""
-        device = next(model.parameters()).device
-        pixels = clip_pixels(images.to(device), model.visual.image_size[0], "crop", mean, std)  # square: = squash
-        with autocast(device, dtype):
-            image, text = model.encode_image(pixels), model.encode_text(tokenizer(prompts).to(device))
-        return cosine(image, text)
-
-    return clipscore
-
-
-def aesthetic_mlp():
-    """The LAION aesthetic predictor v2's head (improved-aesthetic-predictor; Flow-GRPO's aesthetic scorer)."""
-    dims, drops = (768, 1024, 128, 64, 16, 1), (0.2, 0.2, 0.1)
-    layers = []
-    for i in range(5):
-        layers += [torch.nn.Linear(dims[i], dims[i + 1])] + ([torch.nn.Dropout(drops[i])] if i < 3 else [])
-    mlp = torch.nn.Module()
-    mlp.layers = torch.nn.Sequential(*layers)  # the checkpoint's key names: layers.0.weight, ...
-    return mlp.eval()
-
-
-def aesthetic_reward(cfg, device):
-    """LAION aesthetic score (Table 1, ref. [26]): the MLP on L2-normalised OpenAI CLIP ViT-L/14 image embeddings."""
-    from transformers import CLIPModel
-
-    clip = reward_weights(cfg, "aesthetic_clip", CLIPModel.from_pretrained)
-    mlp = aesthetic_mlp()
-    mlp.load_state_dict(torch.load(reward_weights(cfg, "aesthetic"), map_location="cpu"))
-    return aesthetic_scorer(clip.to(device).eval(), mlp.to(device), compute_dtype(cfg))
-
-
-def aesthetic_scorer(clip, mlp, dtype):
-    @torch.no_grad()
-    def aesthetic(images, prompts):
-        """A 1-10 rating (about 6.1 for FLUX.1-dev); the prompt is not used."""
-        device = clip.device
-        pixels = clip_pixels(images.to(device), clip.config.vision_config.image_size, fit="crop")
-        with autocast(device, dtype):
-            embed = clip.get_image_features(pixel_values=pixels).pooler_output
-        return mlp.layers(F.normalize(embed.float(), dim=-1)).squeeze(-1)
-
-    return aesthetic
-
-
-def digit_alignment_reward(cfg, device):
-    """The digits preset's alignment: the probability its classifier (logistic regression on 8x8 images, fit by
-    data/digits/prepare.py) gives to the digit the prompt asks for."""
-    path = Path(cfg.model_path) / "classifier.pt"
-    if not path.is_file():
-        raise ConfigError(f"rewards: digit_alignment needs {path}; use --preset=digits (or run data/digits/prepare.py)")
-    state = torch.load(path)
-    return digit_scorer(state["weight"], state["bias"])
-
-
-def digit_features(images):
-    """What the digit classifier sees: the image averaged to 8x8 grey, on load_digits' 0..16 scale."""
-    return F.adaptive_avg_pool2d(images.float().mean(1, keepdim=True), 8).flatten(1).cpu() * 16
-
-
-def digit_scorer(weight, bias):
-    def digit_alignment(images, prompts):
-        """p(asked digit | image), from the classifier's softmax."""
-        x = digit_features(images)
-        asked = [re.findall(r"\d", p) for p in prompts]
-        if not all(asked):
-            raise RewardError(f"reward 'digit_alignment': a prompt names no digit ({prompts[asked.index([])]!r})")
-        probs = torch.softmax(x @ weight.T + bias, dim=-1)
-        return probs[torch.arange(len(prompts)), torch.tensor([int(a[-1]) for a in asked])]
-
-    return digit_alignment
-
-
-UNIFIEDREWARD_QUESTION = (  # ours; MixGRPO's asks for the same closing line
-    "You see an image generated from the caption below. Judge how faithfully it depicts the caption (objects, "
-    "attributes, counts, relations) and its visual quality (clarity, detail, artefacts, aesthetic appeal). Reason "
-    "briefly, then end with one overall score from 1 (poor) to 5 (excellent) on its own line as "
-    "'Final Score: X'.\nCaption: {prompt}")
-
-
-def unifiedreward_reward(cfg, device):
-    """UnifiedReward (Table 1, ref. [37]): a VLM judge behind an OpenAI-compatible chat-completions endpoint, as
-    MixGRPO serves it; the number after 'Final Score:' (1-5, about 3.2 for FLUX.1-dev)."""
-    question = UNIFIEDREWARD_QUESTION
-    if cfg.unifiedreward_question:
-        if not Path(cfg.unifiedreward_question).is_file():
-            raise ConfigError(f"unifiedreward_question={cfg.unifiedreward_question}: no such file; write the question "
-                              "with {prompt} where the caption goes, or pass '' for the built-in one")
-        question = Path(cfg.unifiedreward_question).read_text()
-    return unifiedreward_scorer(cfg.unifiedreward_url.rstrip("/") + "/chat/completions", question,
-                                cfg.unifiedreward_score)
-
-
-def unifiedreward_scorer(url, question, label="Final Score", workers=8, timeout=120.0, tries=3, backoff=2.0):
-    """Each image (JPEG, base64) and its caption posted concurrently by a bounded pool; a request that fails or
-    times out is retried with exponential backoff, then the run stops naming the server."""
-    import base64
-    import concurrent.futures
-    import urllib.request
-
-    from PIL import Image
-
-    pattern = re.compile(re.escape(label) + r"\W*([0-9]+(?:\.[0-9]+)?)")  # "Final Score: 4", "... (1-5): 3.5"
-
-    def ask(image, prompt):
-        buffer = io.BytesIO()
-        Image.fromarray((image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()).save(
-            buffer, format="JPEG", quality=95)
-        content = [{"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," +
-                                                       base64.b64encode(buffer.getvalue()).decode()}},
-                   {"type": "text", "text": question.replace("{prompt}", prompt)}]
-        body = json.dumps({"model": "UnifiedReward", "temperature": 0, "max_tokens": 1024,
-                           "messages": [{"role": "user", "content": content}]}).encode()
-        for attempt in range(tries):
-            try:
-                request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
-                with urllib.request.urlopen(request, timeout=timeout) as response:
-                    answer = json.loads(response.read())["choices"][0]["message"]["content"]
-                break
-            except (OSError, ValueError, KeyError, IndexError, TypeError) as e:  # refused, time-out, HTTP, bad JSON
-                error = e
-                time.sleep(backoff * 2**attempt if attempt + 1 < tries else 0)
-        else:
-            raise RewardError(f"reward 'unifiedreward': no answer from {url} after {tries} tries "
-                              f"({type(error).__name__}: {error}); start the judge (README, Rewards) or fix "
-                              "--unifiedreward_url")
-        match = pattern.search(answer)
-        if match is None:
-            raise RewardError(f"reward 'unifiedreward': {url} answered without '{label}: N' ({answer[:80]!r}); serve "
-                              "the UnifiedReward model, or make --unifiedreward_question ask for that line")
-        return float(match.group(1))
-
-    def unifiedreward(images, prompts):
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            return torch.tensor(list(pool.map(ask, images, prompts)))
-
-    return unifiedreward
-
-
-# name -> factory(cfg, device) returning the reward function; factories load weights once
-REWARDS = {
-    "hpsv2": hpsv2_reward,
-    "pickscore": pickscore_reward,
-    "imagereward": imagereward_reward,
-    "clipscore": clipscore_reward,
-    "aesthetic": aesthetic_reward,
-    "unifiedreward": unifiedreward_reward,
-    "jpeg_compressibility": lambda cfg, device: jpeg_compressibility,
-    "jpeg_incompressibility": lambda cfg, device: jpeg_incompressibility,
-    "brightness": lambda cfg, device: brightness,
-    "digit_alignment": digit_alignment_reward,
-}
-
-
-class RewardError(RuntimeError):
-    """A reward that failed or returned something unusable: the message names the reward."""
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite gradients step after step): the message says what is kept."""
-
-
-def load_reward(name, cfg, device):
-    """A built-in reward by name, or any importable callable given as module.path:function."""
-    if name in REWARDS:
-        return REWARDS[name](cfg, device)
-    module, _, attr = name.partition(":")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"rewards: cannot import {name!r} ({e}); give module.path:function on PYTHONPATH") from None
-
-
-REWARD_TRIES, REWARD_BACKOFF_S = 3, 2.0  # a reward that raises (a remote server's hiccup) is called again after 2, 4 s
-
-
-def call_reward(name, fn, images, prompts):
-    """fn(images, prompts), retried with exponential backoff when it raises; then the run stops naming it."""
-    for attempt in range(REWARD_TRIES):
-        try:
-            return fn(images, prompts)
-        except (RewardError, ConfigError):
-            raise
-        except Exception as e:  # noqa: BLE001: any failure of user code is retried, then reported
-            error = e
-            if attempt + 1 < REWARD_TRIES:
-                time.sleep(REWARD_BACKOFF_S * 2**attempt)
-    raise RewardError(f"reward {name!r} raised {type(error).__name__} ({str(error)[:160]}) {REWARD_TRIES} times in a "
-                      "row; check the reward's model or server, then continue with --resume")
-
-
-def score(reward_fns, images, prompts):
-    """Rewards [M, N] of N images for M reward functions, checked for shape and finiteness."""
-    rows = []
-    for name, fn in reward_fns.items():
-        r = torch.as_tensor(call_reward(name, fn, images, prompts)).detach().float().cpu().reshape(-1)
-        if r.numel() != len(prompts):
-            raise RewardError(f"reward {name!r} returned {r.numel()} scores for {len(prompts)} images")
-        if not torch.isfinite(r).all():
-            raise RewardError(f"reward {name!r} returned a non-finite score {r.tolist()} for prompt {prompts[0]!r}")
-        rows.append(r)
-    return torch.stack(rows)
+def neighbourhood_noise(pipe, cfg, gen, size, sigma, device):
+    """size initial noises around one base noise drawn from gen (eq. 7); sigma = 0, size = 1: the base itself."""
+    base = draw_noise(pipe, 1, cfg.resolution, gen, device)
+    return perturbed_noise(base, draw_noise(pipe, size, cfg.resolution, gen, device), sigma)
+
+
+def neighbourhood_rollout(pipe, cond, cfg, grid, gen, size, sigma, dtype):
+    """size ODE trajectories from a neighbourhood of one base noise (eq. 7), with theta_old: the states
+    [size, T + 1, L, C] and the TrainSolver's prediction from each [size, T, L, C] (see rollout).
+
+    With sigma = 0 and size = 1 this is plain deterministic ODE sampling, the inference sampler.
+    """
+    x1 = neighbourhood_noise(pipe, cfg, gen, size, sigma, cond.img_ids.device)
+    v_fn = lambda x, t: velocity(pipe.transformer, x, t, cond, dtype)  # noqa: E731
+    parts = [rollout(v_fn, x, grid, cfg.rollout_solver) for x in x1.split(cfg.rollout_batch_size)]
+    return torch.cat([states for states, _ in parts]), torch.cat([train_next for _, train_next in parts])
 
 
 # -----------------------------------------------------------------------------
-# Advantages
+# Advantages (eq. 11)
 
 
 def quasi_norm_advantages(rewards, p):
@@ -1182,28 +518,19 @@ def quasi_norm_advantages(rewards, p):
     return torch.where(norm > 0, c / norm.clamp_min(1e-300), torch.zeros_like(c)).to(rewards.dtype)
 
 
-def std_advantages(rewards):
-    """Standard GRPO advantages (eq. 3), the SDE baseline's: centred rewards over their standard deviation."""
-    r = rewards.double()
-    c, std = r - r.mean(-1, keepdim=True), r.std(-1, keepdim=True)
-    return torch.where(std > 0, c / std.clamp_min(1e-300), torch.zeros_like(c)).to(rewards.dtype)
-
-
 def reward_mix(cfg):
     """One weight per reward model, normalised to sum 1 (MixGRPO's advantage_aggr); equal when none are given."""
     w = cfg.reward_weights or (1.0,) * len(cfg.rewards)
     return tuple(x / sum(w) for x in w)
 
 
-def group_advantages(rewards, weights, p=None):
-    """Per-reward-model advantages [M, G] (quasi-norm, or std-normalised when p is None) combined with the
-    configured weights (MixGRPO) into [G]."""
-    w = torch.as_tensor(weights, dtype=torch.float32).reshape(-1, 1)
-    return (w * (std_advantages(rewards) if p is None else quasi_norm_advantages(rewards, p))).sum(0)
+def group_advantages(per_model, weights):
+    """Per-reward-model advantages [M, G] combined with the configured weights (MixGRPO) into [G]."""
+    return (torch.as_tensor(weights, dtype=torch.float32).reshape(-1, 1) * per_model).sum(0)
 
 
 # -----------------------------------------------------------------------------
-# The surrogate leaping policy and the clipped objective
+# Anchors, the surrogate leaping policy and the clipped objective (Sec. 3.4, eqs. 8-9)
 
 
 def sample_anchors_and_steps(G, B, T, K, gen):
@@ -1211,12 +538,6 @@ def sample_anchors_and_steps(G, B, T, K, gen):
     anchors = torch.randperm(G, generator=gen)[:B].tolist()
     steps = sorted(torch.randperm(T, generator=gen)[:K].tolist())
     return anchors, [steps] * B
-
-
-def sample_sde_steps(G, T, K, gen):
-    """SDE-GRPO trains every sample, each on K of its first T - 1 transitions (DanceGRPO: per sample, last ignored)."""
-    return torch.randperm(G, generator=gen).tolist(), [sorted(torch.randperm(T - 1, generator=gen)[:K].tolist())
-                                                       for _ in range(G)]
 
 
 def neighbour_distances(candidates, anchor, distance="mean"):
@@ -1247,156 +568,147 @@ def nfe_theta(B, G, K):
     return B / G * K
 
 
-def trained_per_group(cfg):
-    """Trajectories trained per group: B anchors, or every sample for the SDE baseline."""
-    return cfg.group_size if cfg.method == "sde" else cfg.num_anchors
-
-
-def anchor_objective(transformer, states, adv, j, k, grid, cond, cfg, dtype, old_next):
-    """J_{j,k}: one TrainSolver step from the anchor's stored state, scored against all candidates at t_{k+1};
-    pi_old's anchor is old_next[j, k] (cfg.old_anchor: theta_old's own TrainSolver step, or the stored state)."""
-    x = states[j, k].unsqueeze(0)
-    x_theta = euler_step(x, velocity(transformer, x, grid[k], cond, dtype), grid[k], grid[k + 1])[0]
-    candidates = states[:, k + 1]
+def anchor_objective(transformer, group, j, k, grid, cfg, dtype):
+    """J_{j,k}: one TrainSolver step from anchor j's stored state X[j, k], scored against every candidate at t_{k+1}
+    (eqs. 8-9); pi_old's anchor is group.old_next[j, k] (old_anchor: theta_old's own DDIM step, or X[j, k + 1])."""
+    x = group.states[j, k].unsqueeze(0)
+    x_theta = euler_step(x, velocity(transformer, x, grid[k], group.cond, dtype), grid[k], grid[k + 1])[0]
+    candidates = group.states[:, k + 1]
     logp = surrogate_log_probs(neighbour_distances(candidates, x_theta, cfg.distance), cfg.temperature)
-    logp_old = surrogate_log_probs(neighbour_distances(candidates, old_next[j, k], cfg.distance), cfg.temperature)
-    J, clip_frac = grpo_objective(adv, logp, logp_old, cfg.clip_range)
+    logp_old = surrogate_log_probs(neighbour_distances(candidates, group.old_next[j, k], cfg.distance),
+                                   cfg.temperature)
+    J, clip_frac = grpo_objective(group.adv, logp, logp_old, cfg.clip_range)
     return J, clip_frac, (logp - logp_old).detach().abs().mean()
 
 
-def sde_objective(transformer, states, adv, j, k, grid, cond, cfg, dtype, logp_old):
-    """The SDE baseline's J_{j,k} (eq. 4): sample j's own Gaussian policy ratio at step k, clipped."""
-    x = states[j, k].unsqueeze(0)
-    mean, std = sde_step(x, velocity(transformer, x, grid[k], cond, dtype), grid[k], grid[k + 1], cfg.sde_eta)
-    logp = gaussian_log_prob(states[j, k + 1].unsqueeze(0), mean, std)
-    J, clip_frac = grpo_objective(adv[j:j + 1], logp, logp_old[j, k:k + 1], cfg.clip_range)
-    return J, clip_frac, (logp - logp_old[j, k]).detach().abs().mean()
+# -----------------------------------------------------------------------------
+# The policy update and one iteration (Alg. 1)
+
+
+@dataclass
+class Group:
+    """One prompt's neighbourhood: the stored rollout, rewards, advantages, and the anchors and transitions trained."""
+
+    prompt: str
+    cond: Condition
+    states: torch.Tensor  # X [G, T + 1, L, C], theta_old's rollout
+    old_next: torch.Tensor  # pi_old's anchor for each (j, k) [G, T, L, C] (old_anchor)
+    rewards: torch.Tensor  # [M, G]
+    adv: torch.Tensor  # [G]
+    anchors: list  # the trajectories trained, in the order of the optimizer steps
+    steps: list  # per anchor, the transitions it is trained on
+
+
+@dataclass(frozen=True)
+class Method:
+    """What a GRPO variant plugs into this loop (sde_grpo.py's SDE baseline is the other one): how one prompt's group
+    is made (rollout, rewards, advantages, what it trains), the objective of one trained transition, and how many
+    trained trajectories share an optimizer step."""
+
+    describe: typing.Callable  # cfg -> the run's banner
+    group: typing.Callable  # (run, cfg, prompt, gen, lap) -> a Group
+    objective: typing.Callable  # (model, group, j, k, grid, cfg, dtype) -> (J, clip fraction, |log rho|)
+    per_step: typing.Callable = lambda cfg: 1  # trained trajectories per optimizer step (Alg. 1: one anchor)
+
+
+def score_samples(run, x, prompt, cfg):
+    """Rewards [M, N] of final latents x [N, L, C], decoded by the VAE and scored reward_batch_size at a time."""
+    images = torch.cat([decode_images(run.pipe, c, cfg.resolution) for c in x.split(cfg.reward_batch_size)])
+    return torch.cat([score(run.reward_fns, c, [prompt] * len(c)) for c in images.split(cfg.reward_batch_size)], 1)
+
+
+def neighbourhood_group(run, cfg, prompt, gen, lap):
+    """Alg. 1 for one prompt up to the update: G ODE trajectories from a neighbourhood of one noise (eq. 7) with
+    theta_old, their rewards, quasi-norm advantages (eq. 11), B anchors and K shared transitions (Sec. 3.4.1)."""
+    cond = encode_prompt(run.pipe, prompt, cfg, run.cache)
+    states, train_next = neighbourhood_rollout(run.pipe, cond, cfg, run.grid, gen, cfg.group_size, cfg.noise_sigma,
+                                               run.dtype)
+    lap("rollout")
+    rewards = score_samples(run, states[:, -1], prompt, cfg)
+    adv = group_advantages(quasi_norm_advantages(rewards, cfg.adv_p), run.weights)
+    anchors, steps = sample_anchors_and_steps(cfg.group_size, cfg.num_anchors, cfg.num_steps, cfg.num_train_steps, gen)
+    lap("reward")
+    old_next = train_next if cfg.old_anchor == "train_solver" else states[:, 1:]
+    return Group(prompt, cond, states, old_next, rewards, adv.to(states.device), anchors, steps)
+
+
+NEIGHBOR = Method(lambda cfg: f"Neighbor GRPO | B={cfg.num_anchors} sigma={cfg.noise_sigma} p={cfg.adv_p}",
+                  neighbourhood_group, anchor_objective)
+
+
+def policy_update(run, groups, cfg):
+    """Alg. 1's update: for each anchor, the gradient of -J_{j,k} / K accumulated over its K transitions (and this
+    rank's groups), then one optimizer step, at which the ranks average their gradients."""
+    steps = batches(range(len(groups[0].anchors)), run.method.per_step(cfg))  # one optimizer step per anchor
+    logged, norms = [], []
+    for s, anchors in enumerate(steps):
+        run.optimizer.zero_grad(set_to_none=True)
+        terms = [(group, group.anchors[b], k) for group in groups for b in anchors for k in group.steps[b]]
+        for n, (group, j, k) in enumerate(terms):
+            with gradient_sync(run.model, sync=n == len(terms) - 1):
+                J, clip_frac, abs_log_ratio = run.method.objective(run.model, group, j, k, run.grid, cfg, run.dtype)
+                loss = -J / len(terms)
+                loss.backward()
+            logged.append((s, len(terms), loss.item(), clip_frac.item(), abs_log_ratio.item()))
+        norms.append(optimizer_step(run.model, run.optimizer, cfg.max_grad_norm))
+    return update_stats(logged, norms, len(steps))
+
+
+def update_stats(terms, norms, steps):
+    """The update's log: the loss (mean of its optimizer steps' losses), the fraction of clipped ratios, the first
+    step's mean |log rho| (theta = theta_old there: solver drift or round-off), the mean finite grad norm, skips."""
+    stats = dict(loss=0.0, clip_frac=0.0, first_anchor_abs_log_ratio=0.0, grad_norm=0.0, skipped_steps=0)
+    for s, n, loss, clip_frac, abs_log_ratio in terms:
+        stats["loss"] += loss / steps
+        stats["clip_frac"] += clip_frac / len(terms)
+        stats["first_anchor_abs_log_ratio"] += abs_log_ratio / n if s == 0 else 0.0
+    for norm in norms:
+        stats["grad_norm"] += norm / steps if math.isfinite(norm) else 0.0
+        stats["skipped_steps"] += int(not math.isfinite(norm))
+    return stats
+
+
+def optimizer_step(model, optimizer, max_grad_norm):
+    """Clip the gradient norm, then step; a non-finite norm (of the all-reduced gradients, so the same on every rank)
+    skips the step rather than write NaN into the weights. Returns the norm."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
+    if torch.isfinite(grad_norm):
+        optimizer.step()
+    return grad_norm.item()
+
+
+def clock(device):
+    """Wall time once the device's queued work is done (CUDA kernels run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+class Stopwatch:
+    """lap(phase) adds the seconds since the previous lap to that phase."""
+
+    def __init__(self, device):
+        self.device, self.seconds, self.last = device, {}, clock(device)
+
+    def __call__(self, phase):
+        now = clock(self.device)
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self.last
+        self.last = now
+
+
+def train_iteration(run, cfg, iteration):
+    """One iteration of Alg. 1 on this rank's prompt groups: each group rolled out, scored and given advantages, then
+    the policy update. Returns the groups, the update's statistics and the seconds of each phase."""
+    lap = Stopwatch(run.device)
+    groups = [run.method.group(run, cfg, *group_prompt(run.prompts, cfg.seed, iteration, g), lap) for g in run.group_ids]
+    stats = policy_update(run, groups, cfg)
+    lap("update")
+    return groups, stats, {**lap.seconds, "total": sum(lap.seconds.values())}
 
 
 # -----------------------------------------------------------------------------
-# One GRPO iteration
-
-EXAMPLE_PROMPTS = [  # prompts of the paper's Figure 6 and supplementary Figure 1
-    "A low poly lemon in high quality rendering",
-    "A hamster resembling a horse",
-    "Peter Griffin taking a selfie in a park on an iPhone 12 Pro.",
-    "A whale is reading a book about avoiding Japanese spears in an underwater library.",
-    "Two skunks - one small and dark blue with yellow eyes and a larger albino one with red eyes.",
-    "Anime-style vector illustration of a cloudy sky with a unique perspective.",
-    "Realism tattoo design sketch of a pirate ship.",
-    "The image shows a pirate holding up a beer in celebration.",
-    "The image is of a massive cave interior filled with glowing stalactites and stalagmites.",
-    "A cat laying on the floor of a kitchen.",
-    "A portrait of a woman with a paper bag over her head.",
-    "A kitchen counter top with a white bowl sitting next to another white bowl.",
-]
-
-
-HPDV2_STYLES = ("anime", "concept-art", "paintings", "photo")  # the HPDv2 benchmark: 800 prompts per style
-
-
-HPDV2_TRAIN_PROMPTS = Path(__file__).resolve().parent / "data" / "hpdv2_train.txt"  # extracted once, then reused
-
-
-def hpdv2_train_prompts():
-    """HPDv2's training prompts (the paper's, DanceGRPO's, MixGRPO's): the unique prompts of its train.json, in
-    order, extracted once from the hub (or its cache) into HPDV2_TRAIN_PROMPTS."""
-    if not HPDV2_TRAIN_PROMPTS.is_file():
-        from huggingface_hub import hf_hub_download
-
-        try:
-            path = hf_hub_download("zhwang/HPDv2", "train.json", repo_type="dataset")
-        except OSError as e:
-            raise ConfigError(f"prompt_file=hpdv2: cannot fetch HPDv2's training annotations ({type(e).__name__}); "
-                              "download them (huggingface-cli download zhwang/HPDv2 train.json --repo-type dataset) "
-                              "or pass --prompt_file=a text file with one prompt per line") from None
-        prompts = dict.fromkeys(p for p in (row["prompt"].strip() for row in json.loads(Path(path).read_text())) if p)
-        tmp = HPDV2_TRAIN_PROMPTS.with_suffix(f".{os.getpid()}.tmp")  # every rank may extract: rename atomically
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text("".join(p + "\n" for p in prompts))
-        os.replace(tmp, HPDV2_TRAIN_PROMPTS)
-    return HPDV2_TRAIN_PROMPTS
-
-
-def load_prompts(source, field="prompt_file"):
-    """Prompts from a text file (one per line) or a JSON list; "hpdv2": HPDv2's training prompts for prompt_file,
-    its 3200-prompt benchmark (or a directory holding its four JSON files) for eval_prompts; "" = the examples."""
-    if not source:
-        return list(EXAMPLE_PROMPTS)
-    if source == "hpdv2" and field == "prompt_file":
-        files = [hpdv2_train_prompts()]
-    elif source == "hpdv2":
-        from huggingface_hub import hf_hub_download
-
-        try:
-            files = [hf_hub_download("zhwang/HPDv2", f"benchmark/{style}.json", repo_type="dataset")
-                     for style in HPDV2_STYLES]
-        except OSError as e:
-            raise ConfigError(f"{field}=hpdv2: cannot fetch the HPDv2 benchmark prompts ({type(e).__name__}); "
-                              "download them (huggingface-cli download zhwang/HPDv2 --repo-type dataset --include "
-                              f"'benchmark/*.json') and pass --{field}=/path/to/benchmark") from None
-    elif Path(source).is_dir():
-        files = [Path(source) / f"{style}.json" for style in HPDV2_STYLES]
-        if not all(f.is_file() for f in files):
-            raise ConfigError(f"{field}={source}: a prompt directory must hold the HPDv2 files "
-                              f"{', '.join(s + '.json' for s in HPDV2_STYLES)}")
-    elif Path(source).is_file():
-        files = [source]
-    else:
-        raise ConfigError(f"{field}={source}: no such file; pass a text file with one prompt per line, or hpdv2 "
-                          "(README, Prompts)")
-    prompts = []
-    for f in files:
-        text = Path(f).read_text()
-        lines = json.loads(text) if str(f).endswith(".json") else text.splitlines()
-        prompts += [line.strip() for line in lines if line.strip()]
-    if not prompts:
-        raise ConfigError(f"{field}={source}: holds no prompts; write one prompt per line")
-    return prompts
-
-
-def eval_subset(prompts, size):
-    """size prompts spread evenly over the list (every style of HPDv2 alike); all of them when size is 0."""
-    if not size or size >= len(prompts):
-        return prompts
-    return [prompts[i * len(prompts) // size] for i in range(size)]
-
-
-def group_generator(seed, iteration, group):
-    """The random stream of one prompt group, a function of (seed, iteration, global group index) only."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + iteration) * 1_000_033 + group)
-
-
-def group_prompt(prompts, seed, iteration, group):
-    """Group g's prompt at this iteration, and its generator for the noises, anchors and transitions."""
-    gen = group_generator(seed, iteration, group)
-    return prompts[torch.randint(len(prompts), (1,), generator=gen).item()], gen
-
-
-def neighbourhood_noise(pipe, cfg, gen, size, sigma, device):
-    """size initial noises around one base noise drawn from gen (eq. 7); sigma = 0, size = 1: the base itself."""
-    base = draw_noise(pipe, 1, cfg.resolution, gen, device)
-    return perturbed_noise(base, draw_noise(pipe, size, cfg.resolution, gen, device), sigma)
-
-
-def neighbourhood_rollout(pipe, cond, cfg, grid, gen, size, sigma, dtype):
-    """size ODE trajectories from a neighbourhood of one base noise (eq. 7), with theta_old: the states
-    [size, T + 1, L, C] and the TrainSolver's prediction from each [size, T, L, C] (see rollout).
-
-    With sigma = 0 and size = 1 this is plain deterministic ODE sampling, the inference sampler.
-    """
-    x1 = neighbourhood_noise(pipe, cfg, gen, size, sigma, cond.img_ids.device)
-    v_fn = lambda x, t: velocity(pipe.transformer, x, t, cond, dtype)  # noqa: E731
-    parts = [rollout(v_fn, x, grid, cfg.rollout_solver) for x in x1.split(cfg.rollout_batch_size)]
-    return torch.cat([states for states, _ in parts]), torch.cat([train_next for _, train_next in parts])
-
-
-def sde_group_rollout(pipe, cond, cfg, grid, gen, dtype):
-    """The SDE baseline's group: G SDE trajectories from one shared initial noise (DanceGRPO's init_same_noise)."""
-    x1 = draw_noise(pipe, 1, cfg.resolution, gen, cond.img_ids.device).expand(cfg.group_size, -1, -1)
-    v_fn = lambda x, t: velocity(pipe.transformer, x, t, cond, dtype)  # noqa: E731
-    parts = [sde_rollout(v_fn, x, grid, cfg.sde_eta, gen) for x in x1.split(cfg.rollout_batch_size)]
-    return torch.cat([states for states, _ in parts]), torch.cat([log_probs for _, log_probs in parts])
+# Evaluation: one deterministic ODE sample per held-out prompt (sigma = 0), every reward, mean +- standard error
 
 
 @torch.no_grad()
@@ -1416,104 +728,16 @@ def generate(pipe, prompts, cfg, grid, seed, dtype, cache, indices=None):
     return torch.cat(images)
 
 
-def save_grid(images, path):
-    """Images [N, 3, H, W] in [0, 1] side by side in one PNG."""
+def save_grid(images, path, min_side=128):
+    """Images [N, 3, H, W] in [0, 1] side by side in one PNG, small ones scaled up (nearest) to min_side pixels."""
     from PIL import Image
 
-    row = torch.cat(list(images.float().cpu().clamp(0, 1)), dim=2)
+    images = images.float().cpu().clamp(0, 1)
+    scale = math.ceil(min_side / images.shape[-1])
+    if scale > 1:
+        images = images.repeat_interleave(scale, dim=-1).repeat_interleave(scale, dim=-2)
+    row = torch.cat(list(images), dim=2)
     Image.fromarray((row * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()).save(path)
-
-
-@dataclass
-class Group:
-    """One prompt's neighbourhood: stored rollout states, rewards, advantages and the sampled anchors and steps."""
-
-    prompt: str
-    cond: Condition
-    states: torch.Tensor  # [G, T + 1, L, C], theta_old
-    rewards: torch.Tensor  # [M, G]
-    adv: torch.Tensor  # [G]
-    anchors: list  # the trajectories trained, in the order of the optimizer steps
-    steps: list  # per anchor, the transitions it is trained on
-    old: torch.Tensor  # what pi_old needs: [G, T, L, C] anchor targets (old_anchor), or the SDE's [G, T - 1] log-probs
-
-
-def policy_update(model, optimizer, groups, grid, cfg, dtype):
-    """Alg. 1's update: for each anchor, accumulate -J_{j,k} / K over the K transitions, then one optimizer step.
-    The SDE baseline runs the same loop with every sample as an anchor, its own objective, and one step per
-    sde_samples_per_step samples (the loss then averaged over them, as DanceGRPO's gradient accumulation)."""
-    K, B = cfg.num_train_steps, len(groups[0].anchors)
-    per_step = cfg.sde_samples_per_step if cfg.method == "sde" else 1
-    chunks = batches(range(B), per_step)
-    objective = sde_objective if cfg.method == "sde" else anchor_objective
-    stats = dict(loss=0.0, clip_frac=0.0, first_anchor_abs_log_ratio=0.0, grad_norm=0.0, skipped_steps=0)
-    for c, chunk in enumerate(chunks):
-        optimizer.zero_grad(set_to_none=True)
-        micro_steps = [(group, b, k) for group in groups for b in chunk for k in group.steps[b]]
-        scale = K * len(chunk) * len(groups)
-        for n, (group, b, k) in enumerate(micro_steps):
-            with gradient_sync(model, sync=n == len(micro_steps) - 1):
-                J, clip_frac, abs_log_ratio = objective(model, group.states, group.adv, group.anchors[b], k, grid,
-                                                        group.cond, cfg, dtype, group.old)
-                loss = -J / scale
-                loss.backward()
-            stats["loss"] += loss.item() / len(chunks)
-            stats["clip_frac"] += clip_frac.item() / (B * K * len(groups))
-            if c == 0:  # theta = theta_old here: any |log rho| is the rollout/train solver drift (or round-off)
-                stats["first_anchor_abs_log_ratio"] += abs_log_ratio.item() / scale
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
-        if torch.isfinite(grad_norm):  # the norm of all-reduced gradients: every rank takes the same branch
-            stats["grad_norm"] += grad_norm.item() / len(chunks)
-            optimizer.step()
-        else:  # a non-finite loss or gradient: skip this step rather than write NaN into the weights
-            stats["skipped_steps"] += 1
-    return stats
-
-
-def clock(device):
-    """Wall time once the device's queued work is done (CUDA kernels run asynchronously)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-def train_iteration(pipe, model, optimizer, reward_fns, weights, prompts, grid, cfg, iteration, dtype, cache,
-                    group_ids):
-    """Rollout, rewards and advantages for this process's prompt groups, then the policy update."""
-    timings, groups, device = dict(rollout=0.0, reward=0.0), [], pipe.vae.device
-    for g in group_ids:
-        prompt, gen = group_prompt(prompts, cfg.seed, iteration, g)
-        t0 = clock(device)
-        cond = encode_prompt(pipe, prompt, cfg, cache)
-        if cfg.method == "sde":
-            states, old = sde_group_rollout(pipe, cond, cfg, grid, gen, dtype)
-        else:
-            states, train_next = neighbourhood_rollout(pipe, cond, cfg, grid, gen, cfg.group_size, cfg.noise_sigma,
-                                                       dtype)
-            old = train_next if cfg.old_anchor == "train_solver" else states[:, 1:]
-        t1 = clock(device)
-        images = torch.cat([decode_images(pipe, x, cfg.resolution) for x in states[:, -1].split(cfg.reward_batch_size)])
-        rewards = torch.cat([score(reward_fns, chunk, [prompt] * len(chunk))
-                             for chunk in images.split(cfg.reward_batch_size)], dim=1)
-        G, T, K = cfg.group_size, cfg.num_steps, cfg.num_train_steps
-        if cfg.method == "sde":
-            adv = group_advantages(rewards, weights)
-            anchors, steps = sample_sde_steps(G, T, K, gen)
-        else:
-            adv = group_advantages(rewards, weights, cfg.adv_p)
-            anchors, steps = sample_anchors_and_steps(G, cfg.num_anchors, T, K, gen)
-        groups.append(Group(prompt, cond, states, rewards, adv.to(states.device), anchors, steps, old))
-        timings["rollout"] += t1 - t0
-        timings["reward"] += clock(device) - t1
-    t2 = clock(device)
-    stats = policy_update(model, optimizer, groups, grid, cfg, dtype)
-    timings["update"] = clock(device) - t2
-    return groups, stats, timings
-
-
-# -----------------------------------------------------------------------------
-# Evaluation: one deterministic ODE sample per held-out prompt, every reward, mean +- standard error
 
 
 def eval_indices(n, rank, world):
@@ -1530,7 +754,7 @@ def rank_eval_prompts(prompts, rank, world):
 @torch.no_grad()
 def evaluate(pipe, prompts, reward_fns, cfg, grid, dtype, cache, rank, world, path):
     """Rank 0 writes path.json (per-prompt scores, mean, std, standard error), path.md and path.png (the first
-    num_samples prompts); returns {reward: mean} on rank 0, None elsewhere."""
+    num_samples prompts) and returns {reward: dict(mean, std, se)}; other ranks return None."""
     n, rows, samples = len(prompts), [], {}
     for chunk in progress(batches(eval_indices(n, rank, world), cfg.eval_batch_size), f"evaluating {n} prompts", rank):
         js = [min(i, n - 1) for i in chunk]  # every rank runs as many chunks of the same sizes (FSDP)
@@ -1555,82 +779,37 @@ def evaluate(pipe, prompts, reward_fns, cfg, grid, dtype, cache, rank, world, pa
     Path(f"{path}.json").write_text(json.dumps(result, indent=1))
     Path(f"{path}.md").write_text(table1(summary, n, cfg.transformer_path or cfg.model_path))
     save_grid(torch.stack([samples[i] for i in sorted(samples)]), f"{path}.png")
-    return {name: v["mean"] for name, v in summary.items()}
+    return summary
 
 
-PAPER_TABLE1 = {  # Table 1 of the paper, 3200 HPDv2 prompts
-    "FLUX.1-dev (paper)": dict(hpsv2=0.310, pickscore=0.227, imagereward=1.131, clipscore=0.389, unifiedreward=3.211,
-                               aesthetic=6.108),
-    "Neighbor GRPO, 8-step DPM++ (paper)": dict(hpsv2=0.366, pickscore=0.234, imagereward=1.640, clipscore=0.391,
-                                                unifiedreward=3.334, aesthetic=6.621),
-}
-
-
-def table1(summary, n, model):
-    """Markdown in Table 1's shape: the evaluated model (mean ± standard error over n prompts), then the paper's
-    rows for the same columns."""
+def table1(summary, n, model, paper_rows=None):
+    """Markdown in Table 1's shape: the evaluated model (mean ± standard error over n prompts), then any paper rows
+    {row name: {reward: value}} for the same columns."""
     lines = ["| model | " + " | ".join(summary) + " |", "| --- |" + " --- |" * len(summary),
              f"| {model} (n = {n}) | " + " | ".join(f"{v['mean']:.4f} ± {v['se']:.4f}" for v in summary.values()) + " |"]
-    for row, values in PAPER_TABLE1.items():
-        if any(name in values for name in summary):
-            lines.append(f"| {row} | " + " | ".join(f"{values[k]:.3f}" if k in values else "–" for k in summary) + " |")
+    lines += [f"| {row} | " + " | ".join(f"{values[k]:.3f}" if k in values else "–" for k in summary) + " |"
+              for row, values in (paper_rows or {}).items() if any(name in values for name in summary)]
     return "\n".join(lines) + "\n"
 
 
-def eval_setup(cfg, reward_fns, device):
-    """Held-out prompts and the reward functions scored on them (the training ones are reused)."""
+def eval_line(it, summary, n):
+    """One console line per evaluation: each held-out reward with its standard error."""
+    return f"eval {it:4d} | " + " ".join(f"{k} {v['mean']:.4f} ± {v['se']:.4f}" for k, v in summary.items()) + \
+        f" | {n} held-out prompts"
+
+
+def eval_setup(cfg, reward_fns, device, names=()):
+    """Held-out prompts and the reward functions scored on them: names, else eval_rewards, else the training ones
+    (whose loaded functions are reused)."""
     prompts = eval_subset(load_prompts(cfg.eval_prompts, "eval_prompts"), cfg.eval_size)
-    names = (cfg.eval_only and cfg.eval_only_rewards) or cfg.eval_rewards or cfg.rewards
+    names = names or cfg.eval_rewards or cfg.rewards
     names = [n for n in names if n != "unifiedreward" or cfg.unifiedreward_url]  # the judge needs its server
-    return prompts, {n: reward_fns[n] if n in reward_fns else load_reward(n, cfg, device) for n in names}
-
-
-def run_evaluation(cfg):
-    """--eval_only: the model of transformer_path (or model_path) on the held-out prompts; each rank a full copy."""
-    rank, world, device = setup_distributed(cfg)
-    dtype, out = compute_dtype(cfg), Path(cfg.out_dir)
-    if (out / "eval.json").exists() and not cfg.overwrite:
-        raise ConfigError(f"out_dir={out}: already holds eval.json; pass --overwrite or another --out_dir")
-    prompts, reward_fns = eval_setup(cfg, {}, device)
-    pipe = load_pipeline(cfg, device, dtype)
-    pipe.transformer.to(device, dtype).eval()  # inference: no fp32 master weights, nothing sharded
-    grid = pipeline_grid(pipe, cfg, cfg.eval_steps or cfg.num_steps)
-    cache = {}
-    encode_prompts(pipe, rank_eval_prompts(prompts, rank, world), cfg, cache, rank)
-    means = evaluate(pipe, prompts, reward_fns, cfg, grid, dtype, cache, rank, world, out / "eval")
-    if rank == 0:
-        print((out / "eval.md").read_text(), end="")
-    barrier(world)
-    return means
+    return prompts, {n: reward_fns[n] if n in reward_fns else load_reward(n, cfg, device, compute_dtype(cfg))
+                     for n in names}
 
 
 # -----------------------------------------------------------------------------
 # Checkpoints: resumable state with torch.distributed.checkpoint, the transformer in diffusers format
-
-
-def export_transformer(model, path, rank, dtype):
-    """The full transformer as safetensors + config.json, loadable by FluxTransformer2DModel.from_pretrained."""
-    from huggingface_hub import save_torch_state_dict
-
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        save_torch_state_dict({k: v.to(dtype) for k, v in state.items()}, path, max_shard_size="10GB",
-                              filename_pattern="diffusion_pytorch_model{suffix}.safetensors")
-        (model.module if isinstance(model, DDP) else model).save_config(path)
-
-
-def export_lora(model, path, rank):
-    """The adapter as FluxPipeline.save_lora_weights writes it, with its LoraConfig (alpha included), so that
-    FluxPipeline.load_lora_weights(path) reproduces the trained model."""
-    from diffusers import FluxPipeline
-    from peft.utils import get_peft_model_state_dict
-
-    transformer = model.module if isinstance(model, DDP) else model
-    if rank == 0:
-        layers = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(transformer).items()}
-        FluxPipeline.save_lora_weights(path, transformer_lora_layers=layers,
-                                       transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
 
 
 def export_model(model, path, cfg, rank, dtype):
@@ -1639,11 +818,6 @@ def export_model(model, path, cfg, rank, dtype):
         export_lora(model, path / "lora", rank)
     else:
         export_transformer(model, path / "transformer", rank, dtype)
-
-
-def latest_checkpoint(out_dir):
-    pointer = Path(out_dir) / "checkpoints" / "latest"
-    return pointer.parent / pointer.read_text().strip() if pointer.exists() else None
 
 
 TRAINED = StateDictOptions(ignore_frozen_params=True)  # a checkpoint holds what trains: all of it, or the adapter
@@ -1673,45 +847,26 @@ def save_checkpoint(model, optimizer, cfg, iteration, rank, world, dtype):
     barrier(world)
 
 
-def load_checkpoint(model, optimizer, path, world):
-    """Restore model and optimizer (in whatever sharding this run uses); returns the checkpoint's iteration and
-    config."""
+def resume_state(cfg, out):
+    """The checkpoint --resume continues from, after refusing to overwrite a run or to resume nothing."""
+    pointer = out / "checkpoints" / "latest"
+    if cfg.resume and not pointer.exists():
+        raise ConfigError(f"resume: out_dir={out} holds no checkpoint; drop --resume to start a new run")
+    if not cfg.resume and (out / "log.jsonl").exists() and not cfg.overwrite:
+        raise ConfigError(f"out_dir={out}: already holds a run (log.jsonl); pass --resume to continue it, "
+                          "--overwrite to replace it, or another --out_dir")
+    return pointer.parent / pointer.read_text().strip() if cfg.resume else None
+
+
+def restore(model, optimizer, cfg, path, rank, world):
+    """Model and AdamW state from a checkpoint, in whatever sharding this run uses; returns the iterations it already
+    did, listing any fields that changed since."""
     model_state, optim_state = get_state_dict(model, optimizer, options=TRAINED)
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=path / "state", no_dist=world == 1)  # strict: every trained tensor must be there
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))  # the frozen base is model_path's
-    return json.loads((path / "meta.json").read_text())
-
-
-# -----------------------------------------------------------------------------
-# The training loop
-
-
-def open_log(out, start):
-    """log.jsonl, keeping the records of iterations before start when a run resumes."""
-    path = out / "log.jsonl"
-    kept = [line for line in path.read_text().splitlines() if json.loads(line)["iter"] < start] if start else []
-    log = open(path, "w")
-    log.writelines(line + "\n" for line in kept)
-    return log
-
-
-def resume_state(cfg, out):
-    """The checkpoint --resume continues from, after refusing to overwrite a run or to resume nothing."""
-    latest = latest_checkpoint(out) if cfg.resume else None
-    if cfg.resume and latest is None:
-        raise ConfigError(f"resume: out_dir={out} holds no checkpoint; drop --resume to start a new run")
-    if not cfg.resume and (out / "log.jsonl").exists() and not cfg.overwrite:
-        raise ConfigError(f"out_dir={out}: already holds a run (log.jsonl); pass --resume to continue it, "
-                          "--overwrite to replace it, or another --out_dir")
-    return latest
-
-
-def restore(model, optimizer, cfg, path, rank, world):
-    """Load a checkpoint into this run; returns the iterations it already did, listing any changed fields."""
-    meta = load_checkpoint(model, optimizer, path, world)
-    now = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    meta, now = json.loads((path / "meta.json").read_text()), json.loads(json.dumps(dataclasses.asdict(cfg)))
     changed = [f"{k} {meta['config'].get(k)} -> {now[k]}" for k in now
                if k not in ("resume", "overwrite", "iterations") and meta["config"].get(k) != now[k]]
     if changed and rank == 0:
@@ -1719,9 +874,13 @@ def restore(model, optimizer, cfg, path, rank, world):
     return meta["iteration"]
 
 
+# -----------------------------------------------------------------------------
+# Preemption: SLURM and Kubernetes send SIGTERM or SIGUSR1 before a kill
+
+
 class Preemption:
-    """SIGTERM and SIGUSR1, what SLURM and Kubernetes send before a kill, only raise a flag; the loop then
-    finishes its iteration, checkpoints and exits 0, on every rank once any rank got one."""
+    """SIGTERM and SIGUSR1 only raise a flag; the loop then finishes its iteration, checkpoints and exits 0, on
+    every rank once any rank got one."""
 
     SIGNALS = [getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name)]
 
@@ -1744,10 +903,8 @@ class Preemption:
             signal.signal(s, handler)
 
 
-def log_line(it, rewards, stats, cfg):
-    return (f"iter {it:4d} | " + " ".join(f"{n} {r.mean():.4f}" for n, r in zip(cfg.rewards, rewards)) +
-            f" | loss {stats['loss']:+.3e} | clip {stats['clip_frac']:.2f} | "
-            f"|log rho| {stats['first_anchor_abs_log_ratio']:.1e} | {stats['time/total']:.2f}s")
+# -----------------------------------------------------------------------------
+# The training loop
 
 
 @dataclass
@@ -1761,6 +918,7 @@ class Run:
     pipe: typing.Any  # FluxPipeline
     model: torch.nn.Module  # the transformer, parallelised
     optimizer: torch.optim.Optimizer
+    method: Method  # NEIGHBOR, or a baseline's hook
     prompts: list
     reward_fns: dict
     weights: tuple
@@ -1773,7 +931,7 @@ class Run:
     cache: dict  # prompt -> embeddings
 
 
-def build(cfg):
+def build(cfg, method=NEIGHBOR):
     """Prompts and rewards (they fail faster than FLUX loads), the pipeline, the parallel model, AdamW, the
     resumed state, and every prompt this rank will meet encoded (known from the seed) before the text encoders
     leave the GPU."""
@@ -1781,140 +939,204 @@ def build(cfg):
     dtype = compute_dtype(cfg)
     resume_from = resume_state(cfg, Path(cfg.out_dir))
     prompts = load_prompts(cfg.prompt_file)
-    reward_fns = {name: load_reward(name, cfg, device) for name in cfg.rewards}
+    reward_fns = {name: load_reward(name, cfg, device, dtype) for name in cfg.rewards}
     eval_prompts, eval_fns = eval_setup(cfg, reward_fns, device) if cfg.eval_every else ([], {})
     pipe = load_pipeline(cfg, device, dtype, meta=world > 1 and cfg.parallel == "fsdp" and rank > 0)
     model = parallelize(pipe.transformer, cfg, device, world, dtype)
     model.train()
-    optimizer = adamw(model, cfg)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,  # or the adapters
+                                  weight_decay=cfg.weight_decay)
     start = restore(model, optimizer, cfg, resume_from, rank, world) if resume_from else 0
     group_ids = range(rank * cfg.groups_per_rank, (rank + 1) * cfg.groups_per_rank)
     cache = {}
     encode_prompts(pipe, [group_prompt(prompts, cfg.seed, it, g)[0] for it in range(start, cfg.iterations)
                           for g in group_ids] + prompts[: cfg.num_samples] + rank_eval_prompts(eval_prompts, rank, world),
                    cfg, cache, rank)
-    return Run(rank, world, device, dtype, pipe, model, optimizer, prompts, reward_fns, reward_mix(cfg),
+    return Run(rank, world, device, dtype, pipe, model, optimizer, method, prompts, reward_fns, reward_mix(cfg),
                pipeline_grid(pipe, cfg, cfg.num_steps), eval_prompts, eval_fns,
                pipeline_grid(pipe, cfg, cfg.eval_steps or cfg.num_steps), start, group_ids, cache)
 
 
+def encode_prompts(pipe, prompts, cfg, cache, rank=0):
+    """Fill the prompt-embedding cache, then move the idle text encoders (T5-XXL: 9.5 GB) off the GPU."""
+    for prompt in progress(dict.fromkeys(prompts), "encoding prompts", rank):
+        encode_prompt(pipe, prompt, cfg, cache)
+    if cfg.offload_text_encoders:
+        pipe.text_encoder.to("cpu")
+        pipe.text_encoder_2.to("cpu")
+
+
+
+def periodic(run, cfg, it, log):
+    """The sample grid and the held-out evaluation, every sample_every and eval_every iterations and after the last
+    one (on every rank: FSDP needs them all in each forward)."""
+    due = lambda every: every and (it % every == 0 or it == cfg.iterations)  # noqa: E731
+    if due(cfg.sample_every):
+        images = generate(run.pipe, run.prompts[: cfg.num_samples], cfg, run.grid, cfg.seed, run.dtype, run.cache)
+        if run.rank == 0:
+            save_grid(images, Path(cfg.out_dir) / f"samples/{it:06d}.png")
+    if due(cfg.eval_every):
+        summary = evaluate(run.pipe, run.eval_prompts, run.eval_fns, cfg, run.eval_grid, run.dtype, run.cache,
+                           run.rank, run.world, Path(cfg.out_dir) / f"eval/iter_{it:06d}")
+        log.evaluation(it, summary, len(run.eval_prompts))
+
+
+def train(cfg, method=NEIGHBOR):
+    """Alg. 1 on this process's share of the prompt groups; returns the trained (wrapped) transformer."""
+    run = build(cfg, method)
+    log, skipped, out = RunLog(run, cfg), 0, Path(cfg.out_dir)
+    with Preemption() as preempted:
+        for it in range(run.start, cfg.iterations):
+            periodic(run, cfg, it, log)
+            groups, stats, seconds = train_iteration(run, cfg, it)
+            stats = log.iteration(it, groups, stats, seconds)
+            skipped = skipped + int(stats["skipped_steps"]) if stats["skipped_steps"] else 0
+            if skipped >= cfg.max_skipped_steps:
+                raise TrainingError(
+                    f"{skipped} optimizer steps in a row had a non-finite loss or gradient (iteration {it}); nothing "
+                    f"was saved since, so the last checkpoint in {out / 'checkpoints'} is good: --resume from it with "
+                    "a lower --lr, or raise --max_skipped_steps")
+            if preempted(run.world, run.device):  # finish the iteration, checkpoint, exit 0; rerun with --resume
+                save_checkpoint(run.model, run.optimizer, cfg, it + 1, run.rank, run.world, run.dtype)
+                log.stopped(it, preempted.signal)
+                barrier(run.world)
+                return run.model
+            if cfg.ckpt_every and (it + 1) % cfg.ckpt_every == 0 and it + 1 < cfg.iterations:
+                save_checkpoint(run.model, run.optimizer, cfg, it + 1, run.rank, run.world, run.dtype)
+        periodic(run, cfg, cfg.iterations, log)
+        if run.start < cfg.iterations:  # a resumed run with nothing left to do keeps its checkpoint as it is
+            save_checkpoint(run.model, run.optimizer, cfg, cfg.iterations, run.rank, run.world, run.dtype)
+        export_model(run.model, out, cfg, run.rank, run.dtype)
+        if cfg.export_merged:  # the run is over: merge the adapter into the base in place
+            transformer = run.model.module if isinstance(run.model, DDP) else run.model
+            transformer.fuse_lora()
+            transformer.unload_lora()
+            export_transformer(transformer, out / "transformer", run.rank, run.dtype)
+        log.close()
+        barrier(run.world)
+    return run.model
+
+
+class RunLog:
+    """The run's record, written by rank 0: config.json, log.jsonl (one record per iteration, evaluations in it), a
+    console line per iteration and per evaluation, curves.png, optional W&B, and a closing summary line. Every rank
+    calls it: iteration() gathers rewards and averages statistics over ranks."""
+
+    def __init__(self, run, cfg):
+        self.run, self.cfg, self.out, self.record, self.wandb = run, cfg, Path(cfg.out_dir), {}, None
+        if run.rank != 0:
+            return
+        (self.out / "samples").mkdir(parents=True, exist_ok=True)
+        (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        self.file = open_log(self.out, run.start)
+        if cfg.wandb_project:  # optional: the same records as log.jsonl
+            self.wandb = importlib.import_module("wandb")
+            self.wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg), dir=self.out, resume="allow",
+                            id=cfg.wandb_id or None)
+        print(f"{run.method.describe(cfg)} | {cfg.model_path} | {run.world} process(es) x {cfg.groups_per_rank} "
+              f"group(s) | G={cfg.group_size} T={cfg.num_steps} K={cfg.num_train_steps} | start at iteration {run.start}")
+
+    def evaluation(self, it, summary, n):
+        if self.run.rank == 0:
+            self.record.update({"iter": it, **{f"eval/{k}": v["mean"] for k, v in summary.items()}})
+            print(eval_line(it, summary, n))
+
+    def iteration(self, it, groups, stats, seconds):
+        cfg, run = self.cfg, self.run
+        rewards = torch.cat(all_gather_objects(torch.cat([g.rewards for g in groups], dim=1).cpu(), run.world), 1)
+        stats = all_mean({**stats, **{f"time/{k}": v for k, v in seconds.items()}}, run.world, run.device)
+        if run.rank == 0:
+            self.write({"iter": it, **self.record, **{f"reward/{n}": r.mean().item() for n, r in zip(cfg.rewards, rewards)},
+                        **{f"reward_std/{n}": r.std().item() for n, r in zip(cfg.rewards, rewards)}, **stats,
+                        "nfe_old": cfg.num_steps,
+                        "nfe_theta": nfe_theta(len(groups[0].anchors), cfg.group_size, cfg.num_train_steps)})
+            print(f"iter {it:4d} | " + " ".join(f"{n} {r.mean():.4f}" for n, r in zip(cfg.rewards, rewards)) +
+                  f" | loss {stats['loss']:+.3e} | clip {stats['clip_frac']:.2f} | "
+                  f"|log rho| {stats['first_anchor_abs_log_ratio']:.1e} | {stats['time/total']:.2f}s")
+        return stats
+
+    def write(self, record):
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if any(k.startswith("eval/") for k in record):
+            plot_curves(self.out, self.cfg.rewards)
+        if self.wandb:
+            self.wandb.log(record, step=record["iter"])
+        self.record = {}
+
+    def stopped(self, it, signal_name):
+        if self.run.rank == 0:
+            print(f"stopped by {signal_name or 'a signal to another rank'} after iteration {it}: checkpoint "
+                  f"step-{it + 1:06d} written; continue with the same command and --resume")
+            self.file.close()
+
+    def close(self):
+        if self.run.rank != 0:
+            return
+        if self.record:  # the final evaluation
+            self.write(self.record)
+        self.file.close()
+        plot_curves(self.out, self.cfg.rewards)
+        if self.wandb:
+            self.wandb.finish()
+        print(summary_line(self.out, self.cfg))
+
+
+def open_log(out, start):
+    """log.jsonl, keeping the records of iterations before start when a run resumes."""
+    path = out / "log.jsonl"
+    kept = [line for line in path.read_text().splitlines() if json.loads(line)["iter"] < start] if start else []
+    log = open(path, "w")
+    log.writelines(line + "\n" for line in kept)
+    return log
+
+
+def summary_line(out, cfg):
+    """The closing line: each held-out reward's first and last evaluation, and where the run's outputs are."""
+    evals = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if any("eval/" in k for k in r)]
+    gains = [f"{k[5:]} {evals[0][k]:.4f} -> {evals[-1][k]:.4f} ({evals[-1][k] - evals[0][k]:+.4f})"
+             for k in evals[-1] if k.startswith("eval/") and k in evals[0]] if evals else []
+    held_out = f"held-out (iterations {evals[0]['iter']} -> {evals[-1]['iter']}): {', '.join(gains)}" if gains else \
+        "no held-out evaluation (eval_every=0)"
+    saved = [p for p in ("samples", "curves.png", "eval", "lora" if cfg.lora_rank else "transformer")
+             if (out / p).exists() and (p != "samples" or any((out / p).iterdir()))]
+    return f"done | {held_out} | in {out}: {', '.join(saved)}"
+
+
 def plot_curves(out, rewards):
-    """out/curves.png from log.jsonl: training and held-out rewards, clip fraction and first-anchor |log rho|."""
+    """out/curves.png from log.jsonl: each reward (training and held-out) in its panel, the clip fraction and the
+    first anchor's |log rho|."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
-    for name in rewards:
-        train = [r for r in log if f"reward/{name}" in r]
-        axes[0].plot([r["iter"] for r in train], [r[f"reward/{name}"] for r in train], label=f"train {name}")
-    for name in dict.fromkeys(k.removeprefix("eval/") for r in log for k in r if k.startswith("eval/")):
-        evals = [r for r in log if f"eval/{name}" in r]
-        axes[0].plot([r["iter"] for r in evals], [r[f"eval/{name}"] for r in evals], "o-", label=f"held-out {name}")
+    names = list(dict.fromkeys([*rewards, *(k[5:] for r in log for k in r if k.startswith("eval/"))]))
+    fig, axes = plt.subplots(1, len(names) + 2, figsize=(3.6 * (len(names) + 2), 3.2), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        train, evals = [r for r in log if f"reward/{name}" in r], [r for r in log if f"eval/{name}" in r]
+        ax.plot([r["iter"] for r in train], [r[f"reward/{name}"] for r in train], alpha=0.6, label="training groups")
+        ax.plot([r["iter"] for r in evals], [r[f"eval/{name}"] for r in evals], "o-", label="held-out")
+        ax.set(title=name + ("" if name in rewards else " (not trained on)"))
+        ax.legend(fontsize=7)
     train = [r for r in log if "clip_frac" in r]
-    axes[1].plot([r["iter"] for r in train], [r["clip_frac"] for r in train])
-    axes[2].semilogy([r["iter"] for r in train], [max(r["first_anchor_abs_log_ratio"], 1e-12) for r in train])
-    for ax, title in zip(axes, ("reward", "clip fraction", "first-anchor |log rho| (theta = theta_old)")):
-        ax.set(xlabel="iteration", title=title)
-    axes[0].legend(fontsize=7)
+    axes[0, -2].plot([r["iter"] for r in train], [r["clip_frac"] for r in train])
+    axes[0, -1].semilogy([r["iter"] for r in train], [max(r["first_anchor_abs_log_ratio"], 1e-12) for r in train])
+    axes[0, -2].set(title="clip fraction")
+    axes[0, -1].set(title="first-anchor |log rho| (theta = theta_old)")
+    for ax in axes[0]:
+        ax.set(xlabel="iteration")
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=100)
     plt.close(fig)
 
 
-def train(cfg):
-    """Neighbor GRPO on this process's share of the prompt groups; returns the trained (wrapped) transformer."""
-    run, out = build(cfg), Path(cfg.out_dir)
-    rank, world, device, dtype, pipe, model, optimizer, start = (
-        run.rank, run.world, run.device, run.dtype, run.pipe, run.model, run.optimizer, run.start)
-    prompts, grid, cache = run.prompts, run.grid, run.cache
-    wandb = None
-    if rank == 0:
-        (out / "samples").mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        log = open_log(out, start)
-        if cfg.wandb_project:  # optional: the same records as log.jsonl
-            wandb = importlib.import_module("wandb")
-            wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg), dir=out, resume="allow",
-                       id=cfg.wandb_id or None)
-        method = (f"SDE-GRPO | eta={cfg.sde_eta}" if cfg.method == "sde" else
-                  f"Neighbor GRPO | B={cfg.num_anchors} sigma={cfg.noise_sigma} p={cfg.adv_p}")
-        print(f"{method} | {cfg.model_path} | {world} process(es) x {cfg.groups_per_rank} group(s) | "
-              f"G={cfg.group_size} T={cfg.num_steps} K={cfg.num_train_steps} | start at iteration {start}")
-    nfe_old, nfe_new = cfg.num_steps, nfe_theta(trained_per_group(cfg), cfg.group_size, cfg.num_train_steps)
-    skipped_in_a_row = 0
-    with Preemption() as preempted:
-        for it in range(start, cfg.iterations + 1):
-            record = dict(iter=it)
-            if cfg.sample_every and (it % cfg.sample_every == 0 or it == cfg.iterations):
-                images = generate(pipe, prompts[: cfg.num_samples], cfg, grid, cfg.seed, dtype, cache)  # every rank
-                if rank == 0:
-                    save_grid(images, out / f"samples/{it:06d}.png")
-            if cfg.eval_every and (it % cfg.eval_every == 0 or it == cfg.iterations):
-                means = evaluate(pipe, run.eval_prompts, run.eval_fns, cfg, run.eval_grid, dtype, cache, rank, world,
-                                 out / f"eval/iter_{it:06d}")
-                record.update({f"eval/{k}": v for k, v in (means or {}).items()})
-            if it == cfg.iterations:
-                break
-            t0 = clock(device)
-            groups, stats, timings = train_iteration(pipe, model, optimizer, run.reward_fns, run.weights, prompts,
-                                                     grid, cfg, it, dtype, cache, run.group_ids)
-            timings["total"] = clock(device) - t0
-            rewards = all_gather_columns(torch.cat([g.rewards for g in groups], dim=1), world, device)
-            stats = all_mean({**stats, **{f"time/{k}": v for k, v in timings.items()}}, world, device)
-            if rank == 0:
-                record.update(**{f"reward/{n}": r.mean().item() for n, r in zip(cfg.rewards, rewards)},
-                              **{f"reward_std/{n}": r.std().item() for n, r in zip(cfg.rewards, rewards)},
-                              **stats, nfe_old=nfe_old, nfe_theta=nfe_new)
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                print(log_line(it, rewards, stats, cfg))
-                if any(k.startswith("eval/") for k in record):
-                    plot_curves(out, cfg.rewards)
-                if wandb:
-                    wandb.log(record, step=it)
-            skipped_in_a_row = skipped_in_a_row + int(stats["skipped_steps"]) if stats["skipped_steps"] else 0
-            if skipped_in_a_row >= cfg.max_skipped_steps:
-                raise TrainingError(
-                    f"{skipped_in_a_row} optimizer steps in a row had a non-finite loss or gradient (iteration {it}); "
-                    f"nothing was saved since, so the last checkpoint in {out / 'checkpoints'} is good: --resume "
-                    "from it with a lower --lr, or raise --max_skipped_steps")
-            if preempted(world, device):  # finish the iteration, checkpoint, exit 0; the scheduler reruns with --resume
-                save_checkpoint(model, optimizer, cfg, it + 1, rank, world, dtype)
-                if rank == 0:
-                    print(f"stopped by {preempted.signal or 'a signal to another rank'} after iteration {it}: "
-                          f"checkpoint step-{it + 1:06d} written; continue with the same command and --resume")
-                    log.close()
-                barrier(world)
-                return model
-            if cfg.ckpt_every and (it + 1) % cfg.ckpt_every == 0 and it + 1 < cfg.iterations:
-                save_checkpoint(model, optimizer, cfg, it + 1, rank, world, dtype)
-        if start < cfg.iterations:  # a resumed run with nothing left to do keeps its checkpoint as it is
-            save_checkpoint(model, optimizer, cfg, cfg.iterations, rank, world, dtype)
-        export_model(model, out, cfg, rank, dtype)
-        if cfg.export_merged:  # the run is over: merge the adapter into the base in place
-            transformer = model.module if isinstance(model, DDP) else model
-            transformer.fuse_lora()
-            transformer.unload_lora()
-            export_transformer(transformer, out / "transformer", rank, dtype)
-        if rank == 0:
-            if len(record) > 1:  # the final evaluation
-                log.write(json.dumps(record) + "\n")
-                wandb and wandb.log(record, step=cfg.iterations)
-            log.close()
-            plot_curves(out, cfg.rewards)
-            wandb and wandb.finish()
-        barrier(world)
-        return model
-
-
-def main(argv=None):
+def main(argv=None, parse=parse_config, method=NEIGHBOR):
     try:
-        cfg = parse_config(sys.argv[1:] if argv is None else argv)
-        run_evaluation(cfg) if cfg.eval_only else train(cfg)
-    except (ConfigError, RewardError, TrainingError) as e:
+        cfg = parse(sys.argv[1:] if argv is None else argv)
+        train(cfg, method)
+    except (ConfigError, ModelError, RewardError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:

@@ -7,7 +7,7 @@ handwritten digits (1797 images of 8x8, shipped inside the package), and the cla
     python data/digits/prepare.py --vae_steps=3 --flow_steps=3 --out=/tmp/digits   # plumbing only (the tests)
 
 Writes a diffusers FluxPipeline directory (transformer/, vae/, text_encoder/, ..., model_index.json) that
-`neighbor_grpo.load_pipeline` loads like FLUX.1-dev, classifier.pt, prompts.txt and eval_prompts.txt.
+`flux.load_pipeline` loads like FLUX.1-dev, classifier.pt, prompts.txt and eval_prompts.txt.
 """
 
 import json
@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import flux  # noqa: E402
 import neighbor_grpo as ng  # noqa: E402
+import rewards  # noqa: E402
 
 SIZES = dict(  # ~0.6 M transformer parameters: 16x16 images, VAE factor 2 -> 8x8 latents -> 16 packed tokens
     layers=2, single_layers=4, heads=4, head_dim=16, rope=(4, 6, 6), text_dim=32, pooled_dim=32, text_layers=2,
@@ -46,10 +48,10 @@ def digits():
 
 
 def train_classifier(images, labels, n_train):
-    """Multinomial logistic regression (scikit-learn) on exactly what the reward sees (ng.digit_features)."""
+    """Multinomial logistic regression (scikit-learn) on exactly what the reward sees (rewards.digit_features)."""
     from sklearn.linear_model import LogisticRegression
 
-    x = ng.digit_features(images).numpy()
+    x = rewards.digit_features(images).numpy()
     clf = LogisticRegression(max_iter=5000).fit(x[:n_train], labels[:n_train].numpy())
     accuracy = clf.score(x[n_train:], labels[n_train:].numpy())
     return dict(weight=torch.tensor(clf.coef_, dtype=torch.float32),
@@ -86,7 +88,7 @@ def train_flow(pipe, latents, labels, cfg, opts, gen, classifier):
     for step in range(opts["flow_steps"]):
         idx = torch.randint(n, (opts["batch"],), generator=gen)
         prompts = [captions[labels[i]][torch.randint(len(TEMPLATES), (1,), generator=gen).item()] for i in idx]
-        conds = [ng.encode_prompt(pipe, p, cfg, cache) for p in prompts]
+        conds = [flux.encode_prompt(pipe, p, cfg, cache) for p in prompts]
         x0, eps = packed[idx], torch.randn(packed[idx].shape, generator=gen)
         t = torch.rand(len(idx), generator=gen)
         v = model(hidden_states=(1 - t[:, None, None]) * x0 + t[:, None, None] * eps, timestep=t,
@@ -110,7 +112,7 @@ def alignment(pipe, cfg, classifier, per_digit=10):
     prompts = [caption(t, d) for d in range(10) for t in EVAL_TEMPLATES for _ in range(per_digit // 2)]
     grid = ng.pipeline_grid(pipe, cfg, cfg.num_steps)
     images = ng.generate(pipe, prompts, cfg, grid, cfg.seed, torch.float32, {})
-    return ng.digit_scorer(classifier["weight"], classifier["bias"])(images, prompts).mean().item()
+    return rewards.digit_scorer(classifier["weight"], classifier["bias"])(images, prompts).mean().item()
 
 
 def main(argv):
@@ -128,7 +130,7 @@ def main(argv):
     images, labels = images[perm], labels[perm]
     classifier = train_classifier(images, labels, n_train=1500)
     print(f"classifier: held-out accuracy {classifier['heldout_accuracy']:.3f} on {len(labels) - 1500} digits")
-    pipe = ng.build_random_flux(opts["seed"], **SIZES)
+    pipe = flux.build_random_flux(opts["seed"], **SIZES)
     pipe.set_progress_bar_config(disable=True)
     latents = train_vae(pipe.vae, images, opts, gen)
     pipe.vae.eval().requires_grad_(False)

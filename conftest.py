@@ -1,0 +1,79 @@
+"""Shared test helpers: the tiny preset, logs and exports of runs, torchrun launches, images on the uint8 grid."""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network here: hub look-ups fail at once instead of retrying
+
+import pytest
+import torch
+
+import flux
+import neighbor_grpo as ng
+
+
+def tiny_cfg(tmp_path=None, *args):
+    argv = ["--preset=tiny", *args] + ([f"--out_dir={tmp_path}"] if tmp_path else [])
+    return ng.parse_config(argv)
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    return flux.load_pipeline(tiny_cfg(), torch.device("cpu"), torch.float32)
+
+
+def read_log(out_dir):
+    return [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+
+
+def max_abs_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def exported(out_dir):
+    """The trained weights a run exported: the whole transformer, or the LoRA adapter."""
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import load_file
+
+    if (out_dir / "lora").exists():
+        return load_file(out_dir / "lora/pytorch_lora_weights.safetensors")
+    return dict(FluxTransformer2DModel.from_pretrained(out_dir / "transformer").named_parameters())
+
+
+def launch(nproc, script, *args):
+    """The command and environment running script under torchrun with nproc gloo ranks (plain python for one)."""
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(ng.__file__)), OMP_NUM_THREADS="1",
+               PYTHONUNBUFFERED="1")
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1 else [
+        sys.executable]
+    return [*launcher, str(script), *map(str, args)], env
+
+
+def uint8_grid_images(n, size, seed):
+    """Images already at the models' input size and on the uint8 grid: PIL and tensor pipelines agree exactly."""
+    return (torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 255).round() / 255
+
+
+def to_pil(image):
+    from PIL import Image
+
+    return Image.fromarray((image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+
+
+FLUX_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                      base_image_seq_len=256, max_image_seq_len=4096)
+
+
+def fixed_tiny_run(out, parse=ng.parse_config, method=ng.NEIGHBOR, *args):
+    ng.train(parse(["--preset=tiny", "--rewards=brightness", "--iterations=3", "--sample_every=0", "--eval_every=0",
+                    "--ckpt_every=0", f"--out_dir={out}", *args]), method)
+    return [(r["loss"], r["reward/brightness"], r["clip_frac"]) for r in read_log(out)]
+
+
+def assert_same_figures(ours, recorded):
+    """Equal up to round-off that another CPU's kernels may add (a ratio flipping across the clip edge included)."""
+    for (loss, reward, clip), (loss0, reward0, clip0) in zip(ours, recorded, strict=True):
+        assert loss == pytest.approx(loss0, rel=1e-3) and reward == pytest.approx(reward0, rel=1e-5)
+        assert clip == pytest.approx(clip0, abs=2.1 / 192)  # 192 ratios per iteration

@@ -1,0 +1,309 @@
+"""Tests for rewards.py: each adapter against its package's own scoring on tiny random models, the judge client against
+a fake server, the retry, custom rewards."""
+
+import importlib
+import json
+
+import pytest
+import torch
+
+import flux
+import neighbor_grpo as ng
+import rewards
+from conftest import tiny_cfg, to_pil, uint8_grid_images
+
+
+def brightness(images, prompts):
+    return images.mean(dim=(1, 2, 3))
+
+
+def test_custom_reward_by_module_path_and_jpeg_rewards():
+    fn = rewards.load_reward("test_rewards:brightness", None, "cpu")
+    images = torch.rand(3, 3, 32, 32)
+    images[0] = 0.5  # a flat image compresses best
+    assert torch.equal(fn(images, ["p"] * 3), brightness(images, None))
+    r = rewards.score({"jpeg": rewards.load_reward("jpeg_compressibility", None, "cpu")}, images, ["p"] * 3)
+    assert r.shape == (1, 3) and r[0, 0] > r[0, 1]
+    assert torch.equal(rewards.jpeg_incompressibility(images, None), -rewards.jpeg_compressibility(images, None))
+    with pytest.raises(rewards.RewardError, match="rewards"):
+        rewards.load_reward("no_such_module:fn", None, "cpu")
+
+
+# ---------------------------------------------------------------------------- the paper's reward models, tiny
+
+
+def test_clip_pixels_matches_the_pil_and_torchvision_pipelines():
+    from hpsv2.src.open_clip import image_transform
+    from transformers import CLIPImageProcessor
+
+    image_reward, _ = rewards.import_imagereward()
+    references = {  # each model's own preprocessing, on PIL images
+        "pickscore": ("crop", lambda pil: CLIPImageProcessor()(pil, return_tensors="pt").pixel_values[0]),
+        "imagereward": ("crop", image_reward._transform(224)),
+        "hpsv2": ("pad", image_transform(224, is_train=False, resize_longest_max=True)),
+    }
+    std = torch.tensor(rewards.CLIP_STD).view(3, 1, 1)
+    exact = uint8_grid_images(2, 224, 0)
+    big = torch.nn.functional.avg_pool2d(torch.rand(1, 3, 540, 720, generator=torch.Generator().manual_seed(1)),
+                                         9, stride=1, padding=4)  # 720 x 540: resized, cropped or padded
+    for name, (fit, reference) in references.items():
+        for image, ours in zip(exact, rewards.clip_pixels(exact, 224, fit)):
+            assert torch.allclose(ours, reference(to_pil(image)), atol=1e-5), name
+        error = ((rewards.clip_pixels(big, 224, fit)[0] - reference(to_pil(big[0]))) * std).abs()  # in [0, 1] units
+        assert error.mean() < 1 / 255 and error.max() < 2 / 255, name  # PIL works in uint8
+
+
+TINY_OPEN_CLIP = {"embed_dim": 16, "vision_cfg": {"image_size": 224, "layers": 1, "width": 32, "head_width": 16,
+                                                  "patch_size": 32},
+                  "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+def test_hpsv2_adapter_matches_the_packages_own_scoring(tmp_path, monkeypatch):
+    from hpsv2.src import open_clip
+
+    (tmp_path / "tiny-hps.json").write_text(json.dumps(TINY_OPEN_CLIP))
+    open_clip.add_model_config(tmp_path / "tiny-hps.json")
+    monkeypatch.setattr(rewards, "HPS_ARCH", "tiny-hps")
+    model = open_clip.create_model("tiny-hps", pretrained=None, output_dict=True).eval()
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "HPS_v2.1_compressed.pt")
+    reward = rewards.load_reward("hpsv2", tiny_cfg(None, f"--reward_paths=hpsv2={tmp_path / 'HPS_v2.1_compressed.pt'}"),
+                            "cpu")
+    images, prompts = uint8_grid_images(3, 224, 2), ["a cat", "a red cube in the snow", "a lemon"]
+    preprocess = open_clip.image_transform(224, is_train=False, resize_longest_max=True)  # hpsv2's preprocess_val
+    with torch.no_grad():  # hpsv2.img_score: the diagonal of image_features @ text_features.T
+        out = model(torch.stack([preprocess(to_pil(im)) for im in images]),
+                    open_clip.get_tokenizer("tiny-hps")(prompts))
+        expected = torch.diagonal(out["image_features"] @ out["text_features"].T)
+    scores = reward(images, prompts)
+    assert torch.allclose(scores, expected, atol=1e-5)
+    assert torch.allclose(torch.cat([reward(images[i:i + 1], prompts[i:i + 1]) for i in range(3)]), scores, atol=1e-5)
+
+
+def test_clipscore_adapter_matches_open_clips_hf_hub_path(tmp_path, monkeypatch):
+    """MixGRPO's CLIP score: open_clip.create_model_from_pretrained("hf-hub:...") with its preprocess, the
+    ViT-H-14 tokenizer and the cosine; here a tiny model laid out as the hub repo holds it."""
+    from hpsv2.src import open_clip
+
+    config = {"model_cfg": TINY_OPEN_CLIP, "preprocess_cfg": {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.3, 0.25]}}
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(config))
+    torch.manual_seed(23)
+    torch.save(open_clip.CLIP(**TINY_OPEN_CLIP).state_dict(), tmp_path / "open_clip_pytorch_model.bin")
+    monkeypatch.setattr(open_clip.factory, "download_pretrained_from_hf",
+                        lambda model_id, filename="open_clip_pytorch_model.bin", **kw: str(tmp_path / filename))
+    model, preprocess = open_clip.create_model_from_pretrained("hf-hub:apple/DFN5B-CLIP-ViT-H-14-384")
+    cfg = tiny_cfg(None, f"--reward_paths=clipscore={tmp_path / 'open_clip_pytorch_model.bin'},"
+                         f"clipscore_config={tmp_path / 'open_clip_config.json'}")
+    reward = rewards.load_reward("clipscore", cfg, "cpu")
+    images, prompts = uint8_grid_images(3, 224, 4), ["a cat", "a red cube in the snow", "a lemon"]
+    tokenizer = open_clip.get_tokenizer("ViT-H-14")
+    with torch.no_grad():
+        expected = torch.cat([torch.nn.functional.cosine_similarity(
+            model.encode_image(preprocess(to_pil(im)).unsqueeze(0)), model.encode_text(tokenizer([p])))
+            for im, p in zip(images, prompts)])
+    assert torch.allclose(reward(images, prompts), expected, atol=1e-5)
+
+
+def test_aesthetic_adapter_matches_the_predictors_own_scoring(tmp_path):
+    """Flow-GRPO's aesthetic scorer: CLIPProcessor, get_image_features, L2 normalisation, the v2 MLP."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    text = dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2)
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, image_size=224,
+                  patch_size=32)
+    torch.manual_seed(24)
+    clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=768)).eval()
+    clip.save_pretrained(tmp_path / "clip")
+    mlp = torch.nn.Module()  # the predictor's own layout, written out independently of rewards.aesthetic_mlp
+    mlp.layers = torch.nn.Sequential(torch.nn.Linear(768, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128),
+                                     torch.nn.Dropout(0.2), torch.nn.Linear(128, 64), torch.nn.Dropout(0.1),
+                                     torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))
+    torch.save(mlp.state_dict(), tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
+    cfg = tiny_cfg(None, f"--reward_paths=aesthetic={tmp_path / 'sac+logos+ava1-l14-linearMSE.pth'},"
+                         f"aesthetic_clip={tmp_path / 'clip'}")
+    reward = rewards.load_reward("aesthetic", cfg, "cpu")
+    images = uint8_grid_images(3, 224, 5)
+    with torch.no_grad():
+        pixels = CLIPImageProcessor()([to_pil(im) for im in images], return_tensors="pt").pixel_values
+        embed = clip.get_image_features(pixel_values=pixels).pooler_output
+        expected = mlp.eval().layers(embed / embed.norm(dim=-1, keepdim=True)).squeeze(1)
+    assert torch.allclose(reward(images, ["a"] * 3), expected, atol=1e-5)
+
+
+def test_pickscore_adapter_matches_clip_forward(tmp_path):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    tokenizer = flux.build_random_flux(0, **flux.TINY).tokenizer
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                num_attention_heads=2, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, image_size=224,
+                  patch_size=32)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    model.save_pretrained(tmp_path / "PickScore_v1")
+    tokenizer.save_pretrained(tmp_path / "processor")
+    cfg = tiny_cfg(None, f"--reward_paths=pickscore={tmp_path / 'PickScore_v1'},"
+                         f"pickscore_processor={tmp_path / 'processor'}")
+    reward = rewards.load_reward("pickscore", cfg, "cpu")
+    images, prompts = uint8_grid_images(3, 224, 3), ["a cat", "a red cube in the snow", "a lemon"]
+    with torch.no_grad():  # PickScore's model card: logit_scale.exp() * cos; the paper reports it / 100
+        ids = tokenizer(prompts, padding=True, return_tensors="pt")
+        pixels = CLIPImageProcessor()([to_pil(im) for im in images], return_tensors="pt").pixel_values
+        expected = model(**ids, pixel_values=pixels).logits_per_image.diagonal() / 100
+    scores = reward(images, prompts)
+    assert torch.allclose(scores, expected, atol=1e-5)
+    assert torch.allclose(torch.cat([reward(images[i:i + 1], prompts[i:i + 1]) for i in range(3)]), scores, atol=1e-5)
+
+
+def tiny_imagereward(tmp_path, monkeypatch):
+    """ImageReward's classes at toy size: a 1-block ViT, a 1-layer BERT of width 768 (its MLP head is fixed)."""
+    from transformers import BertTokenizer
+
+    _, blip_pretrain = rewards.import_imagereward()
+    vit = importlib.import_module("ImageReward.models.BLIP.vit")
+    monkeypatch.setattr(blip_pretrain, "create_vit", lambda *args, **kwargs: (
+        vit.VisionTransformer(img_size=224, patch_size=32, embed_dim=48, depth=1, num_heads=2), 48))
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "cat", "red", "cube", "in", "the", "snow",
+             "lemon"]
+    BertTokenizer(vocab={w: i for i, w in enumerate(words)}).save_pretrained(tmp_path / "bert")
+    tokenizer = rewards.imagereward_tokenizer(tmp_path / "bert")
+    med = dict(hidden_size=768, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+               vocab_size=len(tokenizer), max_position_embeddings=64, add_cross_attention=True, encoder_width=48)
+    (tmp_path / "med_config.json").write_text(json.dumps(med))
+    model = rewards.build_imagereward(tmp_path / "med_config.json", tokenizer)
+    torch.manual_seed(5)
+    for p in model.mlp.parameters():  # the package initialises its head to ~1e-10 outputs: give it a real signal
+        torch.nn.init.normal_(p, std=0.3)
+    torch.save(model.state_dict(), tmp_path / "ImageReward.pt")
+    return model, (f"--reward_paths=imagereward={tmp_path / 'ImageReward.pt'},imagereward_med_config="
+                   f"{tmp_path / 'med_config.json'},imagereward_bert={tmp_path / 'bert'}")
+
+
+def test_imagereward_adapter_matches_the_packages_own_scoring(tmp_path, monkeypatch):
+    model, paths = tiny_imagereward(tmp_path, monkeypatch)
+    reward = rewards.load_reward("imagereward", tiny_cfg(None, paths), "cpu")  # a fresh model loading the checkpoint
+    images, prompt = uint8_grid_images(3, 224, 4), "a red cube in the snow"
+    _, expected = model.inference_rank(prompt, [to_pil(im) for im in images])  # the package's scoring, PIL path
+    scores = reward(images, [prompt] * 3)
+    assert torch.allclose(scores, torch.tensor(expected), atol=1e-5)
+    assert torch.allclose(reward(images[:1], [prompt]), scores[:1], atol=1e-5)
+    assert scores.std() > 1e-3
+
+
+@pytest.mark.parametrize("reward,key,repo", [("hpsv2", "hpsv2", "xswu/HPSv2 HPS_v2.1_compressed.pt"),
+                                             ("pickscore", "pickscore", "yuvalkirstain/PickScore_v1"),
+                                             ("imagereward", "imagereward_bert", "bert-base-uncased"),
+                                             ("clipscore", "clipscore_config",
+                                              "apple/DFN5B-CLIP-ViT-H-14-384 open_clip_config.json"),
+                                             ("aesthetic", "aesthetic_clip", "openai/clip-vit-large-patch14")])
+def test_missing_reward_weights_say_what_to_download(reward, key, repo):
+    with pytest.raises(rewards.RewardError) as error:
+        rewards.load_reward(reward, tiny_cfg(), "cpu")
+    message = str(error.value)
+    assert f"huggingface-cli download {repo}" in message and f"--reward_paths={key}=" in message
+    with pytest.raises(rewards.RewardError, match="does not exist"):
+        rewards.load_reward(reward, tiny_cfg(None, f"--reward_paths={key}=/nowhere/{key}"), "cpu")
+
+
+def test_reward_paths_must_name_a_known_key():
+    with pytest.raises(ng.ConfigError, match="reward_paths"):
+        tiny_cfg(None, "--reward_paths=hps=/x")
+
+
+class Judge:
+    """A fake OpenAI-compatible chat-completions server on 127.0.0.1 that checks each request's shape."""
+
+    def __init__(self, mode):
+        import http.server
+        import threading
+
+        judge = self
+        self.mode, self.requests = mode, []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                import base64
+                import io
+                import time
+
+                from PIL import Image
+
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                assert self.path == "/v1/chat/completions" and body["model"] == "UnifiedReward"
+                image, text = body["messages"][0]["content"]
+                jpeg = base64.b64decode(image["image_url"]["url"].removeprefix("data:image/jpeg;base64,"))
+                assert Image.open(io.BytesIO(jpeg)).format == "JPEG" and "Final Score" in text["text"]
+                judge.requests.append(text["text"])
+                if judge.mode == "slow":
+                    time.sleep(1.0)
+                score = 1 + 4 * Image.open(io.BytesIO(jpeg)).convert("L").getpixel((0, 0)) / 255
+                answer = "Looks fine." if judge.mode == "malformed" else f"Alignment good.\nFinal Score: {score:.2f}"
+                reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_unifiedreward_posts_each_image_and_parses_the_final_score(tmp_path):
+    judge = Judge("good")
+    try:
+        question = tmp_path / "question.txt"
+        question.write_text("Rate {prompt} and end with Final Score: X")
+        fn = rewards.load_reward("unifiedreward", tiny_cfg(None, f"--unifiedreward_url={judge.url}",
+                                                      f"--unifiedreward_question={question}"), "cpu")
+        images = torch.stack([torch.full((3, 16, 16), v) for v in (0.0, 0.5, 1.0)])
+        scores = fn(images, ["a cat", "a dog", "a lemon"])
+        assert torch.allclose(scores, torch.tensor([1.0, 3.0, 5.0]), atol=0.05)
+        assert sorted(judge.requests) == [f"Rate {p} and end with Final Score: X" for p in ("a cat", "a dog", "a lemon")]
+    finally:
+        judge.close()
+
+
+@pytest.mark.parametrize("mode,message", [("malformed", "without 'Final Score: N'"), ("slow", "after 2 tries"),
+                                          ("down", "after 2 tries")])
+def test_unifiedreward_stops_naming_the_server_when_it_fails(mode, message):
+    judge = Judge(mode)
+    url = judge.url
+    if mode == "down":
+        judge.close()
+    try:
+        fn = rewards.unifiedreward_scorer(url + "/chat/completions", rewards.UNIFIEDREWARD_QUESTION, "Final Score",
+                                     timeout=0.3, tries=2, backoff=0.01)
+        with pytest.raises(rewards.RewardError, match=f"unifiedreward.*{url}.*{message}"):
+            fn(torch.rand(2, 3, 16, 16), ["a cat", "a dog"])
+    finally:
+        if mode != "down":
+            judge.close()
+    with pytest.raises(ng.ConfigError, match="unifiedreward_url"):
+        tiny_cfg(None, "--rewards=unifiedreward")
+
+
+def test_a_reward_that_raises_is_retried_then_named(monkeypatch):
+    monkeypatch.setattr(rewards, "REWARD_BACKOFF_S", 0.0)
+    calls = []
+
+    def flaky(images, prompts):
+        calls.append(1)
+        if len(calls) < 3:
+            raise TimeoutError("the reward server timed out")
+        return images.mean(dim=(1, 2, 3))
+
+    images = torch.rand(2, 3, 8, 8)
+    assert torch.allclose(rewards.score({"flaky": flaky}, images, ["a", "b"])[0], images.mean(dim=(1, 2, 3)))
+    calls.clear()
+    monkeypatch.setattr(rewards, "REWARD_TRIES", 2)
+    with pytest.raises(rewards.RewardError, match="reward 'flaky' raised TimeoutError .* 2 times"):
+        rewards.score({"flaky": flaky}, images, ["a", "b"])
+
+
