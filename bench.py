@@ -1,30 +1,39 @@
 """
-Where a Neighbor GRPO iteration's time goes: the rollout, reward and update phases of the real training
-iteration, beside the cost model "G*T transformer forwards + B*K forward-backward passes", whose unit costs
-are timed on the transformer alone in the same run.
+Where a Neighbor GRPO iteration's time and memory go, and the runs that compare settings.
 
-    python bench.py --preset=tiny
-    python bench.py --preset=flux-dev --flux_blocks=2,4 --rewards=jpeg_compressibility --prompt_file=  # random,
-    torchrun --nproc_per_node=8 bench.py --preset=flux-dev --flux_blocks=19,38 ...  # FLUX.1-dev width; per rank
-    python bench.py --preset=tiny --compare --iters=40                                  # Neighbor GRPO vs SDE-GRPO
-    python bench.py --preset=tiny --sweep=old_anchor=rollout,train_solver --seeds=0,1,2 --iterations=100
+    python bench.py --preset=tiny                                   # a real iteration's phases beside the cost model
+    python bench.py --preset=flux-dev --flux_blocks=2,4 --rewards=jpeg_compressibility --prompt_file=  # GPU, random
+    torchrun --nproc_per_node=8 bench.py --preset=flux-dev --flux_blocks=19,38 ...   # FLUX.1-dev's width, per rank
+    python bench.py --preset=flux-dev --meta                        # FLOPs and memory at the true size, on a CPU
+    python bench.py --preset=tiny --compare --iters=40              # Neighbor GRPO vs SDE-GRPO, side by side
+    python bench.py --preset=digits --sweep=adv_p=0.8,2 --seeds=0,1,2 --iterations=400   # a study
 
-Bench options: --iters=N timed iterations (3), --warmup=N untimed ones (1), --flux_blocks=D,S a random model of
-FLUX.1-dev's width with D double and S single blocks (weights cannot be downloaded everywhere; speed and memory
-do not depend on them), --compare: Neighbor GRPO with the given config against the SDE baseline (sde_grpo.py) with
-DanceGRPO's setting on top of it (sde_grpo.DANCEGRPO), alternating iterations in one process, with
---eval_every=N (5) evaluations of both on the same deterministic sampler, or with --seconds=S a training run
-of S seconds each, always advancing the method that has used less time; it writes compare.csv and compare.png
-to --out (runs/compare). --sweep=FIELD=A,B trains one run per value and seed in --seeds (0,1,2) and writes
-sweep.md (held-out reward gain, mean and spread over seeds; clip fraction; first-anchor |log rho|) to --out.
+Timing: --iters=N timed iterations (3) after --warmup=N (1) of the real training iteration (train_iteration), beside
+the cost model "ceil(G / rollout_batch_size) * T forwards + B * K forward-backward passes" whose unit costs are timed
+on the transformer alone; --flux_blocks=D,S swaps in a random model of FLUX.1-dev's width with D double and S single
+blocks (speed and memory do not depend on the weights).
+--meta: the transformer at the configured size on fake tensors (no memory, no weights, no GPU), through the
+project's own rollout forward and update pass: FLOPs per phase and per iteration, peak memory per rank by category
+(FSDP2 over --world_size=8 fake ranks, or one process with LoRA or DDP), the other models' sizes from their real
+configurations, and the seconds per iteration at --tflops=790 with the MFU the paper's time implies.
+--compare: Neighbor GRPO with the given config against the SDE baseline (sde_grpo.py) with DanceGRPO's setting on
+top of it, alternating iterations in one process, both sampled every --eval_every=N (5) iterations with the same
+ODE sampler, or with --seconds=S each trained for S seconds; writes compare.csv and compare.png to --out.
+--sweep=FIELD=A,B: one training run per value and seed in --seeds (0,1,2), then every held-out metric (the reward
+and any judges) first -> last in sweep.md and over iterations (--x=wall_clock: seconds) in sweep.png, in --out;
+runs are kept under --runs (default --out/runs) and an identical finished run is reused. --sweep=method=neighbor,sde
+runs the SDE baseline for --sde_iterations. Here --eval_every is the runs' Config field.
 Every other --field=value is a neighbor_grpo Config field.
 """
 
+import contextlib
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import sys
+import types
 from pathlib import Path
 
 import torch
@@ -46,12 +55,14 @@ def timed(fn, device, repeats=3):
 
 def parse(argv):
     opts, rest = dict(iters=3, warmup=1, flux_blocks="", compare=False, eval_every=5, seconds=0.0,
-                      out="runs/compare", sweep="", seeds="0,1,2"), []
+                      out="runs/compare", sweep="", seeds="0,1,2", sde_iterations=0, x="iteration", runs="", meta=False,
+                      world_size=8, tflops=790.0), []
+    sweeping = any(arg.startswith("--sweep=") for arg in argv)  # then --eval_every is the training runs' field
     for arg in argv:
         key, _, value = arg.removeprefix("--").partition("=")
-        if key == "compare":
+        if key in ("compare", "meta"):
             opts[key] = value in ("", "1", "true")
-        elif key in opts:
+        elif key in opts and not (sweeping and key == "eval_every"):
             opts[key] = type(opts[key])(value)
         else:
             rest.append(arg)
@@ -202,47 +213,408 @@ def plot_comparison(rows, reward, path):
     fig.savefig(path, dpi=120)
 
 
-def sweep(opts, cfg):
-    """One training run per (value of the swept field, seed): what each value does to learning, in one table."""
-    field, _, values = opts["sweep"].partition("=")
+def sweep_config(cfg, field, value, seed, run_dir, opts):
+    """One study run's config and method: cfg with field=value, or with method=sde the SDE baseline (DanceGRPO's
+    setting) for --sde_iterations, its evaluations as many as Neighbor GRPO's."""
+    common = dict(seed=seed, out_dir=str(run_dir), overwrite=True)  # out_dir set by the caller
+    if field == "method" and value == "sde":
+        its = opts["sde_iterations"] or cfg.iterations
+        evals = max(1, cfg.iterations // cfg.eval_every) if cfg.eval_every else 0
+        run_cfg = sde_grpo.SDEConfig(**{**dataclasses.asdict(cfg), **sde_grpo.DANCEGRPO, **common, "iterations": its,
+                                        "eval_every": max(1, its // evals) if evals else 0})
+        return run_cfg, sde_grpo.SDE
+    if field == "method":
+        return dataclasses.replace(cfg, **common), ng.NEIGHBOR
     types = {f.name: f.type for f in dataclasses.fields(ng.Config)}
     if field not in types:
-        raise ng.ConfigError(f"--sweep={opts['sweep']}: {field} is not a Config field; use --sweep=FIELD=A,B")
-    out, rows = Path(opts["out"]), []
+        raise ng.ConfigError(f"--sweep={opts['sweep']}: {field} is not a Config field (nor method); use --sweep=FIELD=A,B")
+    run_cfg = dataclasses.replace(cfg, **{field: ng._convert(field, value, types[field])}, **common)
+    ng.validate(run_cfg)
+    return run_cfg, ng.NEIGHBOR
+
+
+def run_key(cfg):
+    """A run's directory name: its class and a digest of every field but where it writes."""
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out_dir", "overwrite")}
+    digest = hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"{type(cfg).__name__}-seed{cfg.seed}-{digest}"
+
+
+def held_out_curves(log):
+    """{metric: [(iteration, wall-clock seconds of training before it, value)]} from a run's log.jsonl records."""
+    curves, wall = {}, 0.0
+    for record in log:
+        for key, value in record.items():
+            if key.startswith("eval/"):
+                curves.setdefault(key[5:], []).append((record["iter"], wall, value))
+        wall += record.get("time/total", 0.0)
+    return curves
+
+
+def sweep(opts, cfg):
+    """One training run per (value of the swept field, seed), then every held-out metric (the reward and any judges)
+    from first to last evaluation in sweep.md, and over iterations (--x=wall_clock: seconds) in sweep.png."""
+    field, _, values = opts["sweep"].partition("=")
+    out, runs = Path(opts["out"]), {}
     for value in values.split(","):
-        gains, clip, ratio = [], [], []
         for seed in opts["seeds"].split(","):
-            run_dir = out / f"{field}={value}" / f"seed{seed}"
-            run_cfg = dataclasses.replace(cfg, **{field: ng._convert(field, value, types[field])}, seed=int(seed),
-                                          out_dir=str(run_dir), overwrite=True)
-            ng.validate(run_cfg)
-            ng.train(run_cfg)
-            log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-            evals = [r for r in log if f"eval/{cfg.rewards[0]}" in r]
-            gains.append(evals[-1][f"eval/{cfg.rewards[0]}"] - evals[0][f"eval/{cfg.rewards[0]}"])
-            train = [r for r in log if "loss" in r]
-            clip.append(sum(r["clip_frac"] for r in train) / len(train))
-            ratio.append(max(r["first_anchor_abs_log_ratio"] for r in train[-len(train) // 5:]))
-        g = torch.tensor(gains)
-        rows.append(f"| {field}={value} | {cfg.rewards[0]} | {g.mean():+.3f} ± {g.std() if len(g) > 1 else 0:.3f} | "
-                    f"{' '.join(f'{x:+.3f}' for x in gains)} | {sum(clip) / len(clip):.2f} | "
-                    f"{sum(ratio) / len(ratio):.1e} |")
-    table = ["| setting | reward | held-out gain (mean ± s.d.) | per seed | clip fraction | first-anchor |log ρ| "
-             "(last fifth, max) |", "| --- | --- | --- | --- | --- | --- |"] + rows
+            run_cfg, method = sweep_config(cfg, field, value, int(seed), None, opts)
+            run_dir = Path(opts["runs"] or out / "runs") / run_key(run_cfg)  # a finished identical run is reused
+            run_cfg.out_dir = str(run_dir)
+            log = run_dir / "log.jsonl"
+            if not (log.exists() and json.loads(log.read_text().splitlines()[-1])["iter"] == run_cfg.iterations
+                    and (run_dir / "config.json").exists()):
+                ng.train(run_cfg, method)
+            runs.setdefault(value, []).append([json.loads(line) for line in log.read_text().splitlines()])
+    table = sweep_table(field, runs)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.md").write_text("\n".join(table) + "\n")
-    print("\n".join(table))
+    (out / "sweep.md").write_text(table)
+    plot_sweep(field, runs, opts["x"], out / "sweep.png")
+    print(table + f"wrote {out / 'sweep.md'} and {out / 'sweep.png'}")
+
+
+def sweep_table(field, runs):
+    """Per setting: each held-out metric's first -> last evaluation (mean over seeds), its gain (mean ± s.d.,
+    per seed), the clip fraction, the first anchor's |log rho| (last fifth, max), iterations and seconds."""
+    metrics = list(held_out_curves(next(iter(runs.values()))[0]))
+    rows = [f"| {field} | " + " | ".join(f"{m}: first → last (gain ± s.d.; per seed)" for m in metrics) +
+            " | clip fraction | first-anchor \\|log ρ\\| | iterations | seconds |",
+            "| --- |" + " --- |" * (len(metrics) + 4)]
+    for value, logs in runs.items():
+        cells = []
+        for m in metrics:
+            ends = torch.tensor([[c[m][0][2], c[m][-1][2]] for c in map(held_out_curves, logs)], dtype=torch.float64)
+            gain = ends[:, 1] - ends[:, 0]
+            cells.append(f"{ends[:, 0].mean():.3f} → {ends[:, 1].mean():.3f} ({gain.mean():+.3f} ± "
+                         f"{gain.std() if len(gain) > 1 else 0:.3f}; {' '.join(f'{g:+.3f}' for g in gain)})")
+        train = [[r for r in log if "loss" in r] for log in logs]
+        clip = sum(sum(r["clip_frac"] for r in t) / len(t) for t in train) / len(train)
+        ratio = sum(max(r["first_anchor_abs_log_ratio"] for r in t[-max(1, len(t) // 5):]) for t in train) / len(train)
+        seconds = sum(sum(r["time/total"] for r in t) for t in train) / len(train)
+        rows.append(f"| {value} | " + " | ".join(cells) + f" | {clip:.2f} | {ratio:.1e} | {len(train[0])} | "
+                    f"{seconds:.0f} |")
+    return "\n".join(rows) + "\n"
+
+
+def plot_sweep(field, runs, x, path):
+    """One panel per held-out metric: the mean over seeds per setting, a band of one standard deviation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = list(held_out_curves(next(iter(runs.values()))[0]))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    for value, logs in runs.items():
+        curves = [held_out_curves(log) for log in logs]
+        for ax, m in zip(axes[0], metrics):
+            points = torch.tensor([[p[0 if x == "iteration" else 1] for p in c[m]] for c in curves],
+                                  dtype=torch.float64).mean(0)
+            values = torch.tensor([[p[2] for p in c[m]] for c in curves], dtype=torch.float64)
+            mean, std = values.mean(0), values.std(0) if len(values) > 1 else torch.zeros(values.shape[1])
+            ax.plot(points, mean, "o-", ms=3, label=f"{field}={value}")
+            ax.fill_between(points, mean - std, mean + std, alpha=0.2)
+    for ax, m in zip(axes[0], metrics):
+        ax.set(title=f"held-out {m}", xlabel="iteration" if x == "iteration" else "training wall-clock (s)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# --meta: the transformer at its true size on fake tensors (FakeTensorMode: shapes and dtypes, no memory), driven
+# through the project's own calls. FLOPs come from FlopCounterMode, peak memory by category from MemTracker (one
+# process) or FSDPMemTracker over a fake process group of --world_size ranks. No GPU and no weights are needed.
+
+H800_BF16 = 989e12  # dense bf16 FLOP/s of the paper's GPU (an H800 computes like an H100 SXM)
+PAPER_SECONDS = {(8, 4, 4): 45.08, (16, 4, 9): 105.85}  # Table 3's s/iter for DPM++ (T, B, K) at 720², 32 x H800
+ATTENTION = {"_scaled_dot_product_flash_attention_for_cpu": "_scaled_dot_product_flash_attention",  # CPU kernels
+             "_scaled_dot_product_flash_attention_for_cpu_backward": "_scaled_dot_product_flash_attention_backward"}
+
+
+def count_flops(fn):
+    """FLOPs of fn(): every matmul, convolution and attention, recomputation in the backward pass included."""
+    from torch.utils import flop_counter
+
+    def as_registered(op):  # the counter's own formula for the GPU kernel, already taking tensors
+        formula = flop_counter.flop_registry[getattr(torch.ops.aten, op)]
+        counted = lambda *args, **kwargs: formula(*args, **kwargs)  # noqa: E731
+        counted._get_raw = True
+        return counted
+
+    mapping = {getattr(torch.ops.aten, cpu): as_registered(gpu) for cpu, gpu in ATTENTION.items()}
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def meta_sizes(cfg):
+    """The sizes of cfg.model_path's transformer and VAE: the tiny preset's, random:D,S at FLUX.1-dev's width, a local
+    pipeline's config.json, or FLUX.1-dev's (any other path: the hub model, not downloaded)."""
+    if cfg.model_path == "tiny":
+        return flux.TINY
+    if cfg.model_path.startswith("random:"):
+        double, single = (int(n) for n in cfg.model_path.removeprefix("random:").split(","))
+        return {**flux.FLUX_DEV, "layers": double, "single_layers": single}
+    config = Path(cfg.model_path) / "transformer" / "config.json"
+    if config.is_file():
+        c = json.loads(config.read_text())
+        vae = json.loads((Path(cfg.model_path) / "vae" / "config.json").read_text())
+        return dict(layers=c["num_layers"], single_layers=c["num_single_layers"], heads=c["num_attention_heads"],
+                    head_dim=c["attention_head_dim"], rope=tuple(c["axes_dims_rope"]), text_dim=c["joint_attention_dim"],
+                    pooled_dim=c["pooled_projection_dim"], latent_channels=c["in_channels"] // 4,
+                    vae_channels=tuple(vae["block_out_channels"]), vae_layers=vae["layers_per_block"],
+                    vae_groups=vae["norm_num_groups"])
+    return flux.FLUX_DEV
+
+
+def meta_transformer(cfg, sizes, dtype):
+    """The transformer as load_pipeline() holds it, on the meta device: fp32 (LoRA: the base in dtype, fp32 adapters)."""
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**flux.transformer_config(**sizes))
+        if cfg.lora_rank:
+            flux.add_lora(model, cfg, dtype)
+    return model
+
+
+def meta_training(cfg, model, mesh, dtype):
+    """The transformer as training holds it, under FakeTensorMode: its parameters given fake CPU storage, block
+    checkpointing if configured, FSDP2 over the mesh's ranks, AdamW on what trains."""
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            module._parameters[name] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype), p.requires_grad)
+    if cfg.grad_checkpointing:
+        model.enable_gradient_checkpointing()
+    if mesh is not None:
+        ng.shard(model, mesh, dtype)
+    model.train()
+    return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+
+
+def meta_group(cfg, sizes, L):
+    """One prompt group as the update meets it: the conditioning FluxPipeline passes (max_sequence_length T5 tokens,
+    pooled CLIP, guidance, ids) and the stored rollout (states, pi_old's anchors, advantages), random values."""
+    from diffusers import FluxPipeline
+
+    G, T, S, side = cfg.group_size, cfg.num_steps, cfg.max_sequence_length, int(math.sqrt(L))
+    cond = flux.Condition(torch.randn(1, S, sizes["text_dim"]), torch.randn(1, sizes["pooled_dim"]),
+                          torch.zeros(S, 3), FluxPipeline._prepare_latent_image_ids(1, side, side, "cpu", torch.float32),
+                          torch.full([1], cfg.guidance_scale))
+    C = 4 * sizes["latent_channels"]
+    return ng.Group("", cond, torch.randn(G, T + 1, L, C), torch.randn(G, T, L, C), torch.zeros(1, G),
+                    torch.randn(G), [0], [[T // 2]])
+
+
+def rollout_forward(model, cfg, group, grid, dtype):
+    """The rollout's unit: one batched velocity call, rollout_batch_size candidates, no gradient."""
+    with torch.no_grad():
+        flux.velocity(model, group.states[: min(cfg.rollout_batch_size, cfg.group_size), 0], grid[0], group.cond, dtype)
+
+
+def update_pass(model, cfg, group, grid, dtype):
+    """The update's unit: anchor_objective's TrainSolver step, surrogate and clipped objective, then backward."""
+    J, _, _ = ng.anchor_objective(model, group, 0, group.steps[0][0], grid, cfg, dtype)
+    (-J / cfg.num_train_steps).backward()
+
+
+def anchor_update(model, optimizer, cfg, group, grid, dtype, tracker):
+    """One anchor's share of the update as memory sees it: two of its K passes (from the second on, the gradient
+    exists) and AdamW's step (its state exists from the first anchor on)."""
+    update_pass(model, cfg, group, grid, dtype)
+    tracker.reset_mod_stats()  # the trackers follow one call of the root module at a time
+    update_pass(model, cfg, group, grid, dtype)
+    optimizer.step()
+
+
+def tracked_peak(model, optimizer, world, inputs, fn):
+    """{category: bytes} at the peak of fn(tracker), as (FSDP)MemTracker sees it."""
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    if world > 1:
+        tracker = FSDPMemTracker(model, optimizer)
+        tracker.track_inputs(inputs)
+    else:
+        class Tracker(MemTracker):  # the run's peak alone: per-module peaks cost a pass over every module per operator
+            def _update_peak_stats(self, state):
+                for dev, snap in self._curr_mem_snap.items():
+                    if self._peak_mem.get(dev, 0) < snap["Total"]:
+                        self._peak_mem[dev], self._peak_mem_snap[dev] = snap["Total"], dict(snap)
+
+        tracker = Tracker()
+        tracker.track_external(model, optimizer, *inputs)
+        unhooked = types.SimpleNamespace(remove=lambda: None)
+        for p in model.parameters():  # MemTracker would hook every parameter's gradient, frozen ones (LoRA's base) too
+            if not p.requires_grad:
+                tracker._param_to_grad_hook_handles[p] = (unhooked, unhooked)
+    with tracker:
+        fn(tracker)
+    peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
+    return {str(getattr(k, "value", k)): v for k, v in peak.items() if v}
+
+
+def parameter_count(build, fake=True):
+    """Parameters of the module build() makes, counted on fake tensors (nothing allocated), or real bf16 ones for
+    code that reads values while it builds."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with FakeTensorMode() if fake else contextlib.nullcontext():
+            return sum(p.numel() for p in build().parameters())
+    finally:
+        torch.set_default_dtype(default)
+
+
+def other_models(cfg, sizes):
+    """(name, parameters, bytes per parameter as loaded, on the GPU during training?) for everything beside the
+    transformer, from each model's real configuration (FLUX.1-dev's text encoders; the rewards' public models)."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    half = 2 if cfg.mixed_precision == "bf16" else 4
+    vit_h = dict(text_config=dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                  num_attention_heads=16), projection_dim=1024,
+                 vision_config=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                    num_attention_heads=16, image_size=224, patch_size=14))
+    rows = [("VAE (AutoencoderKL)", parameter_count(lambda: AutoencoderKL(**flux.vae_config(**sizes))), half, True)]
+    if sizes is flux.FLUX_DEV:
+        rows += [("CLIP-L text encoder", parameter_count(lambda: CLIPTextModel(CLIPTextConfig(
+                     vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                     num_attention_heads=12))), half, not cfg.offload_text_encoders),
+                 ("T5-XXL encoder", parameter_count(lambda: T5EncoderModel(T5Config(
+                     vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                     feed_forward_proj="gated-gelu"))), half, not cfg.offload_text_encoders)]
+        models = dict(hpsv2="HPSv2.1 (open_clip ViT-H-14)", pickscore="PickScore (CLIP ViT-H-14)")
+        rows += [(models[n], parameter_count(lambda: CLIPModel(CLIPConfig(**vit_h))), 4, True)
+                 for n in cfg.rewards if n in models]  # reward towers: fp32 weights, autocast compute
+        if "imagereward" in cfg.rewards:
+            rows.append(("ImageReward (BLIP ViT-L + BERT-base)", imagereward_parameters(), 4, True))
+    return rows
+
+
+def imagereward_parameters():
+    """ImageReward-v1.0's parameters: the package's own model classes with its released med_config."""
+    import rewards
+    from transformers import BertTokenizer
+
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])})
+    tokenizer.enc_token_id = 0
+    med = dict(architectures=["BertModel"], hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+               num_hidden_layers=12, max_position_embeddings=512, vocab_size=30524, type_vocab_size=2,
+               layer_norm_eps=1e-12, hidden_act="gelu", encoder_width=1024, add_cross_attention=True,
+               hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, initializer_range=0.02, pad_token_id=0)
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+        json.dump(med, f)
+        f.flush()
+        return parameter_count(lambda: rewards.build_imagereward(f.name, tokenizer), fake=False)  # BLIP reads
+
+
+def meta(opts, cfg):
+    """FLOPs and peak memory per rank of every phase at the configured size, and what they predict."""
+    from diffusers import AutoencoderKL
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    world, mesh = opts["world_size"] if cfg.parallel == "fsdp" and not cfg.lora_rank else 1, None
+    if world > 1:  # a process group whose collectives do nothing: this one process stands for rank 0 of world
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+
+        ng.dist.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
+        mesh = init_device_mesh("cpu", (world,))
+    sizes, dtype = meta_sizes(cfg), ng.compute_dtype(cfg)
+    vae_factor = 2 ** (len(sizes["vae_channels"]) - 1)
+    L = (cfg.resolution // vae_factor // 2) ** 2
+    grid = ng.time_grid(cfg.num_steps, L, dict(base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                max_image_seq_len=4096), cfg.shift)
+    meta_model = meta_transformer(cfg, sizes, dtype)
+    with FakeTensorMode():
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # the VAE as loaded (in the compute dtype)
+        vae = AutoencoderKL(**flux.vae_config(**sizes))
+        torch.set_default_dtype(default)
+        model, optimizer = meta_training(cfg, meta_model, mesh, dtype)
+        group = meta_group(cfg, sizes, L)
+        f_roll = count_flops(lambda: rollout_forward(model, cfg, group, grid, dtype))
+        f_update = count_flops(lambda: update_pass(model, cfg, group, grid, dtype))
+        optimizer.step()  # AdamW's state exists from the first anchor on
+        optimizer.zero_grad(set_to_none=True)
+        inputs = (group.states, group.old_next, group.cond.prompt_embeds)
+        mem_roll = tracked_peak(model, optimizer, world, inputs, lambda t: rollout_forward(model, cfg, group, grid,
+                                                                                          dtype))
+        mem_update = tracked_peak(model, optimizer, world, inputs, lambda t: anchor_update(
+            model, optimizer, cfg, group, grid, dtype, t))
+        latents = torch.randn(cfg.reward_batch_size, sizes["latent_channels"], cfg.resolution // vae_factor,
+                              cfg.resolution // vae_factor, dtype=dtype)
+        with torch.no_grad():
+            f_vae = count_flops(lambda: vae.decode(latents))
+            mem_vae = tracked_peak(vae, None, 1, (latents,), lambda t: vae.decode(latents))
+    n_params = parameter_count(lambda: __import__("diffusers").FluxTransformer2DModel(**flux.transformer_config(**sizes)))
+    report_meta(cfg, opts, world, sizes, L, n_params, f_roll, f_update, f_vae, mem_roll, mem_update, mem_vae,
+                other_models(cfg, sizes))
+    if world > 1:
+        ng.dist.destroy_process_group()
+    return dict(rollout_forward=f_roll, update_pass=f_update, vae_decode=f_vae, rollout_memory=mem_roll,
+                update_memory=mem_update)
+
+
+def report_meta(cfg, opts, world, sizes, L, n_params, f_roll, f_update, f_vae, mem_roll, mem_update, mem_vae, others):
+    G, B, T, K, rb = cfg.group_size, cfg.num_anchors, cfg.num_steps, cfg.num_train_steps, cfg.rollout_batch_size
+    rb = min(rb, G)
+    gib, tf = 2**-30, 1e-12
+    rollout, update, decode = G / rb * T * f_roll, B * K * f_update, G / cfg.reward_batch_size * f_vae
+    total = rollout + update + decode
+    name = "FLUX.1-dev" if sizes is flux.FLUX_DEV else cfg.model_path
+    print(f"meta | {name}: {sizes['layers']} + {sizes['single_layers']} blocks, {n_params / 1e9:.3f} B parameters | "
+          f"{cfg.resolution}px = {L} image + {cfg.max_sequence_length} text tokens | {cfg.mixed_precision} | "
+          f"{'LoRA r=' + str(cfg.lora_rank) if cfg.lora_rank else 'full fine-tuning'} | "
+          f"{'FSDP2 over ' + str(world) + ' ranks' if world > 1 else 'one process'} | checkpointing "
+          f"{'on' if cfg.grad_checkpointing else 'off'} | G={G} B={B} T={T} K={K}")
+    print(f"{'phase':<50} {'TFLOP':>10}")
+    for label, flops in ((f"transformer forward, batch {rb} (rollout unit)", f_roll),
+                         ("transformer forward + backward, batch 1 (update)", f_update),
+                         (f"VAE decode, batch {cfg.reward_batch_size}", f_vae),
+                         (f"rollout: G*T/{rb} = {G * T / rb:g} forwards", rollout),
+                         (f"update: B*K = {B * K} forward + backward", update),
+                         (f"decode: G/{cfg.reward_batch_size} = {G / cfg.reward_batch_size:g} VAE decodes", decode),
+                         ("iteration, per prompt group", total)):
+        print(f"{label:<50} {flops * tf:>10.4g}")
+    paper = PAPER_SECONDS.get((T, B, K)) if cfg.resolution == 720 and cfg.rollout_solver == "dpm++2m" else None
+    print(f"at {opts['tflops']:g} TFLOP/s: {total / (opts['tflops'] * 1e12):.1f} s per iteration per group (reward models "
+          "not counted)" + (f"; the paper's {paper} s/iter for this setting (one group per H800, Table 3) is "
+                            f"{total / paper / H800_BF16:.1%} MFU" if paper else ""))
+    cats = list(dict.fromkeys(k for m in (mem_roll, mem_update) for k in m if k != "Total"))
+    print(f"\npeak memory per rank, GiB (the tracker's categories) {'rollout':>8} {'update':>8}")
+    for c in cats + ["Total"]:
+        print(f"  {c:<50} {mem_roll.get(c, 0) * gib:>8.3f} {mem_update.get(c, 0) * gib:>8.3f}")
+    print(f"VAE decode of {cfg.reward_batch_size} images: peak {mem_vae['Total'] * gib:.2f} GiB")
+    resident = 0.0
+    for label, n, nbytes, on_gpu in others:
+        resident += n * nbytes * on_gpu
+        print(f"  {label:<44} {n / 1e9:7.3f} B parameters x {nbytes} B = {n * nbytes * gib:6.2f} GiB"
+              f"{'' if on_gpu else ' (on the CPU after start-up)'}")
+    peak = max(mem_roll["Total"], mem_update["Total"]) + resident
+    print(f"per rank: transformer phase peak + resident models = {peak * gib:.1f} GiB (+ the VAE decode's activations "
+          "if they coincide, the CUDA context and allocator slack); measured on fake tensors, not yet on a GPU")
 
 
 def main(argv):
     try:
-        run(*parse(argv))
+        return run(*parse(argv))
     except (ng.ConfigError, flux.ModelError, RewardError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
 def run(opts, cfg):
+    if opts["meta"]:
+        return meta(opts, cfg)
     if opts["sweep"]:
         return sweep(opts, cfg)
     if opts["compare"]:

@@ -77,3 +77,60 @@ def assert_same_figures(ours, recorded):
     for (loss, reward, clip), (loss0, reward0, clip0) in zip(ours, recorded, strict=True):
         assert loss == pytest.approx(loss0, rel=1e-3) and reward == pytest.approx(reward0, rel=1e-5)
         assert clip == pytest.approx(clip0, abs=2.1 / 192)  # 192 ratios per iteration
+
+
+class Judge:
+    """A fake OpenAI-compatible chat-completions server on 127.0.0.1 answering as MixGRPO's "semantic" question asks
+    (word scores, then Alignment, Coherence and Style lines; alignment = 1 + 4 x the image's first grey pixel).
+    requests: (question, max_tokens, Authorization header) of each. Modes: good, malformed (no score lines), partly
+    (none for captions with "dog"), slow (1 s), auth (401 unless the bearer key matches)."""
+
+    def __init__(self, mode, key=None):
+        import http.server
+        import threading
+
+        judge = self
+        self.mode, self.requests = mode, []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                import base64
+                import io
+                import time
+
+                from PIL import Image
+
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                assert self.path == "/v1/chat/completions" and body["model"] == "UnifiedReward"
+                image, text = body["messages"][0]["content"]
+                jpeg = base64.b64decode(image["image_url"]["url"].removeprefix("data:image/jpeg;base64,"))
+                assert Image.open(io.BytesIO(jpeg)).format == "JPEG"
+                judge.requests.append((text["text"], body["max_tokens"], self.headers.get("Authorization")))
+                if judge.mode == "slow":
+                    time.sleep(1.0)
+                if judge.mode == "auth" and self.headers.get("Authorization") != f"Bearer {key}":
+                    self.send_response(401)
+                    self.end_headers()
+                    return
+                score = 1 + 4 * Image.open(io.BytesIO(jpeg)).convert("L").getpixel((0, 0)) / 255
+                answer = (f'Word-wise Scores: [["cat", 1], ["[No_mistakes]", 4]]\n\nAlignment Score (1-5): {score:.2f}\n'
+                          "Coherence Score (1-5): 2\nStyle Score (1-5): 5")
+                if judge.mode == "malformed" or (judge.mode == "partly" and "dog" in text["text"]):
+                    answer = "Looks fine."
+                reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()

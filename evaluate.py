@@ -1,21 +1,56 @@
 """
-Table 1's evaluation of any FLUX transformer (ours, a baseline's release, the base model): one deterministic ODE
-sample per held-out prompt, every judge, mean +- standard error, in Table 1's shape beside the paper's rows.
+Table 1's evaluation of any FLUX transformer (ours, a baseline's released checkpoint, the base model): one
+deterministic ODE sample per held-out prompt, every judge, mean +- standard error, in Table 1's shape beside the
+paper's rows.
 
     torchrun --nproc_per_node=8 evaluate.py --transformer_path=runs/multi-8step/transformer --out_dir=runs/table1/ours
     torchrun --nproc_per_node=8 evaluate.py --out_dir=runs/table1/base          # FLUX.1-dev itself
-    python evaluate.py --preset=tiny --transformer_path=runs/tiny/transformer --out_dir=runs/tiny_eval
+    python evaluate.py --preset=digits --transformer_path=runs/digits/transformer --out_dir=runs/digits_eval
 
-Any neighbor_grpo Config field applies (--field=value): eval_prompts, eval_only_rewards (Table 1's six by default),
-eval_steps, lora_path, unifiedreward_url... Writes out_dir/eval.json (per-prompt scores), eval.md and eval.png.
+--eval_protocol=NAME picks how images are sampled and scored (docs/table1.md): "mixgrpo" (the default for FLUX.1-dev)
+follows MixGRPO's inference and evaluation scripts, which the paper says it follows: all 3200 HPDv2 benchmark prompts,
+1024x1024, 50 Euler steps of FluxPipeline's schedule, guidance 3.5, each image through a JPEG at PIL's default
+quality 75 before scoring, HPSv2.1 under fp16 autocast and the other models in fp32, UnifiedReward's alignment line
+with unparseable answers left out; "train" (the default for tiny and digits) is the periodic evaluation's sampler.
+Any field set on the command line wins over the protocol's, and every neighbor_grpo Config field applies.
+Writes out_dir/eval.json (per-prompt scores), eval.md and eval.png.
 """
 
+import dataclasses
+import io
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
+
 import neighbor_grpo as ng
+from flux import ModelError
 from rewards import RewardError
 
+
+@dataclass
+class EvalConfig(ng.Config):
+    eval_protocol: str = "mixgrpo"  # how images are sampled and scored (PROTOCOLS); set with --eval_protocol=NAME
+    eval_size: int = 0  # prompts, spread evenly over eval_prompts (0 = all 3200: Table 1)
+    eval_resolution: int = 1024  # image side (0 = resolution)
+    eval_steps: int = 50  # ODE steps (0 = num_steps)
+    eval_solver: str = "euler"  # "euler" (FluxPipeline's scheduler) or "dpm++2m" ("" = rollout_solver)
+    eval_guidance_scale: float = 3.5  # FLUX.1-dev's embedded guidance (0 = guidance_scale)
+    eval_jpeg_quality: int = 75  # each image through a JPEG at this PIL quality before scoring (0 = none)
+    reward_precision: str = "mixgrpo"  # "mixgrpo" (HPSv2.1 fp16 autocast, the rest fp32) or "compute" (mixed_precision)
+    unifiedreward_protocol: str = "mixgrpo"  # MixGRPO's scoring of the judge (rewards.UNIFIEDREWARD_PROTOCOLS)
+
+
+PROTOCOLS = {  # --eval_protocol=NAME: the fields it sets, after the preset and before any --field=value
+    "mixgrpo": dict(eval_size=0, eval_resolution=1024, eval_steps=50, eval_solver="euler", eval_guidance_scale=3.5,
+                    eval_jpeg_quality=75, reward_precision="mixgrpo", unifiedreward_protocol="mixgrpo"),
+    "train": dict(eval_resolution=0, eval_steps=0, eval_solver="", eval_guidance_scale=0.0, eval_jpeg_quality=0,
+                  reward_precision="compute", unifiedreward_protocol="strict"),  # the periodic evaluation's sampler
+}
+CPU_PRESETS = ("tiny", "digits")  # their default protocol is "train"
+PRECISIONS = dict(mixgrpo=lambda name: torch.float16 if name == "hpsv2" else torch.float32)  # MixGRPO's eval scripts
 
 PAPER_TABLE1 = {  # Table 1 of the paper on the 3200 HPDv2 benchmark prompts; † = the authors' official checkpoints
     "FLUX.1-dev† (paper)": dict(hpsv2=0.310, pickscore=0.227, imagereward=1.131, clipscore=0.389, unifiedreward=3.211,
@@ -29,32 +64,79 @@ PAPER_TABLE1 = {  # Table 1 of the paper on the 3200 HPDv2 benchmark prompts; �
 }
 
 
+def parse_config(argv):
+    """neighbor_grpo's parser with evaluate.py's fields and --eval_protocol=NAME (default: mixgrpo; train for the
+    tiny and digits presets)."""
+    preset = ([a.partition("=")[2] for a in argv if a.startswith("--preset=")] or ["flux-dev"])[-1]
+    chosen = [a.partition("=")[2] for a in argv if a.startswith("--eval_protocol=")]
+    protocol = (chosen or ["train" if preset in CPU_PRESETS else "mixgrpo"])[-1]
+    if protocol not in PROTOCOLS:
+        raise ng.ConfigError(f"--eval_protocol={protocol}: use one of {', '.join(PROTOCOLS)}")
+    presets = {name: {**p, **PROTOCOLS[protocol], "eval_protocol": protocol} for name, p in ng.PRESETS.items()}
+    cfg = ng.parse_config([a for a in argv if not a.startswith("--eval_protocol=")], EvalConfig, presets)
+    for ok, message in [
+        (cfg.eval_resolution % 16 == 0 and cfg.eval_resolution >= 0,
+         f"eval_resolution={cfg.eval_resolution}: use a multiple of 16 (0 = resolution)"),
+        (cfg.eval_solver in ("", *ng.SOLVERS), f"eval_solver={cfg.eval_solver}: use one of {', '.join(ng.SOLVERS)}"),
+        (0 <= cfg.eval_jpeg_quality <= 95, f"eval_jpeg_quality={cfg.eval_jpeg_quality}: use 1..95, or 0 for none"),
+        (cfg.reward_precision in ("mixgrpo", "compute"), f"reward_precision={cfg.reward_precision}: use mixgrpo or "
+                                                         "compute")]:
+        if not ok:
+            raise ng.ConfigError(message)
+    return cfg
+
+
+def sampler(cfg):
+    """cfg as the evaluation samples: the protocol's resolution, solver and guidance, or training's where 0 or ""."""
+    return dataclasses.replace(cfg, resolution=cfg.eval_resolution or cfg.resolution,
+                               rollout_solver=cfg.eval_solver or cfg.rollout_solver,
+                               guidance_scale=cfg.eval_guidance_scale or cfg.guidance_scale)
+
+
+def jpeg_round_trip(images, quality):
+    """What scoring saved .jpg files sees: each image [3, H, W] in [0, 1] rounded to 8 bits, encoded by PIL at
+    quality (MixGRPO's inference script saves with PIL's default, 75) and decoded."""
+    from PIL import Image
+
+    out = []
+    for image in images:
+        buffer = io.BytesIO()
+        Image.fromarray((image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()).save(
+            buffer, format="JPEG", quality=quality)
+        decoded = np.asarray(Image.open(buffer).convert("RGB"))
+        out.append(torch.from_numpy(decoded.copy()).permute(2, 0, 1).float() / 255)
+    return torch.stack(out).to(images.device)
+
+
 def evaluate_model(cfg):
-    """The model of transformer_path (or model_path, with lora_path if given) on the held-out prompts; the prompts
-    are dealt over the ranks, each holding a full copy in the compute dtype. Returns {reward: dict(mean, std, se)}."""
+    """The model of transformer_path (or model_path, with lora_path if given) on the held-out prompts, dealt over
+    the ranks, each holding a full copy in the compute dtype. Returns {reward: dict(mean, std, se, missing)}."""
     rank, world, device = ng.setup_distributed(cfg)
-    dtype, out = ng.compute_dtype(cfg), Path(cfg.out_dir)
+    dtype, out, cfg = ng.compute_dtype(cfg), Path(cfg.out_dir), sampler(cfg)
     if (out / "eval.json").exists() and not cfg.overwrite:
         raise ng.ConfigError(f"out_dir={out}: already holds eval.json; pass --overwrite or another --out_dir")
-    prompts, reward_fns = ng.eval_setup(cfg, {}, device, cfg.eval_only_rewards)
+    prompts, reward_fns = ng.eval_setup(cfg, {}, device, cfg.eval_only_rewards, PRECISIONS.get(cfg.reward_precision))
     pipe = ng.load_pipeline(cfg, device, dtype)
     pipe.transformer.to(device, dtype).eval()  # inference: no fp32 master weights, nothing sharded
-    grid = ng.pipeline_grid(pipe, cfg, cfg.eval_steps or cfg.num_steps)
     cache = {}
     ng.encode_prompts(pipe, ng.rank_eval_prompts(prompts, rank, world), cfg, cache, rank)
-    summary = ng.evaluate(pipe, prompts, reward_fns, cfg, grid, dtype, cache, rank, world, out / "eval")
+    transform = (lambda images: jpeg_round_trip(images, cfg.eval_jpeg_quality)) if cfg.eval_jpeg_quality else None
+    summary = ng.evaluate(pipe, prompts, reward_fns, cfg, ng.eval_grid(pipe, cfg), dtype, cache, rank, world,
+                          out / "eval", transform)
     if rank == 0:
         table = ng.table1(summary, len(prompts), cfg.transformer_path or cfg.model_path, PAPER_TABLE1)
         (out / "eval.md").write_text(table)
-        print(table, end="")
+        print(f"{cfg.eval_protocol} protocol: {cfg.resolution}px, {cfg.eval_steps or cfg.num_steps} {cfg.rollout_solver} "
+              f"steps, guidance {cfg.guidance_scale}, JPEG {cfg.eval_jpeg_quality or 'none'}, rewards in "
+              f"{cfg.reward_precision} precision\n{table}", end="")
     ng.barrier(world)
     return summary
 
 
 def main(argv=None):
     try:
-        evaluate_model(ng.parse_config(sys.argv[1:] if argv is None else argv))
-    except (ng.ConfigError, RewardError) as e:
+        evaluate_model(parse_config(sys.argv[1:] if argv is None else argv))
+    except (ng.ConfigError, ModelError, RewardError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:

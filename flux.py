@@ -29,6 +29,22 @@ FLUX_DEV = dict(  # FLUX.1-dev's sizes (its text encoders are CLIP-L and T5-XXL;
     text_layers=1, latent_channels=16, vae_channels=(128, 256, 512, 512), vae_layers=2, vae_groups=32)
 
 
+def transformer_config(layers, single_layers, heads, head_dim, rope, text_dim, pooled_dim, latent_channels, **_):
+    """FluxTransformer2DModel's arguments for these sizes (FLUX_DEV: black-forest-labs/FLUX.1-dev's config.json)."""
+    return dict(patch_size=1, in_channels=4 * latent_channels, num_layers=layers, num_single_layers=single_layers,
+                attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=text_dim,
+                pooled_projection_dim=pooled_dim, guidance_embeds=True, axes_dims_rope=rope)
+
+
+def vae_config(latent_channels, vae_channels, vae_layers, vae_groups, **_):
+    """AutoencoderKL's arguments for these sizes (FLUX_DEV: FLUX.1-dev's VAE)."""
+    n = len(vae_channels)
+    return dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+                up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=vae_channels, layers_per_block=vae_layers,
+                latent_channels=latent_channels, norm_num_groups=vae_groups, scaling_factor=0.3611, shift_factor=0.1159,
+                use_quant_conv=False, use_post_quant_conv=False)
+
+
 def build_random_flux(seed, *, layers, single_layers, heads, head_dim, rope, text_dim, pooled_dim, text_layers,
                       latent_channels, vae_channels, vae_layers, vae_groups):
     """A randomly initialised FluxPipeline of the given sizes: the classes of FLUX.1-dev, tokenizers built in memory."""
@@ -52,16 +68,9 @@ def build_random_flux(seed, *, layers, single_layers, heads, head_dim, rope, tex
     text_encoder_2 = T5EncoderModel(T5Config(
         vocab_size=len(tokenizer_2), d_model=text_dim, d_ff=64, d_kv=16, num_layers=text_layers, num_heads=2,
         relative_attention_num_buckets=8))
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=4 * latent_channels, num_layers=layers, num_single_layers=single_layers,
-        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=text_dim,
-        pooled_projection_dim=pooled_dim, guidance_embeds=True, axes_dims_rope=rope)
-    n = len(vae_channels)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=vae_channels, layers_per_block=vae_layers,
-        latent_channels=latent_channels, norm_num_groups=vae_groups, scaling_factor=0.3611, shift_factor=0.1159,
-        use_quant_conv=False, use_post_quant_conv=False)
+    transformer = FluxTransformer2DModel(**transformer_config(layers, single_layers, heads, head_dim, rope, text_dim,
+                                                              pooled_dim, latent_channels))
+    vae = AutoencoderKL(**vae_config(latent_channels, vae_channels, vae_layers, vae_groups))
     scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's scheduler config (only the time grid is used)
         shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
         base_image_seq_len=256, max_image_seq_len=4096)

@@ -9,14 +9,16 @@ Neighbor GRPO: contrastive ODE policy optimisation for FLUX (He et al., CVPR 202
     python neighbor_grpo.py --help                   # every field with its default and where it comes from
 
 Any Config field can be set as --field=value. The file reads top to bottom like the algorithm: config -> distributed
-set-up -> FLUX -> time grid and solvers -> prompt groups and their noise neighbourhood -> advantages -> surrogate
-and objective -> the policy update and one iteration -> evaluation -> checkpoints -> the loop -> main. "eq. N" and
-"Alg. 1" refer to the paper. Rewards live in rewards.py; the SDE-GRPO baseline in sde_grpo.py reuses this loop.
+set-up -> time grid and solvers -> prompt groups and their noise neighbourhood -> advantages -> surrogate and
+objective -> the policy update and one iteration -> evaluation -> checkpoints -> the loop -> main ("eq. N", "Alg. 1":
+the paper's). FLUX itself (loading, LoRA, the velocity call) is in flux.py, the rewards in rewards.py; sde_grpo.py
+runs the SDE-GRPO baseline through this loop and evaluate.py Table 1's evaluation.
 """
 
 import contextlib
 import dataclasses
 import difflib
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -54,7 +56,6 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DC
 # Config
 
 
-TABLE1_REWARDS = ("hpsv2", "pickscore", "imagereward", "clipscore", "unifiedreward", "aesthetic")  # Table 1's columns
 ROOT = Path(__file__).resolve().parent
 
 
@@ -67,8 +68,8 @@ class Config:
     max_sequence_length: int = 512  # T5 tokens per prompt (FluxPipeline default)
     transformer_path: str = ""  # a trained transformer (diffusers format) to start from or evaluate; "" = model_path's
     offload_text_encoders: bool = True  # encode this rank's prompts up front, then move CLIP and T5 to the CPU
-    prompt_file: str = "hpdv2"  # training prompts: "hpdv2" = HPDv2's train split (data/hpdv2/prepare.py), a text
-    # file with one prompt per line, "" = the paper's example prompts
+    prompt_file: str = "hpdv2"  # "hpdv2" = HPDv2's train split (data/hpdv2/prepare.py), a text file, "" = examples
+    prompt_draw: str = "subset"  # a seeded subset, each prompt once (the paper); "uniform": each group draws anew
     # neighbourhood rollout (Sec. 3.3)
     group_size: int = 12  # G candidates per prompt (Table 3)
     noise_sigma: float = 0.3  # sigma, strength of the initial-noise perturbation (eq. 7, Table 4)
@@ -91,14 +92,15 @@ class Config:
     reward_batch_size: int = 4  # images per VAE decode and reward call
     unifiedreward_url: str = ""  # an OpenAI-compatible server (vLLM, SGLang) serving UnifiedReward: http://host:port/v1
     unifiedreward_question: str = ""  # a text file with the judge's question, {prompt} for the caption; "" = ours
-    unifiedreward_score: str = "Final Score"  # the label the score follows (MixGRPO's semantic question: Alignment Score)
+    unifiedreward_score: str = "Alignment Score"  # the answer's line scored (MixGRPO's); "Style Score", "Final Score"...
+    unifiedreward_protocol: str = "strict"  # "strict" (answers must parse) or "mixgrpo" (4096 tokens, unparsed left out)
     # evaluation: deterministic ODE samples (sigma = 0) of held-out prompts, every reward, mean +- standard error
     eval_prompts: str = "hpdv2"  # "hpdv2" = the 3200 HPDv2 benchmark prompts (data/hpdv2/prepare.py), or a text file
     eval_size: int = 256  # prompts per evaluation, spread evenly over eval_prompts (0 = all)
     eval_every: int = 50  # iterations between held-out evaluations during training (0 = never)
     eval_rewards: tuple[str, ...] = ()  # rewards scored in evaluation during training; () = the training rewards
-    eval_only_rewards: tuple[str, ...] = TABLE1_REWARDS  # evaluate.py: Table 1's metrics (unifiedreward only with
-    # a judge URL); () = eval_rewards
+    eval_only_rewards: tuple[str, ...] = (  # evaluate.py's: Table 1's columns (the judge only with its URL)
+        "hpsv2", "pickscore", "imagereward", "clipscore", "unifiedreward", "aesthetic")
     eval_steps: int = 0  # ODE steps of the evaluation sampler (0 = num_steps)
     eval_batch_size: int = 8  # prompts per transformer call when sampling for evaluation and sample grids
     # optimisation
@@ -132,6 +134,7 @@ class Config:
 
 
 DIGITS_DIR = ROOT / "data" / "digits"  # written by data/digits/prepare.py, committed
+DIGIT_JUDGES = ("digit_alignment", "digit_cnn_alignment", "digit_realism")  # the reward, then two held-out judges
 PRESETS = {
     "flux-dev": {},  # the defaults are the paper's best 8-step setting
     "flux-dev-lora": dict(  # the paper's 8-step setting on one GPU: LoRA at the LoRA scripts' lr
@@ -140,16 +143,17 @@ PRESETS = {
         model_path="tiny", resolution=64, max_sequence_length=64, rewards=("jpeg_compressibility",),
         prompt_file="", eval_prompts="", eval_size=0, eval_every=20, eval_only_rewards=(),
         lr=1e-3, iterations=60, device="cpu", mixed_precision="fp32", parallel="ddp", grad_checkpointing=False,
-        out_dir="runs/tiny", sample_every=20, ckpt_every=30),
+        out_dir="runs/tiny", sample_every=20, ckpt_every=30, prompt_draw="uniform"),
     "digits": dict(  # a pretrained 16x16 FLUX-architecture model of handwritten digits: alignment on a CPU
         model_path=str(DIGITS_DIR), resolution=16, max_sequence_length=48, rewards=("digit_alignment",),
         prompt_file=str(DIGITS_DIR / "prompts.txt"), eval_prompts=str(DIGITS_DIR / "eval_prompts.txt"), eval_size=0,
-        eval_every=10, eval_only_rewards=(), eval_batch_size=20, lr=1e-4, groups_per_rank=2, iterations=60,
-        device="cpu", mixed_precision="fp32", parallel="ddp", grad_checkpointing=False, out_dir="runs/digits",
-        sample_every=20, num_samples=10, ckpt_every=0),
+        eval_rewards=DIGIT_JUDGES, eval_only_rewards=DIGIT_JUDGES, eval_every=25, eval_batch_size=20,
+        lr=3e-5, iterations=250,  # where the judges peak; beyond ~300 the reward is hacked (docs/digits.md)
+        groups_per_rank=2, device="cpu", mixed_precision="fp32", parallel="ddp", grad_checkpointing=False,
+        out_dir="runs/digits", sample_every=50, num_samples=10, ckpt_every=0),
 }
-SOLVERS, OLD_ANCHORS, DISTANCES, PARALLEL = ("euler", "dpm++2m"), ("train_solver", "rollout"), ("mean", "sum"), (
-    "fsdp", "ddp")
+SOLVERS, OLD_ANCHORS, DISTANCES = ("euler", "dpm++2m"), ("train_solver", "rollout"), ("mean", "sum")
+PARALLEL, PROMPT_DRAWS = ("fsdp", "ddp"), ("subset", "uniform")
 
 
 class ConfigError(ValueError):
@@ -217,6 +221,7 @@ def validate(cfg):
         (cfg.temperature > 0, f"temperature={cfg.temperature}: must be > 0; use 1.0 (paper)"),
         (cfg.rollout_solver in SOLVERS, f"rollout_solver={cfg.rollout_solver}: use one of {', '.join(SOLVERS)}"),
         (cfg.distance in DISTANCES, f"distance={cfg.distance}: use one of {', '.join(DISTANCES)}"),
+        (cfg.prompt_draw in PROMPT_DRAWS, f"prompt_draw={cfg.prompt_draw}: use one of {', '.join(PROMPT_DRAWS)}"),
         (cfg.shift >= 0, f"shift={cfg.shift}: must be >= 0 (0 = dynamic shift, DanceGRPO uses 3.0)"),
         (not cfg.model_path.startswith("random:") or re.fullmatch(r"random:\d+,\d+", cfg.model_path),
          f"model_path={cfg.model_path}: a random FLUX.1-dev-width model is random:D,S (D double, S single blocks)"),
@@ -278,9 +283,8 @@ def compute_dtype(cfg):
 
 
 def parallelize(model, cfg, device, world, dtype):
-    """FSDP2 per transformer block, then the root (compute in dtype, gradients reduced in fp32), or DDP.
-    FSDP shards an empty (meta) model, then rank 0 broadcasts its weights and each rank keeps only its shard:
-    no rank but 0 ever holds a full copy (load_pipeline(meta=True) builds theirs without weights)."""
+    """FSDP2 (shard) or DDP. FSDP shards an empty (meta) model, then rank 0 broadcasts its weights and each rank keeps
+    its shard: no rank but 0 ever holds a full copy (load_pipeline(meta=True) builds theirs without weights)."""
     if cfg.grad_checkpointing:
         model.enable_gradient_checkpointing()
     if world == 1:
@@ -289,14 +293,18 @@ def parallelize(model, cfg, device, world, dtype):
         return DDP(model.to(device), device_ids=[device.index] if device.type == "cuda" else None)
     full = model.state_dict() if dist.get_rank() == 0 else {}  # rank 0's CPU tensors: the only full copy
     model.to("meta")
-    mesh = init_device_mesh(device.type, (world,))
+    shard(model, init_device_mesh(device.type, (world,)), dtype)
+    model.to_empty(device=device)  # this rank's shards, allocated on the device, then filled from rank 0
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model
+
+
+def shard(model, mesh, dtype):
+    """FSDP2 on each transformer block, then on the root: compute in dtype, gradients reduced in fp32."""
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for block in [*model.transformer_blocks, *model.single_transformer_blocks]:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
-    model.to_empty(device=device)  # this rank's shards, allocated on the device, then filled from rank 0
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    return model
 
 
 def gradient_sync(model, sync):
@@ -365,6 +373,11 @@ def pipeline_grid(pipe, cfg, num_steps):
     return time_grid(num_steps, latent_shape(pipe, cfg.resolution)[0], pipe.scheduler.config, cfg.shift)
 
 
+def eval_grid(pipe, cfg):
+    """The evaluation sampler's grid: FluxPipeline's own (no training shift), eval_steps steps, the same for any method."""
+    return time_grid(cfg.eval_steps or cfg.num_steps, latent_shape(pipe, cfg.resolution)[0], pipe.scheduler.config)
+
+
 def euler_step(x, v, t, t_next):
     """One-step DDIM (eta = 0) = Euler for rectified flow: the TrainSolver (eq. 2)."""
     return x + (t_next - t) * v
@@ -376,10 +389,8 @@ def log_snr(t):
 
 
 def dpm_solver_pp_2m_step(x, v, k, grid, prev_x0):
-    """DPM-Solver++(2M), data prediction (Lu et al. 2022). Returns (x_{k+1}, x0 prediction at step k).
-
-    The step out of t = 1 (lambda = -inf) and the final step into t = 0 are first order; both then equal Euler.
-    """
+    """DPM-Solver++(2M), data prediction (Lu et al. 2022). Returns (x_{k+1}, x0 prediction at step k). The step out
+    of t = 1 (lambda = -inf) and the final step into t = 0 are first order; both then equal Euler."""
     t, t_next = grid[k], grid[k + 1]
     x0 = x - t * v
     if t_next == 0:
@@ -408,35 +419,19 @@ def rollout(v_fn, x, grid, solver):
     return torch.stack(states, dim=1), torch.stack(train_next, dim=1)
 
 
-
 # -----------------------------------------------------------------------------
 # Prompt groups and their noise neighbourhood (Sec. 3.3, eq. 7). All randomness derives from (seed, iteration,
 # global group index), so any split of the same groups over ranks computes the same update, and a resumed run
 # draws what an uninterrupted one would.
 
-EXAMPLE_PROMPTS = [  # prompts of the paper's Figure 6 and supplementary Figure 1
-    "A low poly lemon in high quality rendering",
-    "A hamster resembling a horse",
-    "Peter Griffin taking a selfie in a park on an iPhone 12 Pro.",
-    "A whale is reading a book about avoiding Japanese spears in an underwater library.",
-    "Two skunks - one small and dark blue with yellow eyes and a larger albino one with red eyes.",
-    "Anime-style vector illustration of a cloudy sky with a unique perspective.",
-    "Realism tattoo design sketch of a pirate ship.",
-    "The image shows a pirate holding up a beer in celebration.",
-    "The image is of a massive cave interior filled with glowing stalactites and stalagmites.",
-    "A cat laying on the floor of a kitchen.",
-    "A portrait of a woman with a paper bag over her head.",
-    "A kitchen counter top with a white bowl sitting next to another white bowl.",
-]
+EXAMPLES = ROOT / "data/examples/prompts.txt"  # the prompts of the paper's Figure 6 and supplementary Figure 1
 HPDV2_FILES = dict(prompt_file=ROOT / "data/hpdv2/train.txt", eval_prompts=ROOT / "data/hpdv2/test.txt")
 
 
 def load_prompts(source, field="prompt_file"):
     """Prompts from a text file (one per line) or a JSON list; "hpdv2": the text files data/hpdv2/prepare.py writes
     (HPDv2's training split for prompt_file, its 3200-prompt benchmark for eval_prompts); "" = the examples."""
-    if not source:
-        return list(EXAMPLE_PROMPTS)
-    path = Path(HPDV2_FILES[field] if source == "hpdv2" else source)
+    path = Path(HPDV2_FILES[field] if source == "hpdv2" else source or EXAMPLES)
     if source == "hpdv2" and not path.is_file():
         raise ConfigError(f"{field}=hpdv2: {path} is missing; run python data/hpdv2/prepare.py once (it downloads "
                           "HPDv2's prompts), or pass a text file with one prompt per line")
@@ -465,10 +460,20 @@ def group_generator(seed, iteration, group):
     return torch.Generator().manual_seed((seed * 1_000_003 + iteration) * 1_000_033 + group)
 
 
-def group_prompt(prompts, seed, iteration, group):
-    """Group g's prompt at this iteration, and its generator for the noises, anchors and transitions."""
-    gen = group_generator(seed, iteration, group)
-    return prompts[torch.randint(len(prompts), (1,), generator=gen).item()], gen
+def group_prompt(prompts, cfg, iteration, group, groups):
+    """Group g's prompt at this iteration (of `groups` per iteration) and its generator for noises, anchors and steps.
+    "subset", the paper's draw: group n = iteration * groups + g takes the n-th prompt of a seeded permutation, each
+    prompt once (a short file is cycled, a new permutation per pass); "uniform": a prompt at random per group."""
+    gen = group_generator(cfg.seed, iteration, group)
+    if cfg.prompt_draw == "uniform":
+        return prompts[torch.randint(len(prompts), (1,), generator=gen).item()], gen
+    n = iteration * groups + group
+    return prompts[prompt_order(len(prompts), cfg.seed, n // len(prompts))[n % len(prompts)]], gen
+
+
+@functools.lru_cache(maxsize=4)
+def prompt_order(n, seed, epoch):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
 
 
 def perturbed_noise(base, delta, sigma):
@@ -492,10 +497,8 @@ def neighbourhood_noise(pipe, cfg, gen, size, sigma, device):
 
 def neighbourhood_rollout(pipe, cond, cfg, grid, gen, size, sigma, dtype):
     """size ODE trajectories from a neighbourhood of one base noise (eq. 7), with theta_old: the states
-    [size, T + 1, L, C] and the TrainSolver's prediction from each [size, T, L, C] (see rollout).
-
-    With sigma = 0 and size = 1 this is plain deterministic ODE sampling, the inference sampler.
-    """
+    [size, T + 1, L, C] and the TrainSolver's prediction from each [size, T, L, C]. With sigma = 0 and size = 1 this
+    is plain deterministic ODE sampling, the inference sampler."""
     x1 = neighbourhood_noise(pipe, cfg, gen, size, sigma, cond.img_ids.device)
     v_fn = lambda x, t: velocity(pipe.transformer, x, t, cond, dtype)  # noqa: E731
     parts = [rollout(v_fn, x, grid, cfg.rollout_solver) for x in x1.split(cfg.rollout_batch_size)]
@@ -507,11 +510,9 @@ def neighbourhood_rollout(pipe, cond, cfg, grid, gen, size, sigma, dtype):
 
 
 def quasi_norm_advantages(rewards, p):
-    """Group-wise quasi-norm reweighting (eq. 11): centred rewards divided by their L_p (quasi-)norm.
-
-    Scale-invariant, keeps sign and order; p = 2 is std-normalised GRPO (eq. 3) up to a constant, p < 2 shrinks
-    flat groups whose advantages carry no clear signal. An all-equal group gets zeros.
-    """
+    """Group-wise quasi-norm reweighting (eq. 11): centred rewards divided by their L_p (quasi-)norm. Scale-invariant,
+    keeps sign and order; p = 2 is std-normalised GRPO (eq. 3) up to a constant, p < 2 shrinks flat groups whose
+    advantages carry no clear signal. An all-equal group gets zeros."""
     r = rewards.double()  # the fp32 mean of equal fp32 values is inexact, and this normalisation would amplify it
     c = r - r.mean(-1, keepdim=True)
     norm = c.abs().pow(p).sum(-1, keepdim=True).pow(1 / p)
@@ -601,9 +602,8 @@ class Group:
 
 @dataclass(frozen=True)
 class Method:
-    """What a GRPO variant plugs into this loop (sde_grpo.py's SDE baseline is the other one): how one prompt's group
-    is made (rollout, rewards, advantages, what it trains), the objective of one trained transition, and how many
-    trained trajectories share an optimizer step."""
+    """What a GRPO variant plugs into this loop (sde_grpo.py's SDE baseline is the other): how a prompt's group is made
+    (rollout, rewards, advantages, what it trains), one transition's objective, trajectories per optimizer step."""
 
     describe: typing.Callable  # cfg -> the run's banner
     group: typing.Callable  # (run, cfg, prompt, gen, lap) -> a Group
@@ -651,6 +651,7 @@ def policy_update(run, groups, cfg):
                 loss.backward()
             logged.append((s, len(terms), loss.item(), clip_frac.item(), abs_log_ratio.item()))
         norms.append(optimizer_step(run.model, run.optimizer, cfg.max_grad_norm))
+    run.optimizer.zero_grad(set_to_none=True)  # no gradient memory held through the next rollout
     return update_stats(logged, norms, len(steps))
 
 
@@ -669,8 +670,8 @@ def update_stats(terms, norms, steps):
 
 
 def optimizer_step(model, optimizer, max_grad_norm):
-    """Clip the gradient norm, then step; a non-finite norm (of the all-reduced gradients, so the same on every rank)
-    skips the step rather than write NaN into the weights. Returns the norm."""
+    """Clip the gradient norm, then step, unless the norm (of all-reduced gradients: the same on every rank) is not
+    finite: then the step is skipped rather than write NaN into the weights. Returns the norm."""
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
     if torch.isfinite(grad_norm):
@@ -701,7 +702,9 @@ def train_iteration(run, cfg, iteration):
     """One iteration of Alg. 1 on this rank's prompt groups: each group rolled out, scored and given advantages, then
     the policy update. Returns the groups, the update's statistics and the seconds of each phase."""
     lap = Stopwatch(run.device)
-    groups = [run.method.group(run, cfg, *group_prompt(run.prompts, cfg.seed, iteration, g), lap) for g in run.group_ids]
+    total = run.world * cfg.groups_per_rank
+    groups = [run.method.group(run, cfg, *group_prompt(run.prompts, cfg, iteration, g, total), lap)
+              for g in run.group_ids]
     stats = policy_update(run, groups, cfg)
     lap("update")
     return groups, stats, {**lap.seconds, "total": sum(lap.seconds.values())}
@@ -741,25 +744,25 @@ def save_grid(images, path, min_side=128):
 
 
 def eval_indices(n, rank, world):
-    """Prompt indices dealt round-robin to this rank, padded with the last prompt so that every rank runs as many
-    forwards (FSDP needs all ranks in each one); an index >= n marks padding."""
+    """Prompt indices dealt round-robin to this rank, padded so that every rank runs as many forwards (FSDP needs all
+    ranks in each one); an index >= n marks padding, which samples the last prompt."""
     return [rank + j * world for j in range(math.ceil(n / world))]
 
 
-def rank_eval_prompts(prompts, rank, world):
-    """The prompts this rank samples in evaluate(), padding included: the ones to encode up front."""
+def rank_eval_prompts(prompts, rank, world):  # the ones to encode up front
     return [prompts[min(i, len(prompts) - 1)] for i in eval_indices(len(prompts), rank, world)]
 
 
 @torch.no_grad()
-def evaluate(pipe, prompts, reward_fns, cfg, grid, dtype, cache, rank, world, path):
+def evaluate(pipe, prompts, reward_fns, cfg, grid, dtype, cache, rank, world, path, transform=None):
     """Rank 0 writes path.json (per-prompt scores, mean, std, standard error), path.md and path.png (the first
-    num_samples prompts) and returns {reward: dict(mean, std, se)}; other ranks return None."""
+    num_samples prompts) and returns {reward: dict(mean, std, se, missing)}; other ranks return None. transform:
+    what happens to the images before they are scored (evaluate.py's JPEG round trip)."""
     n, rows, samples = len(prompts), [], {}
     for chunk in progress(batches(eval_indices(n, rank, world), cfg.eval_batch_size), f"evaluating {n} prompts", rank):
         js = [min(i, n - 1) for i in chunk]  # every rank runs as many chunks of the same sizes (FSDP)
         images = generate(pipe, [prompts[j] for j in js], cfg, grid, cfg.seed, dtype, cache, indices=js)
-        real = [(i, image) for i, image in zip(chunk, images) if i < n]
+        real = [(i, image) for i, image in zip(chunk, transform(images) if transform else images) if i < n]
         scores = torch.cat([score(reward_fns, torch.stack([im for _, im in part]), [prompts[i] for i, _ in part])
                             for part in batches(real, cfg.reward_batch_size)], dim=1)
         rows += [(i, scores[:, c].tolist()) for c, (i, _) in enumerate(real)]
@@ -770,11 +773,11 @@ def evaluate(pipe, prompts, reward_fns, cfg, grid, dtype, cache, rank, world, pa
     rows = sorted(row for part, _ in gathered for row in part)
     samples = {i: image for _, part in gathered for i, image in part.items()}
     scores = torch.tensor([r for _, r in rows], dtype=torch.float64)
-    std = scores.std(0) if n > 1 else torch.zeros(scores.shape[1], dtype=torch.float64)
-    summary = {name: dict(mean=scores[:, m].mean().item(), std=std[m].item(), se=std[m].item() / math.sqrt(n))
-               for m, name in enumerate(reward_fns)}
-    result = dict(num_prompts=n, num_steps=len(grid) - 1, solver=cfg.rollout_solver, seed=cfg.seed,
-                  rewards=summary, scores=[dict(index=i, prompt=prompts[i], **dict(zip(reward_fns, r))) for i, r in rows])
+    summary = {name: summarise(scores[:, m]) for m, name in enumerate(reward_fns)}
+    scores = [dict(index=i, prompt=prompts[i], **{k: None if math.isnan(v) else v for k, v in zip(reward_fns, r)})
+              for i, r in rows]
+    result = dict(num_prompts=n, num_steps=len(grid) - 1, solver=cfg.rollout_solver, resolution=cfg.resolution,
+                  seed=cfg.seed, rewards=summary, scores=scores)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(f"{path}.json").write_text(json.dumps(result, indent=1))
     Path(f"{path}.md").write_text(table1(summary, n, cfg.transformer_path or cfg.model_path))
@@ -782,60 +785,65 @@ def evaluate(pipe, prompts, reward_fns, cfg, grid, dtype, cache, rank, world, pa
     return summary
 
 
+def summarise(x):
+    """Mean, standard deviation and standard error of the scores; missing: NaN (answers a judge could not score)."""
+    x, n = x[~x.isnan()], len(x)
+    std = x.std().item() if len(x) > 1 else 0.0
+    return dict(mean=x.mean().item(), std=std, se=std / math.sqrt(max(len(x), 1)), missing=n - len(x))
+
+
 def table1(summary, n, model, paper_rows=None):
     """Markdown in Table 1's shape: the evaluated model (mean ± standard error over n prompts), then any paper rows
     {row name: {reward: value}} for the same columns."""
     lines = ["| model | " + " | ".join(summary) + " |", "| --- |" + " --- |" * len(summary),
-             f"| {model} (n = {n}) | " + " | ".join(f"{v['mean']:.4f} ± {v['se']:.4f}" for v in summary.values()) + " |"]
+             f"| {model} (n = {n}) | " + " | ".join(mean_se(v) for v in summary.values()) + " |"]
     lines += [f"| {row} | " + " | ".join(f"{values[k]:.3f}" if k in values else "–" for k in summary) + " |"
               for row, values in (paper_rows or {}).items() if any(name in values for name in summary)]
     return "\n".join(lines) + "\n"
 
 
-def eval_line(it, summary, n):
-    """One console line per evaluation: each held-out reward with its standard error."""
-    return f"eval {it:4d} | " + " ".join(f"{k} {v['mean']:.4f} ± {v['se']:.4f}" for k, v in summary.items()) + \
-        f" | {n} held-out prompts"
+def mean_se(v):
+    return f"{v['mean']:.4f} ± {v['se']:.4f}" + (f" ({v['missing']} unscored)" if v.get("missing") else "")
 
 
-def eval_setup(cfg, reward_fns, device, names=()):
-    """Held-out prompts and the reward functions scored on them: names, else eval_rewards, else the training ones
-    (whose loaded functions are reused)."""
+def eval_setup(cfg, reward_fns, device, names=(), precision=None):
+    """Held-out prompts and the rewards scored on them: names, else eval_rewards, else the training ones (reused as
+    loaded); precision(name) -> the dtype of a reward's towers (default: the compute dtype)."""
     prompts = eval_subset(load_prompts(cfg.eval_prompts, "eval_prompts"), cfg.eval_size)
     names = names or cfg.eval_rewards or cfg.rewards
     names = [n for n in names if n != "unifiedreward" or cfg.unifiedreward_url]  # the judge needs its server
-    return prompts, {n: reward_fns[n] if n in reward_fns else load_reward(n, cfg, device, compute_dtype(cfg))
-                     for n in names}
+    return prompts, {n: reward_fns[n] if n in reward_fns else
+                     load_reward(n, cfg, device, precision(n) if precision else compute_dtype(cfg)) for n in names}
 
 
 # -----------------------------------------------------------------------------
 # Checkpoints: resumable state with torch.distributed.checkpoint, the transformer in diffusers format
 
 
-def export_model(model, path, cfg, rank, dtype):
+def export_model(run, cfg, path):
     """path/transformer (diffusers format) or, with LoRA, path/lora (the adapter alone)."""
     if cfg.lora_rank:
-        export_lora(model, path / "lora", rank)
+        export_lora(run.model, path / "lora", run.rank)
     else:
-        export_transformer(model, path / "transformer", rank, dtype)
+        export_transformer(run.model, path / "transformer", run.rank, run.dtype)
 
 
 TRAINED = StateDictOptions(ignore_frozen_params=True)  # a checkpoint holds what trains: all of it, or the adapter
 
 
-def save_checkpoint(model, optimizer, cfg, iteration, rank, world, dtype):
+def save_checkpoint(run, cfg, iteration):
     """Write under tmp-N, rename to step-N, then replace the `latest` pointer: a crash mid-save leaves the
     previous checkpoint intact. All randomness derives from (seed, iteration, group), so no RNG state is needed."""
     root = Path(cfg.out_dir) / "checkpoints"
     tmp, final = root / f"tmp-{iteration:06d}", root / f"step-{iteration:06d}"
-    if rank == 0:
+    if run.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    barrier(world)
-    model_state, optim_state = get_state_dict(model, optimizer, options=TRAINED)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / "state", no_dist=world == 1)
-    export_model(model, tmp, cfg, rank, dtype)
-    if rank == 0:
+    barrier(run.world)
+    model_state, optim_state = get_state_dict(run.model, run.optimizer, options=TRAINED)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / "state", no_dist=run.world == 1)
+    export_model(run, cfg, tmp)
+    if run.rank == 0:
         (tmp / "meta.json").write_text(json.dumps({"iteration": iteration, "config": dataclasses.asdict(cfg)}))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -844,7 +852,7 @@ def save_checkpoint(model, optimizer, cfg, iteration, rank, world, dtype):
         for old in root.glob("step-*"):
             if old != final:
                 shutil.rmtree(old)
-    barrier(world)
+    barrier(run.world)
 
 
 def resume_state(cfg, out):
@@ -875,11 +883,11 @@ def restore(model, optimizer, cfg, path, rank, world):
 
 
 # -----------------------------------------------------------------------------
-# Preemption: SLURM and Kubernetes send SIGTERM or SIGUSR1 before a kill
+# The training loop
 
 
 class Preemption:
-    """SIGTERM and SIGUSR1 only raise a flag; the loop then finishes its iteration, checkpoints and exits 0, on
+    """SIGTERM and SIGUSR1 (what SLURM and Kubernetes send before a kill) only raise a flag; the loop then finishes its iteration, checkpoints and exits 0, on
     every rank once any rank got one."""
 
     SIGNALS = [getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name)]
@@ -901,10 +909,6 @@ class Preemption:
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
-
-
-# -----------------------------------------------------------------------------
-# The training loop
 
 
 @dataclass
@@ -949,12 +953,12 @@ def build(cfg, method=NEIGHBOR):
     start = restore(model, optimizer, cfg, resume_from, rank, world) if resume_from else 0
     group_ids = range(rank * cfg.groups_per_rank, (rank + 1) * cfg.groups_per_rank)
     cache = {}
-    encode_prompts(pipe, [group_prompt(prompts, cfg.seed, it, g)[0] for it in range(start, cfg.iterations)
-                          for g in group_ids] + prompts[: cfg.num_samples] + rank_eval_prompts(eval_prompts, rank, world),
-                   cfg, cache, rank)
+    met = [group_prompt(prompts, cfg, it, g, world * cfg.groups_per_rank)[0] for it in range(start, cfg.iterations)
+           for g in group_ids]
+    encode_prompts(pipe, met + prompts[: cfg.num_samples] + rank_eval_prompts(eval_prompts, rank, world), cfg, cache, rank)
     return Run(rank, world, device, dtype, pipe, model, optimizer, method, prompts, reward_fns, reward_mix(cfg),
                pipeline_grid(pipe, cfg, cfg.num_steps), eval_prompts, eval_fns,
-               pipeline_grid(pipe, cfg, cfg.eval_steps or cfg.num_steps), start, group_ids, cache)
+               eval_grid(pipe, cfg), start, group_ids, cache)
 
 
 def encode_prompts(pipe, prompts, cfg, cache, rank=0):
@@ -964,7 +968,6 @@ def encode_prompts(pipe, prompts, cfg, cache, rank=0):
     if cfg.offload_text_encoders:
         pipe.text_encoder.to("cpu")
         pipe.text_encoder_2.to("cpu")
-
 
 
 def periodic(run, cfg, it, log):
@@ -997,16 +1000,16 @@ def train(cfg, method=NEIGHBOR):
                     f"was saved since, so the last checkpoint in {out / 'checkpoints'} is good: --resume from it with "
                     "a lower --lr, or raise --max_skipped_steps")
             if preempted(run.world, run.device):  # finish the iteration, checkpoint, exit 0; rerun with --resume
-                save_checkpoint(run.model, run.optimizer, cfg, it + 1, run.rank, run.world, run.dtype)
+                save_checkpoint(run, cfg, it + 1)
                 log.stopped(it, preempted.signal)
                 barrier(run.world)
                 return run.model
             if cfg.ckpt_every and (it + 1) % cfg.ckpt_every == 0 and it + 1 < cfg.iterations:
-                save_checkpoint(run.model, run.optimizer, cfg, it + 1, run.rank, run.world, run.dtype)
+                save_checkpoint(run, cfg, it + 1)
         periodic(run, cfg, cfg.iterations, log)
         if run.start < cfg.iterations:  # a resumed run with nothing left to do keeps its checkpoint as it is
-            save_checkpoint(run.model, run.optimizer, cfg, cfg.iterations, run.rank, run.world, run.dtype)
-        export_model(run.model, out, cfg, run.rank, run.dtype)
+            save_checkpoint(run, cfg, cfg.iterations)
+        export_model(run, cfg, out)
         if cfg.export_merged:  # the run is over: merge the adapter into the base in place
             transformer = run.model.module if isinstance(run.model, DDP) else run.model
             transformer.fuse_lora()
@@ -1018,9 +1021,8 @@ def train(cfg, method=NEIGHBOR):
 
 
 class RunLog:
-    """The run's record, written by rank 0: config.json, log.jsonl (one record per iteration, evaluations in it), a
-    console line per iteration and per evaluation, curves.png, optional W&B, and a closing summary line. Every rank
-    calls it: iteration() gathers rewards and averages statistics over ranks."""
+    """The run's record, written by rank 0: config.json, log.jsonl (a record per iteration, evaluations in it), a
+    console line per iteration and evaluation, curves.png, optional W&B, a closing summary. iteration() is collective."""
 
     def __init__(self, run, cfg):
         self.run, self.cfg, self.out, self.record, self.wandb = run, cfg, Path(cfg.out_dir), {}, None
@@ -1039,7 +1041,8 @@ class RunLog:
     def evaluation(self, it, summary, n):
         if self.run.rank == 0:
             self.record.update({"iter": it, **{f"eval/{k}": v["mean"] for k, v in summary.items()}})
-            print(eval_line(it, summary, n))
+            print(f"eval {it:4d} | " + " ".join(f"{k} {mean_se(v)}" for k, v in summary.items()) +
+                  f" | {n} held-out prompts")
 
     def iteration(self, it, groups, stats, seconds):
         cfg, run = self.cfg, self.run
@@ -1095,17 +1098,16 @@ def summary_line(out, cfg):
     """The closing line: each held-out reward's first and last evaluation, and where the run's outputs are."""
     evals = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if any("eval/" in k for k in r)]
     gains = [f"{k[5:]} {evals[0][k]:.4f} -> {evals[-1][k]:.4f} ({evals[-1][k] - evals[0][k]:+.4f})"
-             for k in evals[-1] if k.startswith("eval/") and k in evals[0]] if evals else []
-    held_out = f"held-out (iterations {evals[0]['iter']} -> {evals[-1]['iter']}): {', '.join(gains)}" if gains else \
-        "no held-out evaluation (eval_every=0)"
+             for k in (evals[-1] if evals else {}) if k.startswith("eval/") and k in evals[0]]
+    held_out = f"held-out (iterations {evals[0]['iter']} -> {evals[-1]['iter']}): " if gains else "no held-out evaluation"
     saved = [p for p in ("samples", "curves.png", "eval", "lora" if cfg.lora_rank else "transformer")
-             if (out / p).exists() and (p != "samples" or any((out / p).iterdir()))]
-    return f"done | {held_out} | in {out}: {', '.join(saved)}"
+             if (out / p).is_file() or (out / p).is_dir() and any((out / p).iterdir())]
+    return f"done | {held_out}{', '.join(gains)} | in {out}: {', '.join(saved)}"
 
 
 def plot_curves(out, rewards):
-    """out/curves.png from log.jsonl: each reward (training and held-out) in its panel, the clip fraction and the
-    first anchor's |log rho|."""
+    """out/curves.png from log.jsonl: each reward (training groups and held-out) in its panel, the clip fraction and
+    the first anchor's |log rho|."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1113,20 +1115,18 @@ def plot_curves(out, rewards):
 
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     names = list(dict.fromkeys([*rewards, *(k[5:] for r in log for k in r if k.startswith("eval/"))]))
-    fig, axes = plt.subplots(1, len(names) + 2, figsize=(3.6 * (len(names) + 2), 3.2), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        train, evals = [r for r in log if f"reward/{name}" in r], [r for r in log if f"eval/{name}" in r]
-        ax.plot([r["iter"] for r in train], [r[f"reward/{name}"] for r in train], alpha=0.6, label="training groups")
-        ax.plot([r["iter"] for r in evals], [r[f"eval/{name}"] for r in evals], "o-", label="held-out")
-        ax.set(title=name + ("" if name in rewards else " (not trained on)"))
-        ax.legend(fontsize=7)
-    train = [r for r in log if "clip_frac" in r]
-    axes[0, -2].plot([r["iter"] for r in train], [r["clip_frac"] for r in train])
-    axes[0, -1].semilogy([r["iter"] for r in train], [max(r["first_anchor_abs_log_ratio"], 1e-12) for r in train])
-    axes[0, -2].set(title="clip fraction")
-    axes[0, -1].set(title="first-anchor |log rho| (theta = theta_old)")
-    for ax in axes[0]:
-        ax.set(xlabel="iteration")
+    panels = [(n + ("" if n in rewards else " (not trained on)"), f"reward/{n}", f"eval/{n}") for n in names] + [
+        ("clip fraction", "clip_frac", None), ("first-anchor |log rho|", "first_anchor_abs_log_ratio",
+                                               None)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False)
+    for ax, (title, train, held_out) in zip(axes[0], panels):
+        for key, style, label in ((train, "-", "training groups"), (held_out, "o-", "held-out")):
+            points = [(r["iter"], max(r[key], 1e-12) if "rho" in title else r[key]) for r in log if key in r]
+            if points:
+                ax.plot(*zip(*points), style, label=label)
+        ax.set(title=title, xlabel="iteration", yscale="log" if "rho" in title else "linear")
+        if held_out:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=100)
     plt.close(fig)

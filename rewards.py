@@ -2,7 +2,7 @@
 Reward models for neighbor_grpo.py: each is fn(images [N, 3, H, W] in [0, 1], prompts list[str]) -> tensor [N],
 higher is better. The paper's three training rewards (HPSv2.1, PickScore, ImageReward), Table 1's out-of-domain
 judges (CLIP score, LAION aesthetic, the UnifiedReward VLM judge), toy rewards for CPU presets (JPEG sizes,
-brightness, digit alignment), and any importable `module.path:function`.
+brightness), the digits preset's reward and its two held-out judges, and any importable `module.path:function`.
 
     fn = load_reward("hpsv2", cfg, device, torch.bfloat16)   # cfg: any object with the reward fields of
     scores = score({"hpsv2": fn}, images, prompts)            # neighbor_grpo.Config (reward_paths, unifiedreward_*)
@@ -15,6 +15,7 @@ import importlib
 import importlib.util
 import io
 import json
+import math
 import os
 import re
 import sys
@@ -104,11 +105,14 @@ REWARD_WEIGHTS = {
     "imagereward": ("THUDM/ImageReward", "ImageReward.pt"),
     "imagereward_med_config": ("THUDM/ImageReward", "med_config.json"),
     "imagereward_bert": ("bert-base-uncased", None),
-    "clipscore": ("apple/DFN5B-CLIP-ViT-H-14-384", "open_clip_pytorch_model.bin"),  # MixGRPO's eval script
-    "clipscore_config": ("apple/DFN5B-CLIP-ViT-H-14-384", "open_clip_config.json"),
+    "clipscore": ("apple/DFN5B-CLIP-ViT-H-14-378", "open_clip_pytorch_model.bin"),  # MixGRPO's eval script's model
+    "clipscore_config": ("apple/DFN5B-CLIP-ViT-H-14-378", "open_clip_config.json"),
     "aesthetic": ("trl-lib/ddpo-aesthetic-predictor", "aesthetic-model.pth"),  # = sac+logos+ava1-l14-linearMSE.pth
     "aesthetic_clip": ("openai/clip-vit-large-patch14", None),
 }
+
+
+RENAMED = {"apple/DFN5B-CLIP-ViT-H-14-378": "apple/DFN5B-CLIP-ViT-H-14-384"}  # the hub's current name: its former
 
 
 def missing_weights(key, error):
@@ -134,7 +138,12 @@ def reward_weights(cfg, key, loader=None):
             return local[key]
         from huggingface_hub import hf_hub_download
 
-        return hf_hub_download(repo, filename)
+        try:
+            return hf_hub_download(repo, filename)
+        except OSError:  # a cache or mirror that still holds the repo under its former name
+            if repo not in RENAMED:
+                raise
+            return hf_hub_download(RENAMED[repo], filename)
     except OSError as e:
         raise RewardError(missing_weights(key, e)) from None
 
@@ -356,16 +365,22 @@ def aesthetic_scorer(clip, mlp, dtype):
     return aesthetic
 
 
-UNIFIEDREWARD_QUESTION = (  # ours; MixGRPO's asks for the same closing line
-    "You see an image generated from the caption below. Judge how faithfully it depicts the caption (objects, "
-    "attributes, counts, relations) and its visual quality (clarity, detail, artefacts, aesthetic appeal). Reason "
-    "briefly, then end with one overall score from 1 (poor) to 5 (excellent) on its own line as "
-    "'Final Score: X'.\nCaption: {prompt}")
+UNIFIEDREWARD_QUESTION = (  # ours, asking for the three labelled lines of MixGRPO's "semantic" question
+    "Below is a caption and an image generated from it. Consider how well the image shows what the caption describes "
+    "(its objects, their attributes, counts and relations), whether it is free of glitches and distorted objects, and "
+    "how good it looks. Reason briefly, then end with exactly these three lines, each with one number from 1 (poor) "
+    "to 5 (excellent):\nAlignment Score (1-5): N\nCoherence Score (1-5): N\nStyle Score (1-5): N\n"
+    "Caption: {prompt}")
+UNIFIEDREWARD_PROTOCOLS = {  # how answers are asked for and scored
+    "strict": dict(max_tokens=1024, abstain=False),  # an answer without the label stops the run: safe to train on
+    "mixgrpo": dict(max_tokens=4096, abstain=True),  # MixGRPO's evaluation: unparseable answers left out, counted
+}
+API_KEY = "OPENAI_API_KEY"  # a hosted endpoint's key, sent as a bearer token (the OpenAI clients' variable)
 
 
 def unifiedreward_reward(cfg, device, dtype):
     """UnifiedReward (Table 1, ref. [37]): a VLM judge behind an OpenAI-compatible chat-completions endpoint, as
-    MixGRPO serves it; the number after 'Final Score:' (1-5, about 3.2 for FLUX.1-dev)."""
+    MixGRPO serves it; the number on the unifiedreward_score line (1-5, about 3.2 for FLUX.1-dev)."""
     question = UNIFIEDREWARD_QUESTION
     if cfg.unifiedreward_question:
         if not Path(cfg.unifiedreward_question).is_file():
@@ -373,19 +388,26 @@ def unifiedreward_reward(cfg, device, dtype):
                               "with {prompt} where the caption goes, or pass '' for the built-in one")
         question = Path(cfg.unifiedreward_question).read_text()
     return unifiedreward_scorer(cfg.unifiedreward_url.rstrip("/") + "/chat/completions", question,
-                                cfg.unifiedreward_score)
+                                cfg.unifiedreward_score, **UNIFIEDREWARD_PROTOCOLS[cfg.unifiedreward_protocol])
 
 
-def unifiedreward_scorer(url, question, label="Final Score", workers=8, timeout=120.0, tries=3, backoff=2.0):
+def score_on_line(answer, label):
+    """The number on the label's line, whatever range note follows the label: 'Alignment Score (1-5): 4' gives 4 for
+    the label 'Alignment Score' and for 'Alignment Score (1-5)'; None when there is no such line."""
+    match = re.search(re.escape(label) + r"(?:\s*\([^)]*\))?[\s:=*]*([0-9]+(?:\.[0-9]+)?)", answer, re.IGNORECASE)
+    return float(match.group(1)) if match else None
+
+
+def unifiedreward_scorer(url, question, label="Alignment Score", max_tokens=1024, abstain=False, workers=8,
+                         timeout=120.0, tries=3, backoff=2.0):
     """Each image (JPEG, base64) and its caption posted concurrently by a bounded pool; a request that fails or
-    times out is retried with exponential backoff, then the run stops naming the server."""
+    times out is retried with exponential backoff, then the run stops naming the server. An answer without the
+    label stops the run too, or with abstain=True scores NaN, which evaluation leaves out of the mean and counts."""
     import base64
     import concurrent.futures
     import urllib.request
 
     from PIL import Image
-
-    pattern = re.compile(re.escape(label) + r"\W*([0-9]+(?:\.[0-9]+)?)")  # "Final Score: 4", "... (1-5): 3.5"
 
     def ask(image, prompt):
         buffer = io.BytesIO()
@@ -394,12 +416,15 @@ def unifiedreward_scorer(url, question, label="Final Score", workers=8, timeout=
         content = [{"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," +
                                                        base64.b64encode(buffer.getvalue()).decode()}},
                    {"type": "text", "text": question.replace("{prompt}", prompt)}]
-        body = json.dumps({"model": "UnifiedReward", "temperature": 0, "max_tokens": 1024,
+        body = json.dumps({"model": "UnifiedReward", "temperature": 0, "max_tokens": max_tokens,
                            "messages": [{"role": "user", "content": content}]}).encode()
+        headers = {"Content-Type": "application/json"}
+        if os.environ.get(API_KEY):  # read here, never stored: it reaches no log, config or error message
+            headers["Authorization"] = "Bearer " + os.environ[API_KEY]
         for attempt in range(tries):
             try:
-                request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
-                with urllib.request.urlopen(request, timeout=timeout) as response:
+                with urllib.request.urlopen(urllib.request.Request(url, data=body, headers=headers),
+                                            timeout=timeout) as response:
                     answer = json.loads(response.read())["choices"][0]["message"]["content"]
                 break
             except (OSError, ValueError, KeyError, IndexError, TypeError) as e:  # refused, time-out, HTTP, bad JSON
@@ -409,30 +434,35 @@ def unifiedreward_scorer(url, question, label="Final Score", workers=8, timeout=
             raise RewardError(f"reward 'unifiedreward': no answer from {url} after {tries} tries "
                               f"({type(error).__name__}: {error}); start the judge (README, Rewards) or fix "
                               "--unifiedreward_url")
-        match = pattern.search(answer)
-        if match is None:
+        value = score_on_line(answer, label)
+        if value is None and not abstain:
             raise RewardError(f"reward 'unifiedreward': {url} answered without '{label}: N' ({answer[:80]!r}); serve "
                               "the UnifiedReward model, or make --unifiedreward_question ask for that line")
-        return float(match.group(1))
+        return math.nan if value is None else value
 
     def unifiedreward(images, prompts):
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             return torch.tensor(list(pool.map(ask, images, prompts)))
 
+    unifiedreward.abstains = abstain  # score() lets its NaN through, for evaluation to count
     return unifiedreward
 
 
 # -----------------------------------------------------------------------------
-# The digits preset's reward (data/digits/prepare.py fits its classifier)
+# The digits preset: its training reward and two held-out judges (data/digits/prepare.py fits all three)
+
+
+def digits_file(cfg, name, reward):
+    path = Path(cfg.model_path) / name
+    if not path.is_file():
+        raise RewardError(f"rewards: {reward} needs {path}; use --preset=digits (or run data/digits/prepare.py)")
+    return torch.load(path)
 
 
 def digit_alignment_reward(cfg, device, dtype):
     """The digits preset's alignment: the probability its classifier (logistic regression on 8x8 images, fit by
     data/digits/prepare.py) gives to the digit the prompt asks for."""
-    path = Path(cfg.model_path) / "classifier.pt"
-    if not path.is_file():
-        raise RewardError(f"rewards: digit_alignment needs {path}; use --preset=digits (or run data/digits/prepare.py)")
-    state = torch.load(path)
+    state = digits_file(cfg, "classifier.pt", "digit_alignment")
     return digit_scorer(state["weight"], state["bias"])
 
 
@@ -441,17 +471,75 @@ def digit_features(images):
     return F.adaptive_avg_pool2d(images.float().mean(1, keepdim=True), 8).flatten(1).cpu() * 16
 
 
+def asked_digits(prompts, reward):
+    asked = [re.findall(r"\d", p) for p in prompts]
+    if not all(asked):
+        raise RewardError(f"reward {reward!r}: a prompt names no digit ({prompts[asked.index([])]!r})")
+    return torch.tensor([int(a[-1]) for a in asked])
+
+
 def digit_scorer(weight, bias):
     def digit_alignment(images, prompts):
         """p(asked digit | image), from the classifier's softmax."""
-        x = digit_features(images)
-        asked = [re.findall(r"\d", p) for p in prompts]
-        if not all(asked):
-            raise RewardError(f"reward 'digit_alignment': a prompt names no digit ({prompts[asked.index([])]!r})")
-        probs = torch.softmax(x @ weight.T + bias, dim=-1)
-        return probs[torch.arange(len(prompts)), torch.tensor([int(a[-1]) for a in asked])]
+        probs = torch.softmax(digit_features(images) @ weight.T + bias, dim=-1)
+        return probs[torch.arange(len(prompts)), asked_digits(prompts, "digit_alignment")]
 
     return digit_alignment
+
+
+class DigitCNN(torch.nn.Module):
+    """The alignment judge: a small CNN on the 16x16 grey image, unlike the reward's linear model on 8x8 averages."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),  # 8x8
+            torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),  # 4x4
+            torch.nn.Flatten(), torch.nn.Linear(32 * 16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+
+    def forward(self, images):
+        return self.net(images.float().mean(1, keepdim=True))  # [N, 3, 16, 16] in [0, 1] -> logits [N, 10]
+
+
+def digit_judges(cfg):
+    """judges.pt: the CNN's weights, the real training digits and the held-out digits' distances (realism)."""
+    return digits_file(cfg, "judges.pt", "the digit judges")
+
+
+def digit_cnn_reward(cfg, device, dtype):
+    cnn = DigitCNN()
+    cnn.load_state_dict(digit_judges(cfg)["cnn"])
+    return digit_cnn_scorer(cnn.eval())
+
+
+def digit_cnn_scorer(cnn):
+    @torch.no_grad()
+    def digit_cnn_alignment(images, prompts):
+        """p(asked digit | image) under the CNN judge (held out: never a training reward of the preset)."""
+        probs = torch.softmax(cnn(images.cpu()), dim=-1)
+        return probs[torch.arange(len(prompts)), asked_digits(prompts, "digit_cnn_alignment")]
+
+    return digit_cnn_alignment
+
+
+def realism_distance(images, reference, k):
+    """Mean L2 distance of each 16x16 grey image [N, 3, 16, 16] to its k nearest real digits [R, 256]."""
+    return torch.cdist(images.float().mean(1).flatten(1).cpu(), reference).topk(k, largest=False).values.mean(1)
+
+
+def digit_realism_reward(cfg, device, dtype):
+    judges = digit_judges(cfg)
+    return digit_realism_scorer(judges["reference"].float().flatten(1) / 255, judges["calibration"], judges["k"])
+
+
+def digit_realism_scorer(reference, calibration, k):
+    def digit_realism(images, prompts):
+        """The fraction of real held-out digits at least as far from the real training digits as this image (its
+        mean distance to the k nearest ones, in pixels): about 0.5 for a real digit, 0 for noise. Class-blind."""
+        d = realism_distance(images, reference, k)
+        return 1 - torch.searchsorted(calibration, d, right=False).float() / len(calibration)
+
+    return digit_realism
 
 
 # -----------------------------------------------------------------------------
@@ -470,6 +558,8 @@ REWARDS = {
     "jpeg_incompressibility": lambda cfg, device, dtype: jpeg_incompressibility,
     "brightness": lambda cfg, device, dtype: brightness,
     "digit_alignment": digit_alignment_reward,
+    "digit_cnn_alignment": digit_cnn_reward,
+    "digit_realism": digit_realism_reward,
 }
 
 
@@ -480,6 +570,12 @@ def reward_config_problems(cfg):
                 if name not in REWARDS and ":" not in name]
     problems += [f"reward_paths: {item!r} is not key=path with key one of {', '.join(REWARD_WEIGHTS)}"
                  for item in cfg.reward_paths if item.partition("=")[0] not in REWARD_WEIGHTS or "=" not in item]
+    if cfg.unifiedreward_protocol not in UNIFIEDREWARD_PROTOCOLS:
+        problems.append(f"unifiedreward_protocol={cfg.unifiedreward_protocol}: use one of "
+                        f"{', '.join(UNIFIEDREWARD_PROTOCOLS)}")
+    elif "unifiedreward" in cfg.rewards and UNIFIEDREWARD_PROTOCOLS[cfg.unifiedreward_protocol]["abstain"]:
+        problems.append(f"unifiedreward_protocol={cfg.unifiedreward_protocol} leaves unparseable answers out, which "
+                        "training cannot; train with --unifiedreward_protocol=strict")
     if "unifiedreward" in cfg.rewards + cfg.eval_rewards and not cfg.unifiedreward_url:
         problems.append("unifiedreward_url: the unifiedreward judge needs a server, e.g. "
                         "--unifiedreward_url=http://host:8000/v1 (README, Rewards)")
@@ -517,13 +613,14 @@ def call_reward(name, fn, images, prompts):
 
 
 def score(reward_fns, images, prompts):
-    """Rewards [M, N] of N images for M reward functions, checked for shape and finiteness."""
+    """Rewards [M, N] of N images for M reward functions, checked for shape and finiteness (a judge that abstains
+    may return NaN, which evaluation leaves out of its mean and counts)."""
     rows = []
     for name, fn in reward_fns.items():
         r = torch.as_tensor(call_reward(name, fn, images, prompts)).detach().float().cpu().reshape(-1)
         if r.numel() != len(prompts):
             raise RewardError(f"reward {name!r} returned {r.numel()} scores for {len(prompts)} images")
-        if not torch.isfinite(r).all():
+        if not torch.isfinite(r).all() and not (getattr(fn, "abstains", False) and not r.isinf().any()):
             raise RewardError(f"reward {name!r} returned a non-finite score {r.tolist()} for prompt {prompts[0]!r}")
         rows.append(r)
     return torch.stack(rows)

@@ -2,7 +2,11 @@
 
 import csv
 
+import pytest
+import torch
+
 import bench
+import neighbor_grpo as ng
 
 
 def test_bench_compare_runs_both_methods_and_writes_the_curves(tmp_path, capsys):
@@ -16,3 +20,76 @@ def test_bench_compare_runs_both_methods_and_writes_the_curves(tmp_path, capsys)
     assert all(r["eval/jpeg_compressibility"] for r in rows[2:]) and not rows[0]["eval/jpeg_compressibility"]
     assert float(rows[3]["wall_clock_s"]) > float(rows[1]["wall_clock_s"]) > 0
     assert (tmp_path / "compare.png").stat().st_size > 10_000
+
+
+# ---------------------------------------------------------------------------- --meta: the true size on fake tensors
+
+
+def tiny_meta(*args, world=1):
+    cfg = ng.parse_config(["--preset=tiny", *args])
+    sizes, dtype = bench.meta_sizes(cfg), ng.compute_dtype(cfg)
+    L = (cfg.resolution // 2 // 2) ** 2  # the tiny VAE halves, FLUX packs 2x2
+    grid = ng.time_grid(cfg.num_steps, L, dict(base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                 max_image_seq_len=4096))
+    return cfg, sizes, dtype, grid, L
+
+
+def test_fake_tensor_flops_equal_the_counter_on_real_tensors_for_the_same_calls():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    cfg, sizes, dtype, grid, L = tiny_meta("--grad_checkpointing=true")
+    real_model = bench.meta_transformer(cfg, sizes, dtype).to_empty(device="cpu")
+    for p in real_model.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    real_model.enable_gradient_checkpointing()
+    group = bench.meta_group(cfg, sizes, L)
+    real = [bench.count_flops(lambda: bench.rollout_forward(real_model, cfg, group, grid, dtype)),
+            bench.count_flops(lambda: bench.update_pass(real_model, cfg, group, grid, dtype))]
+    with FakeTensorMode():
+        model, _ = bench.meta_training(cfg, bench.meta_transformer(cfg, sizes, dtype), None, dtype)
+        fake_group = bench.meta_group(cfg, sizes, L)
+        fake = [bench.count_flops(lambda: bench.rollout_forward(model, cfg, fake_group, grid, dtype)),
+                bench.count_flops(lambda: bench.update_pass(model, cfg, fake_group, grid, dtype))]
+    assert fake == real and min(real) > 0
+    assert real[1] > 2 * real[0] / cfg.rollout_batch_size  # backward and recomputation on top of a batch-1 forward
+
+
+def memory_categories(*args):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    cfg, sizes, dtype, grid, L = tiny_meta(*args)
+    meta_model = bench.meta_transformer(cfg, sizes, dtype)
+    with FakeTensorMode():
+        model, optimizer = bench.meta_training(cfg, meta_model, None, dtype)
+        group = bench.meta_group(cfg, sizes, L)
+        bench.update_pass(model, cfg, group, grid, dtype)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        peak = bench.tracked_peak(model, optimizer, 1, (group.states,), lambda t: bench.anchor_update(
+            model, optimizer, cfg, group, grid, dtype, t))
+    trained = [p.numel() for p in meta_model.parameters() if p.requires_grad]
+    frozen = sum(p.numel() * p.element_size() for p in meta_model.parameters() if not p.requires_grad)
+    return peak, trained, frozen
+
+
+@pytest.mark.parametrize("lora", [[], ["--lora_rank=4", "--lora_alpha=8"]], ids=["full", "lora"])
+def test_parameter_gradient_and_optimizer_memory_equal_the_arithmetic_of_parameter_counts(lora):
+    peak, trained, frozen = memory_categories("--mixed_precision=bf16", *lora)
+    assert peak["Parameter"] == 4 * sum(trained) + frozen  # fp32 master weights (LoRA: fp32 adapters, bf16 base)
+    assert peak["Gradient"] == 4 * sum(trained)
+    assert peak["Optstate"] == 8 * sum(trained) + 4 * len(trained)  # AdamW's two moments and a step count per tensor
+    assert (frozen > 0) == bool(lora)
+
+
+def test_gradient_checkpointing_lowers_the_measured_activation_peak():
+    with_ = memory_categories("--grad_checkpointing=true")[0]
+    without = memory_categories("--grad_checkpointing=false")[0]
+    assert with_["Activation"] < 0.8 * without["Activation"]
+
+
+def test_meta_runs_fsdp_over_fake_ranks_and_prints_every_phase(capsys):
+    result = bench.main(["--preset=tiny", "--meta", "--parallel=fsdp", "--world_size=4", "--mixed_precision=bf16"])
+    out = capsys.readouterr().out
+    assert "FSDP2 over 4 ranks" in out and "iteration, per prompt group" in out and "s per iteration per group" in out
+    assert result["update_memory"]["Sharded Param"] == pytest.approx(result["update_memory"]["Sharded Grad"])
+    assert not ng.dist.is_initialized()  # the fake process group is gone

@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -121,3 +122,75 @@ def test_the_anchors_prompt_file_keeps_its_first_50000_lines_without_chinese(tmp
     prepare.main([f"--out={tmp_path}", f"--anchors_prompts={tmp_path / 'prompts.txt'}"])
     kept = (tmp_path / "train_anchors.txt").read_text().splitlines()
     assert kept[:3] == ["a cat", "a dog", "prompt 0"] and len(kept) == 50_000 and kept[-1] == "prompt 49997"
+
+
+# ---------------------------------------------------------------------------- Table 1's protocol
+
+
+def test_the_protocols_fields_reach_the_sampler_and_any_field_set_wins(tmp_path, monkeypatch):
+    grids, shapes = [], []
+    real_rollout = ng.rollout
+    monkeypatch.setattr(ng, "rollout", lambda v, x, grid, solver: grids.append((len(grid) - 1, solver)) or
+                        shapes.append(tuple(x.shape)) or real_rollout(v, x, grid, solver))
+    cfg = evaluate.parse_config(["--preset=tiny", "--eval_protocol=mixgrpo", "--eval_resolution=32",
+                                 "--eval_steps=3", "--eval_only_rewards=brightness", "--eval_size=2",
+                                 f"--out_dir={tmp_path}"])
+    assert (cfg.eval_jpeg_quality, cfg.eval_solver, cfg.reward_precision) == (75, "euler", "mixgrpo")
+    evaluate.evaluate_model(cfg)
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert (result["resolution"], result["num_steps"], result["solver"], result["num_prompts"]) == (32, 3, "euler", 2)
+    assert set(grids) == {(3, "euler")} and shapes[0][1] == (32 // 2 // 2) ** 2  # tokens: VAE factor 2, 2x2 patches
+    assert Image.open(tmp_path / "eval.png").size == (2 * 128, 128)
+    flux_dev = evaluate.parse_config([])  # Table 1's protocol by default
+    assert (flux_dev.eval_resolution, flux_dev.eval_steps, flux_dev.eval_guidance_scale, flux_dev.eval_size,
+            flux_dev.unifiedreward_protocol) == (1024, 50, 3.5, 0, "mixgrpo")
+    tiny = evaluate.parse_config(["--preset=tiny"])
+    assert (tiny.eval_protocol, tiny.eval_resolution, tiny.eval_jpeg_quality, tiny.eval_steps) == ("train", 0, 0, 0)
+    with pytest.raises(ng.ConfigError, match="eval_protocol=mixgpro"):
+        evaluate.parse_config(["--eval_protocol=mixgpro"])
+
+
+def test_the_jpeg_round_trip_changes_the_images_as_pil_does():
+    images = torch.nn.functional.avg_pool2d(torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)), 9,
+                                            stride=1, padding=4)  # smooth, like an image
+    ours = evaluate.jpeg_round_trip(images, 75)
+    for image, out in zip(images, ours):
+        import io
+
+        buffer = io.BytesIO()
+        Image.fromarray((image * 255).round().byte().permute(1, 2, 0).numpy()).save(buffer, "JPEG")  # PIL's default
+        expected = torch.from_numpy(np.asarray(Image.open(buffer).convert("RGB")).copy()).permute(2, 0, 1) / 255
+        assert torch.equal(out, expected.float())
+    assert (ours - images).abs().max() > 0.01 and (ours - images).abs().mean() < 0.02  # lossy, not broken
+
+
+def test_unscored_judge_answers_are_left_out_and_counted_beside_the_mean(tmp_path):
+    from conftest import Judge
+
+    judge = Judge("partly")  # no score line for captions with a dog
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\na lemon\na dog on a sofa\n")
+    try:
+        evaluate.main(["--preset=tiny", f"--eval_prompts={prompts}", "--eval_only_rewards=unifiedreward,brightness",
+                       f"--unifiedreward_url={judge.url}", "--unifiedreward_protocol=mixgrpo", f"--out_dir={tmp_path}"])
+    finally:
+        judge.close()
+    result = json.loads((tmp_path / "eval.json").read_text())
+    judged = [s["unifiedreward"] for s in result["scores"]]
+    assert judged[1] is None and judged[3] is None and None not in judged[::2]
+    summary = result["rewards"]["unifiedreward"]
+    assert summary["missing"] == 2 and summary["mean"] == pytest.approx(sum(judged[::2]) / 2)
+    assert "(2 unscored)" in (tmp_path / "eval.md").read_text() and result["rewards"]["brightness"]["missing"] == 0
+
+
+def test_mixgrpo_precision_runs_hpsv2_under_fp16_autocast_and_the_rest_in_fp32(monkeypatch, tmp_path):
+    loaded = {}
+    monkeypatch.setattr(ng, "load_reward", lambda name, cfg, device, dtype: loaded.setdefault(name, dtype))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    for precision, expected in (("mixgrpo", (torch.float16, torch.float32)), ("compute", (torch.bfloat16,) * 2)):
+        loaded.clear()
+        cfg = evaluate.parse_config([f"--reward_precision={precision}", f"--eval_prompts={prompts}"])
+        ng.eval_setup(cfg, {}, "cpu", ("hpsv2", "pickscore", "imagereward", "clipscore", "aesthetic"),
+                      evaluate.PRECISIONS.get(cfg.reward_precision))
+        assert loaded.pop("hpsv2") == expected[0] and set(loaded.values()) == {expected[1]}

@@ -650,7 +650,7 @@ def test_lora_adapter_loads_with_load_lora_weights_and_merges(tmp_path):
     means = {}
     for name, args in (("adapter", [*LORA, f"--lora_path={out / 'lora'}"]),
                        ("merged", [f"--transformer_path={tmp_path / 'merged/transformer'}"])):
-        summary = evaluate.evaluate_model(tiny_cfg(tmp_path / f"eval_{name}", *args))
+        summary = evaluate.evaluate_model(evaluate.parse_config(["--preset=tiny", f"--out_dir={tmp_path / name}", *args]))
         means[name] = {k: v["mean"] for k, v in summary.items()}
     assert means["adapter"] == pytest.approx(means["merged"], abs=1e-3)
 
@@ -671,6 +671,22 @@ def test_model_path_with_missing_tokenizer_files_is_an_error(tmp_path):
 
 
 # ---------------------------------------------------------------------------- prompts and evaluation
+
+
+def test_the_papers_prompt_draw_uses_each_prompt_once_reproducibly_and_differs_per_seed():
+    prompts = [f"prompt {i}" for i in range(100)]
+    cfg, other = tiny_cfg(None, "--prompt_draw=subset"), tiny_cfg(None, "--prompt_draw=subset", "--seed=1")
+    draw = lambda c, order=range(10): {(it, g): ng.group_prompt(prompts, c, it, g, 8)[0]  # noqa: E731
+                                       for it in order for g in range(8)}
+    first = draw(cfg)
+    assert len(set(first.values())) == 80  # 10 iterations x 8 groups: 80 prompts, none twice
+    assert draw(cfg, reversed(range(10))) == first  # a function of (seed, iteration, group): resume draws the same
+    assert draw(other) != first and len(set(draw(other).values())) == 80
+    short = [ng.group_prompt(prompts[:12], cfg, it, 0, 1)[0] for it in range(24)]  # a short file: one pass per epoch
+    assert sorted(short[:12]) == sorted(short[12:]) == sorted(prompts[:12]) and short[:12] != short[12:]
+    gen = ng.group_generator(0, 3, 2)  # "uniform": the draw before the paper's, from the group's own stream
+    assert ng.group_prompt(prompts, tiny_cfg(), 3, 2, 8)[0] == prompts[torch.randint(100, (1,), generator=gen).item()]
+    assert ng.Config().prompt_draw == "subset"
 
 
 def test_an_even_subset_of_held_out_prompts_covers_every_style():

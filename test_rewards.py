@@ -10,7 +10,7 @@ import torch
 import flux
 import neighbor_grpo as ng
 import rewards
-from conftest import tiny_cfg, to_pil, uint8_grid_images
+from conftest import Judge, tiny_cfg, to_pil, uint8_grid_images
 
 
 def brightness(images, prompts):
@@ -90,7 +90,7 @@ def test_clipscore_adapter_matches_open_clips_hf_hub_path(tmp_path, monkeypatch)
     torch.save(open_clip.CLIP(**TINY_OPEN_CLIP).state_dict(), tmp_path / "open_clip_pytorch_model.bin")
     monkeypatch.setattr(open_clip.factory, "download_pretrained_from_hf",
                         lambda model_id, filename="open_clip_pytorch_model.bin", **kw: str(tmp_path / filename))
-    model, preprocess = open_clip.create_model_from_pretrained("hf-hub:apple/DFN5B-CLIP-ViT-H-14-384")
+    model, preprocess = open_clip.create_model_from_pretrained("hf-hub:apple/DFN5B-CLIP-ViT-H-14-378")
     cfg = tiny_cfg(None, f"--reward_paths=clipscore={tmp_path / 'open_clip_pytorch_model.bin'},"
                          f"clipscore_config={tmp_path / 'open_clip_config.json'}")
     reward = rewards.load_reward("clipscore", cfg, "cpu")
@@ -192,7 +192,7 @@ def test_imagereward_adapter_matches_the_packages_own_scoring(tmp_path, monkeypa
                                              ("pickscore", "pickscore", "yuvalkirstain/PickScore_v1"),
                                              ("imagereward", "imagereward_bert", "bert-base-uncased"),
                                              ("clipscore", "clipscore_config",
-                                              "apple/DFN5B-CLIP-ViT-H-14-384 open_clip_config.json"),
+                                              "apple/DFN5B-CLIP-ViT-H-14-378 open_clip_config.json"),
                                              ("aesthetic", "aesthetic_clip", "openai/clip-vit-large-patch14")])
 def test_missing_reward_weights_say_what_to_download(reward, key, repo):
     with pytest.raises(rewards.RewardError) as error:
@@ -203,74 +203,91 @@ def test_missing_reward_weights_say_what_to_download(reward, key, repo):
         rewards.load_reward(reward, tiny_cfg(None, f"--reward_paths={key}=/nowhere/{key}"), "cpu")
 
 
+def test_clipscore_weights_resolve_under_the_hubs_current_name_and_its_former_one(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    for name in ("378", "384"):  # a cache that holds only the repo's former name still works
+        folder = tmp_path / f"models--apple--DFN5B-CLIP-ViT-H-14-{name}"
+        (folder / "refs").mkdir(parents=True)
+        (folder / "refs/main").write_text("abc")
+        (folder / "snapshots/abc").mkdir(parents=True)
+        (folder / "snapshots/abc/open_clip_config.json").write_text(json.dumps({"name": name}))
+        path = rewards.reward_weights(tiny_cfg(), "clipscore_config")
+        assert json.loads(open(path).read()) == {"name": name} and "DFN5B-CLIP-ViT-H-14-" + name in str(path)
+        (folder / "snapshots/abc/open_clip_config.json").unlink()
+
+
 def test_reward_paths_must_name_a_known_key():
     with pytest.raises(ng.ConfigError, match="reward_paths"):
         tiny_cfg(None, "--reward_paths=hps=/x")
 
 
-class Judge:
-    """A fake OpenAI-compatible chat-completions server on 127.0.0.1 that checks each request's shape."""
-
-    def __init__(self, mode):
-        import http.server
-        import threading
-
-        judge = self
-        self.mode, self.requests = mode, []
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                import base64
-                import io
-                import time
-
-                from PIL import Image
-
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                assert self.path == "/v1/chat/completions" and body["model"] == "UnifiedReward"
-                image, text = body["messages"][0]["content"]
-                jpeg = base64.b64decode(image["image_url"]["url"].removeprefix("data:image/jpeg;base64,"))
-                assert Image.open(io.BytesIO(jpeg)).format == "JPEG" and "Final Score" in text["text"]
-                judge.requests.append(text["text"])
-                if judge.mode == "slow":
-                    time.sleep(1.0)
-                score = 1 + 4 * Image.open(io.BytesIO(jpeg)).convert("L").getpixel((0, 0)) / 255
-                answer = "Looks fine." if judge.mode == "malformed" else f"Alignment good.\nFinal Score: {score:.2f}"
-                reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(reply)))
-                self.end_headers()
-                self.wfile.write(reply)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def test_unifiedreward_posts_each_image_and_parses_the_final_score(tmp_path):
+def test_unifiedreward_posts_each_image_and_reads_the_alignment_line_whatever_range_note_follows(tmp_path):
+    """The judge answers MixGRPO's format: 'Alignment Score (1-5): 4' must read 4, never the 1 or 5 of '(1-5)'."""
     judge = Judge("good")
     try:
-        question = tmp_path / "question.txt"
-        question.write_text("Rate {prompt} and end with Final Score: X")
-        fn = rewards.load_reward("unifiedreward", tiny_cfg(None, f"--unifiedreward_url={judge.url}",
-                                                      f"--unifiedreward_question={question}"), "cpu")
         images = torch.stack([torch.full((3, 16, 16), v) for v in (0.0, 0.5, 1.0)])
-        scores = fn(images, ["a cat", "a dog", "a lemon"])
-        assert torch.allclose(scores, torch.tensor([1.0, 3.0, 5.0]), atol=0.05)
-        assert sorted(judge.requests) == [f"Rate {p} and end with Final Score: X" for p in ("a cat", "a dog", "a lemon")]
+        for label in ("Alignment Score", "Alignment Score (1-5)", "alignment score"):
+            fn = rewards.load_reward("unifiedreward", tiny_cfg(None, f"--unifiedreward_url={judge.url}",
+                                                               f"--unifiedreward_score={label}"), "cpu")
+            assert torch.allclose(fn(images, ["a cat", "a dog", "a lemon"]), torch.tensor([1.0, 3.0, 5.0]), atol=0.05)
+        text, max_tokens, _ = judge.requests[0]
+        assert all(line in text for line in ("Alignment Score (1-5): N", "Coherence Score (1-5): N",
+                                             "Style Score (1-5): N")) and max_tokens == 1024  # strict
+        question = tmp_path / "question.txt"
+        question.write_text("Rate {prompt}, ending with Alignment Score (1-5): X")
+        fn = rewards.load_reward("unifiedreward", tiny_cfg(None, f"--unifiedreward_url={judge.url}",
+                                                           f"--unifiedreward_question={question}"), "cpu")
+        judge.requests.clear()
+        fn(images, ["a cat", "a dog", "a lemon"])
+        assert sorted(r[0] for r in judge.requests) == [f"Rate {p}, ending with Alignment Score (1-5): X"
+                                                        for p in ("a cat", "a dog", "a lemon")]
     finally:
         judge.close()
+    assert rewards.score_on_line("Coherence Score (1-5): 2\nStyle Score (1-5): 5", "Alignment Score") is None
+    assert rewards.score_on_line("**Alignment Score (1-5):** 3.5", "Alignment Score") == 3.5
 
 
-@pytest.mark.parametrize("mode,message", [("malformed", "without 'Final Score: N'"), ("slow", "after 2 tries"),
+def test_mixgrpo_protocol_asks_for_4096_tokens_and_leaves_unparseable_answers_out():
+    judge = Judge("partly")  # no score line for captions with a dog
+    try:
+        cfg = tiny_cfg(None, f"--unifiedreward_url={judge.url}", "--unifiedreward_protocol=mixgrpo")
+        fn = rewards.load_reward("unifiedreward", cfg, "cpu")
+        images = torch.stack([torch.full((3, 16, 16), v) for v in (0.0, 0.5, 1.0)])
+        scores = rewards.score({"unifiedreward": fn}, images, ["a cat", "a dog", "a lemon"])[0]
+        assert scores[0] == pytest.approx(1.0, abs=0.05) and scores[1].isnan() and scores[2] == pytest.approx(5.0, abs=0.05)
+        assert {r[1] for r in judge.requests} == {4096}
+        strict = rewards.load_reward("unifiedreward", tiny_cfg(None, f"--unifiedreward_url={judge.url}"), "cpu")
+        with pytest.raises(rewards.RewardError, match="without 'Alignment Score: N'"):
+            strict(images, ["a cat", "a dog", "a lemon"])
+    finally:
+        judge.close()
+    with pytest.raises(ng.ConfigError, match="unifiedreward_protocol=mixgrpo leaves unparseable answers out"):
+        tiny_cfg(None, "--rewards=unifiedreward", f"--unifiedreward_url={judge.url}", "--unifiedreward_protocol=mixgrpo")
+
+
+def test_a_hosted_judge_gets_the_key_as_a_bearer_token_and_no_file_or_message_holds_it(tmp_path, monkeypatch,
+                                                                                       capsys):
+    secret = "sk-test-0123456789"
+    judge = Judge("auth", key=secret)
+    try:
+        monkeypatch.setenv(rewards.API_KEY, secret)
+        ng.train(tiny_cfg(tmp_path, f"--unifiedreward_url={judge.url}", "--eval_rewards=unifiedreward",
+                          "--iterations=1", "--eval_every=1", "--eval_size=2", "--sample_every=0"))
+        assert {r[2] for r in judge.requests} == {f"Bearer {secret}"}
+        monkeypatch.setenv(rewards.API_KEY, "sk-wrong")  # the server refuses: the error names it, not the key
+        fn = rewards.unifiedreward_scorer(judge.url + "/chat/completions", "{prompt}", tries=1)
+        with pytest.raises(rewards.RewardError) as error:
+            fn(torch.rand(1, 3, 16, 16), ["a cat"])
+        assert "401" in str(error.value) and "sk-wrong" not in str(error.value)
+    finally:
+        judge.close()
+    written = "".join(p.read_text(errors="ignore") for p in tmp_path.rglob("*") if p.suffix in (".json", ".jsonl", ".md"))
+    assert secret not in written + capsys.readouterr().out and "unifiedreward" in written
+
+
+@pytest.mark.parametrize("mode,message", [("malformed", "without 'Alignment Score: N'"), ("slow", "after 2 tries"),
                                           ("down", "after 2 tries")])
 def test_unifiedreward_stops_naming_the_server_when_it_fails(mode, message):
     judge = Judge(mode)
@@ -278,8 +295,8 @@ def test_unifiedreward_stops_naming_the_server_when_it_fails(mode, message):
     if mode == "down":
         judge.close()
     try:
-        fn = rewards.unifiedreward_scorer(url + "/chat/completions", rewards.UNIFIEDREWARD_QUESTION, "Final Score",
-                                     timeout=0.3, tries=2, backoff=0.01)
+        fn = rewards.unifiedreward_scorer(url + "/chat/completions", rewards.UNIFIEDREWARD_QUESTION, timeout=0.3,
+                                          tries=2, backoff=0.01)
         with pytest.raises(rewards.RewardError, match=f"unifiedreward.*{url}.*{message}"):
             fn(torch.rand(2, 3, 16, 16), ["a cat", "a dog"])
     finally:

@@ -3,7 +3,9 @@
 #
 #   bash train.sh multi-8step                     # one node of 8 GPUs
 #   NODES=4 NODE_RANK=0 MASTER_ADDR=10.0.0.1 bash train.sh multi-8step   # on each of 4 nodes, NODE_RANK 0..3
-#   bash train.sh hps-8step --prompt_file=data/hpdv2_train.txt --lr=5e-6  # extra --field=value overrides
+#   bash train.sh hps-8step --lr=5e-6                  # extra --field=value overrides
+#
+# First, once: python data/hpdv2/prepare.py (HPDv2's training and benchmark prompts).
 #
 # The paper trains one prompt group per GPU on 32 GPUs (Table 1; 16 for the ablations), so each iteration
 # averages 32 groups. With fewer GPUs each rank takes several groups (--groups_per_rank) to keep that batch:
@@ -21,7 +23,7 @@ case "$RUN" in
   hps-8step)     ARGS=(--rewards=hpsv2) ;;                         # Table 2: HPSv2.1 only, p = 0.8
   hps-8step-p2)  ARGS=(--rewards=hpsv2 --adv_p=2) ;;               # Table 2/6: standard GRPO normalisation
   ablation-base) ARGS=(--rewards=hpsv2 --noise_sigma=0.5 --adv_p=2) ;;  # Tables 4-6 start from (sigma, B, p) = (0.5, 4, 2)
-  dancegrpo)     ARGS=(--preset=dancegrpo) ;;                      # Table 3's SDE baseline: 25 steps, all 12 samples, K=14
+  dancegrpo)     ARGS=(); SCRIPT=sde_grpo.py ;;                    # Table 3's SDE baseline: 25 steps, all 12 samples, K=14
   lora-1gpu)     ARGS=(--preset=flux-dev-lora); GPUS=1; BATCH=${BATCH:-8} ;;  # LoRA r=64 on one GPU; BATCH=32 = paper's batch, 4x slower
   *) echo "unknown run '$RUN'"; exit 2 ;;
 esac
@@ -35,5 +37,5 @@ if (( NODES > 1 )); then
 else
   LAUNCH=(torchrun --standalone --nproc_per_node="$GPUS")
 fi
-exec "${LAUNCH[@]}" neighbor_grpo.py --preset=flux-dev --groups_per_rank="$GROUPS_PER_RANK" \
+exec "${LAUNCH[@]}" "${SCRIPT:-neighbor_grpo.py}" --preset=flux-dev --groups_per_rank="$GROUPS_PER_RANK" \
   --out_dir="runs/$RUN" "${ARGS[@]}" "$@"

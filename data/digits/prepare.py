@@ -5,9 +5,12 @@ handwritten digits (1797 images of 8x8, shipped inside the package), and the cla
 
     python data/digits/prepare.py            # ~7 minutes on 2 CPU cores; writes the committed files next to this one
     python data/digits/prepare.py --vae_steps=3 --flow_steps=3 --out=/tmp/digits   # plumbing only (the tests)
+    python data/digits/prepare.py --only=judges   # refit the held-out judges alone (seconds), the model untouched
 
 Writes a diffusers FluxPipeline directory (transformer/, vae/, text_encoder/, ..., model_index.json) that
-`flux.load_pipeline` loads like FLUX.1-dev, classifier.pt, prompts.txt and eval_prompts.txt.
+`flux.load_pipeline` loads like FLUX.1-dev, classifier.pt (the digit_alignment reward), judges.pt (two held-out
+judges the preset evaluates but never trains on: digit_cnn_alignment, a CNN on the 16x16 images, and digit_realism,
+how close a sample is to real digits of any class), prompts.txt and eval_prompts.txt.
 """
 
 import json
@@ -29,8 +32,9 @@ WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
 TEMPLATES = ("a handwritten digit {d}, {w}", "the digit {w}, {d}", "{w} - a drawing of the number {d}",
              "handwritten {d}, {w}")  # the word repeats the digit: more tokens tell the captions apart
 EVAL_TEMPLATES = TEMPLATES[:2]  # held-out noise, not held-out wording: a 0.6 M model does not generalise phrasing
+EVAL_REPEATS = 5  # each evaluation caption 5 times: 100 held-out samples, each with its own noise
 OPTS = dict(out=str(Path(__file__).resolve().parent), seed=0, vae_steps=400, flow_steps=1000, batch=128, lr=1e-3,
-            eval_every=250)  # 1000 steps: alignment 0.25 (chance 0.1), room for RL; 4 min on 2 cores
+            eval_every=250, judge_steps=800, only="")  # 1000 steps: alignment 0.25 (chance 0.1), room for RL; 4 min on 2 cores
 
 
 def caption(template, d):
@@ -56,6 +60,31 @@ def train_classifier(images, labels, n_train):
     accuracy = clf.score(x[n_train:], labels[n_train:].numpy())
     return dict(weight=torch.tensor(clf.coef_, dtype=torch.float32),
                 bias=torch.tensor(clf.intercept_, dtype=torch.float32), heldout_accuracy=accuracy)
+
+
+def train_judges(images, labels, n_train, opts, gen, k=5):
+    """The held-out judges: a CNN trained on the 16x16 images with shifts and contrast changes (alignment, another
+    model than the reward), and realism = where an image's mean distance to its k nearest real training digits
+    falls among the held-out real digits' distances."""
+    cnn, x, y = rewards.DigitCNN(), images[:n_train], labels[:n_train]
+    optimizer = torch.optim.Adam(cnn.parameters(), lr=3e-3)
+    for step in range(opts["judge_steps"]):
+        idx = torch.randint(n_train, (opts["batch"],), generator=gen)
+        shifted = F.pad(x[idx], (1, 1, 1, 1))
+        i, j = torch.randint(3, (2,), generator=gen).tolist()
+        batch = shifted[..., i:i + 16, j:j + 16] * (0.7 + 0.6 * torch.rand(len(idx), 1, 1, 1, generator=gen))
+        loss = F.cross_entropy(cnn(batch.clamp(0, 1)), y[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    cnn.eval()
+    with torch.no_grad():
+        accuracy = (cnn(images[n_train:]).argmax(1) == labels[n_train:]).float().mean().item()
+    reference = (x.mean(1) * 255).round().to(torch.uint8)  # [n_train, 16, 16]
+    calibration = rewards.realism_distance(images[n_train:], reference.float().flatten(1) / 255, k).sort().values
+    print(f"judges: CNN held-out accuracy {accuracy:.3f}; realism calibrated on {len(calibration)} held-out digits")
+    return dict(cnn=cnn.state_dict(), cnn_heldout_accuracy=accuracy, reference=reference, calibration=calibration,
+                k=k)
 
 
 def train_vae(vae, images, opts, gen):
@@ -130,16 +159,22 @@ def main(argv):
     images, labels = images[perm], labels[perm]
     classifier = train_classifier(images, labels, n_train=1500)
     print(f"classifier: held-out accuracy {classifier['heldout_accuracy']:.3f} on {len(labels) - 1500} digits")
+    out = Path(opts["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    judges = train_judges(images, labels, 1500, opts, torch.Generator().manual_seed(opts["seed"] + 1))
+    torch.save(judges, out / "judges.pt")
+    (out / "prompts.txt").write_text("".join(caption(t, d) + "\n" for t in TEMPLATES for d in range(10)))
+    (out / "eval_prompts.txt").write_text("".join(caption(t, d) + "\n" for _ in range(EVAL_REPEATS)
+                                                  for t in EVAL_TEMPLATES for d in range(10)))
+    if opts["only"] == "judges":  # the committed model and classifier stay as they are
+        return print(f"wrote {out / 'judges.pt'}, {out / 'prompts.txt'} and {out / 'eval_prompts.txt'}")
     pipe = flux.build_random_flux(opts["seed"], **SIZES)
     pipe.set_progress_bar_config(disable=True)
     latents = train_vae(pipe.vae, images, opts, gen)
     pipe.vae.eval().requires_grad_(False)
     train_flow(pipe, latents, labels, cfg, opts, gen, classifier)
-    out = Path(opts["out"])
     pipe.save_pretrained(out)
     torch.save(classifier, out / "classifier.pt")
-    (out / "prompts.txt").write_text("".join(caption(t, d) + "\n" for t in TEMPLATES for d in range(10)))
-    (out / "eval_prompts.txt").write_text("".join(caption(t, d) + "\n" for t in EVAL_TEMPLATES for d in range(10)))
     (out / "prepare.json").write_text(json.dumps(dict(opts, heldout_accuracy=classifier["heldout_accuracy"],
                                                       base_alignment=alignment(pipe, cfg, classifier)), indent=1))
     print(f"wrote {out}")
