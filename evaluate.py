@@ -27,6 +27,7 @@ import torch
 
 import neighbor_grpo as ng
 from flux import ModelError
+from report import table1
 from rewards import RewardError
 
 
@@ -124,7 +125,7 @@ def evaluate_model(cfg):
     summary = ng.evaluate(pipe, prompts, reward_fns, cfg, ng.eval_grid(pipe, cfg), dtype, cache, rank, world,
                           out / "eval", transform)
     if rank == 0:
-        table = ng.table1(summary, len(prompts), cfg.transformer_path or cfg.model_path, PAPER_TABLE1)
+        table = table1(summary, len(prompts), cfg.transformer_path or cfg.model_path, PAPER_TABLE1)
         (out / "eval.md").write_text(table)
         print(f"{cfg.eval_protocol} protocol: {cfg.resolution}px, {cfg.eval_steps or cfg.num_steps} {cfg.rollout_solver} "
               f"steps, guidance {cfg.guidance_scale}, JPEG {cfg.eval_jpeg_quality or 'none'}, rewards in "

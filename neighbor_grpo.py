@@ -11,8 +11,8 @@ Neighbor GRPO: contrastive ODE policy optimisation for FLUX (He et al., CVPR 202
 Any Config field can be set as --field=value. The file reads top to bottom like the algorithm: config -> distributed
 set-up -> time grid and solvers -> prompt groups and their noise neighbourhood -> advantages -> surrogate and
 objective -> the policy update and one iteration -> evaluation -> checkpoints -> the loop -> main ("eq. N", "Alg. 1":
-the paper's). FLUX itself (loading, LoRA, the velocity call) is in flux.py, the rewards in rewards.py; sde_grpo.py
-runs the SDE-GRPO baseline through this loop and evaluate.py Table 1's evaluation.
+the paper's). FLUX itself (loading, LoRA, the velocity call) is in flux.py, the rewards in rewards.py, what a run
+writes and prints in report.py; sde_grpo.py runs the SDE-GRPO baseline through this loop, evaluate.py Table 1.
 """
 
 import contextlib
@@ -46,6 +46,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from flux import (Condition, ModelError, decode_images, encode_prompt, export_lora, export_transformer, latent_shape,
                   load_pipeline, velocity)
+from report import RunLog, save_grid, summarise, table1
 from rewards import RewardError, load_reward, reward_config_problems, score
 
 # diffusers' FLUX blocks return slices; nothing downstream writes into them in place (the FSDP tests check gradients)
@@ -710,6 +711,7 @@ def train_iteration(run, cfg, iteration):
     return groups, stats, {**lap.seconds, "total": sum(lap.seconds.values())}
 
 
+
 # -----------------------------------------------------------------------------
 # Evaluation: one deterministic ODE sample per held-out prompt (sigma = 0), every reward, mean +- standard error
 
@@ -729,18 +731,6 @@ def generate(pipe, prompts, cfg, grid, seed, dtype, cache, indices=None):
         states, _ = rollout(lambda x, t: velocity(pipe.transformer, x, t, cond, dtype), x1, grid, cfg.rollout_solver)
         images += [decode_images(pipe, x, cfg.resolution) for x in states[:, -1].split(cfg.reward_batch_size)]
     return torch.cat(images)
-
-
-def save_grid(images, path, min_side=128):
-    """Images [N, 3, H, W] in [0, 1] side by side in one PNG, small ones scaled up (nearest) to min_side pixels."""
-    from PIL import Image
-
-    images = images.float().cpu().clamp(0, 1)
-    scale = math.ceil(min_side / images.shape[-1])
-    if scale > 1:
-        images = images.repeat_interleave(scale, dim=-1).repeat_interleave(scale, dim=-2)
-    row = torch.cat(list(images), dim=2)
-    Image.fromarray((row * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()).save(path)
 
 
 def eval_indices(n, rank, world):
@@ -783,27 +773,6 @@ def evaluate(pipe, prompts, reward_fns, cfg, grid, dtype, cache, rank, world, pa
     Path(f"{path}.md").write_text(table1(summary, n, cfg.transformer_path or cfg.model_path))
     save_grid(torch.stack([samples[i] for i in sorted(samples)]), f"{path}.png")
     return summary
-
-
-def summarise(x):
-    """Mean, standard deviation and standard error of the scores; missing: NaN (answers a judge could not score)."""
-    x, n = x[~x.isnan()], len(x)
-    std = x.std().item() if len(x) > 1 else 0.0
-    return dict(mean=x.mean().item(), std=std, se=std / math.sqrt(max(len(x), 1)), missing=n - len(x))
-
-
-def table1(summary, n, model, paper_rows=None):
-    """Markdown in Table 1's shape: the evaluated model (mean ± standard error over n prompts), then any paper rows
-    {row name: {reward: value}} for the same columns."""
-    lines = ["| model | " + " | ".join(summary) + " |", "| --- |" + " --- |" * len(summary),
-             f"| {model} (n = {n}) | " + " | ".join(mean_se(v) for v in summary.values()) + " |"]
-    lines += [f"| {row} | " + " | ".join(f"{values[k]:.3f}" if k in values else "–" for k in summary) + " |"
-              for row, values in (paper_rows or {}).items() if any(name in values for name in summary)]
-    return "\n".join(lines) + "\n"
-
-
-def mean_se(v):
-    return f"{v['mean']:.4f} ± {v['se']:.4f}" + (f" ({v['missing']} unscored)" if v.get("missing") else "")
 
 
 def eval_setup(cfg, reward_fns, device, names=(), precision=None):
@@ -984,6 +953,15 @@ def periodic(run, cfg, it, log):
         log.evaluation(it, summary, len(run.eval_prompts))
 
 
+def iteration_record(run, cfg, groups, stats, seconds):
+    """What the log records of an iteration (collective): every rank's group rewards [M, world * groups], and the
+    update's statistics and phase seconds averaged over ranks, with the transformer passes per sample (Table 3)."""
+    rewards = torch.cat(all_gather_objects(torch.cat([g.rewards for g in groups], dim=1).cpu(), run.world), 1)
+    stats = all_mean({**stats, **{f"time/{k}": v for k, v in seconds.items()}}, run.world, run.device)
+    return rewards, {**stats, "nfe_old": cfg.num_steps,
+                     "nfe_theta": nfe_theta(len(groups[0].anchors), cfg.group_size, cfg.num_train_steps)}
+
+
 def train(cfg, method=NEIGHBOR):
     """Alg. 1 on this process's share of the prompt groups; returns the trained (wrapped) transformer."""
     run = build(cfg, method)
@@ -992,7 +970,8 @@ def train(cfg, method=NEIGHBOR):
         for it in range(run.start, cfg.iterations):
             periodic(run, cfg, it, log)
             groups, stats, seconds = train_iteration(run, cfg, it)
-            stats = log.iteration(it, groups, stats, seconds)
+            rewards, stats = iteration_record(run, cfg, groups, stats, seconds)
+            log.iteration(it, rewards, stats)
             skipped = skipped + int(stats["skipped_steps"]) if stats["skipped_steps"] else 0
             if skipped >= cfg.max_skipped_steps:
                 raise TrainingError(
@@ -1018,118 +997,6 @@ def train(cfg, method=NEIGHBOR):
         log.close()
         barrier(run.world)
     return run.model
-
-
-class RunLog:
-    """The run's record, written by rank 0: config.json, log.jsonl (a record per iteration, evaluations in it), a
-    console line per iteration and evaluation, curves.png, optional W&B, a closing summary. iteration() is collective."""
-
-    def __init__(self, run, cfg):
-        self.run, self.cfg, self.out, self.record, self.wandb = run, cfg, Path(cfg.out_dir), {}, None
-        if run.rank != 0:
-            return
-        (self.out / "samples").mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        self.file = open_log(self.out, run.start)
-        if cfg.wandb_project:  # optional: the same records as log.jsonl
-            self.wandb = importlib.import_module("wandb")
-            self.wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg), dir=self.out, resume="allow",
-                            id=cfg.wandb_id or None)
-        print(f"{run.method.describe(cfg)} | {cfg.model_path} | {run.world} process(es) x {cfg.groups_per_rank} "
-              f"group(s) | G={cfg.group_size} T={cfg.num_steps} K={cfg.num_train_steps} | start at iteration {run.start}")
-
-    def evaluation(self, it, summary, n):
-        if self.run.rank == 0:
-            self.record.update({"iter": it, **{f"eval/{k}": v["mean"] for k, v in summary.items()}})
-            print(f"eval {it:4d} | " + " ".join(f"{k} {mean_se(v)}" for k, v in summary.items()) +
-                  f" | {n} held-out prompts")
-
-    def iteration(self, it, groups, stats, seconds):
-        cfg, run = self.cfg, self.run
-        rewards = torch.cat(all_gather_objects(torch.cat([g.rewards for g in groups], dim=1).cpu(), run.world), 1)
-        stats = all_mean({**stats, **{f"time/{k}": v for k, v in seconds.items()}}, run.world, run.device)
-        if run.rank == 0:
-            self.write({"iter": it, **self.record, **{f"reward/{n}": r.mean().item() for n, r in zip(cfg.rewards, rewards)},
-                        **{f"reward_std/{n}": r.std().item() for n, r in zip(cfg.rewards, rewards)}, **stats,
-                        "nfe_old": cfg.num_steps,
-                        "nfe_theta": nfe_theta(len(groups[0].anchors), cfg.group_size, cfg.num_train_steps)})
-            print(f"iter {it:4d} | " + " ".join(f"{n} {r.mean():.4f}" for n, r in zip(cfg.rewards, rewards)) +
-                  f" | loss {stats['loss']:+.3e} | clip {stats['clip_frac']:.2f} | "
-                  f"|log rho| {stats['first_anchor_abs_log_ratio']:.1e} | {stats['time/total']:.2f}s")
-        return stats
-
-    def write(self, record):
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if any(k.startswith("eval/") for k in record):
-            plot_curves(self.out, self.cfg.rewards)
-        if self.wandb:
-            self.wandb.log(record, step=record["iter"])
-        self.record = {}
-
-    def stopped(self, it, signal_name):
-        if self.run.rank == 0:
-            print(f"stopped by {signal_name or 'a signal to another rank'} after iteration {it}: checkpoint "
-                  f"step-{it + 1:06d} written; continue with the same command and --resume")
-            self.file.close()
-
-    def close(self):
-        if self.run.rank != 0:
-            return
-        if self.record:  # the final evaluation
-            self.write(self.record)
-        self.file.close()
-        plot_curves(self.out, self.cfg.rewards)
-        if self.wandb:
-            self.wandb.finish()
-        print(summary_line(self.out, self.cfg))
-
-
-def open_log(out, start):
-    """log.jsonl, keeping the records of iterations before start when a run resumes."""
-    path = out / "log.jsonl"
-    kept = [line for line in path.read_text().splitlines() if json.loads(line)["iter"] < start] if start else []
-    log = open(path, "w")
-    log.writelines(line + "\n" for line in kept)
-    return log
-
-
-def summary_line(out, cfg):
-    """The closing line: each held-out reward's first and last evaluation, and where the run's outputs are."""
-    evals = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if any("eval/" in k for k in r)]
-    gains = [f"{k[5:]} {evals[0][k]:.4f} -> {evals[-1][k]:.4f} ({evals[-1][k] - evals[0][k]:+.4f})"
-             for k in (evals[-1] if evals else {}) if k.startswith("eval/") and k in evals[0]]
-    held_out = f"held-out (iterations {evals[0]['iter']} -> {evals[-1]['iter']}): " if gains else "no held-out evaluation"
-    saved = [p for p in ("samples", "curves.png", "eval", "lora" if cfg.lora_rank else "transformer")
-             if (out / p).is_file() or (out / p).is_dir() and any((out / p).iterdir())]
-    return f"done | {held_out}{', '.join(gains)} | in {out}: {', '.join(saved)}"
-
-
-def plot_curves(out, rewards):
-    """out/curves.png from log.jsonl: each reward (training groups and held-out) in its panel, the clip fraction and
-    the first anchor's |log rho|."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    names = list(dict.fromkeys([*rewards, *(k[5:] for r in log for k in r if k.startswith("eval/"))]))
-    panels = [(n + ("" if n in rewards else " (not trained on)"), f"reward/{n}", f"eval/{n}") for n in names] + [
-        ("clip fraction", "clip_frac", None), ("first-anchor |log rho|", "first_anchor_abs_log_ratio",
-                                               None)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False)
-    for ax, (title, train, held_out) in zip(axes[0], panels):
-        for key, style, label in ((train, "-", "training groups"), (held_out, "o-", "held-out")):
-            points = [(r["iter"], max(r[key], 1e-12) if "rho" in title else r[key]) for r in log if key in r]
-            if points:
-                ax.plot(*zip(*points), style, label=label)
-        ax.set(title=title, xlabel="iteration", yscale="log" if "rho" in title else "linear")
-        if held_out:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=100)
-    plt.close(fig)
 
 
 def main(argv=None, parse=parse_config, method=NEIGHBOR):

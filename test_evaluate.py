@@ -12,6 +12,7 @@ from PIL import Image
 
 import evaluate
 import neighbor_grpo as ng
+import report
 from conftest import launch, tiny_cfg
 
 EVAL_ARGS = ["--preset=tiny", "--rewards=jpeg_compressibility,test_rewards:brightness", "--eval_size=5",
@@ -20,7 +21,7 @@ EVAL_ARGS = ["--preset=tiny", "--rewards=jpeg_compressibility,test_rewards:brigh
 
 def test_eval_table_has_table_1s_shape_with_the_papers_rows():
     summary = {name: dict(mean=0.5 + i, se=0.01) for i, name in enumerate(["hpsv2", "aesthetic", "brightness"])}
-    lines = ng.table1(summary, 3200, "runs/x/transformer", evaluate.PAPER_TABLE1).splitlines()
+    lines = report.table1(summary, 3200, "runs/x/transformer", evaluate.PAPER_TABLE1).splitlines()
     assert lines[0] == "| model | hpsv2 | aesthetic | brightness |"
     assert lines[2] == "| runs/x/transformer (n = 3200) | 0.5000 ± 0.0100 | 1.5000 ± 0.0100 | 2.5000 ± 0.0100 |"
     assert lines[3] == "| FLUX.1-dev† (paper) | 0.310 | 6.108 | – |" and lines[-1].endswith("| 0.366 | 6.621 | – |")

@@ -800,3 +800,15 @@ def test_non_finite_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoin
     assert all(torch.isfinite(v).all() for v in exported(tmp_path / "checkpoints/step-000002").values())
 
 
+
+
+@pytest.mark.parametrize("module,allowed", [("rewards", set()), ("report", set()), ("flux", {"rewards"}),
+                                            ("neighbor_grpo", {"flux", "rewards", "report"})])
+def test_each_file_imports_only_the_files_below_it(module, allowed):
+    import ast
+
+    ours = {p.stem for p in ng.ROOT.glob("*.py")} - {"conftest"}
+    tree = ast.parse((ng.ROOT / f"{module}.py").read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert imported & ours == allowed

@@ -1,0 +1,154 @@
+"""
+What a run writes and prints, beside neighbor_grpo.py's loop: config.json, log.jsonl and a console line per iteration
+and evaluation (RunLog), curves.png, sample grids, an evaluation's summary and its Table-1-shaped markdown, the closing
+line. Rank 0 writes; nothing here touches the model, and every number arrives computed (and gathered over ranks).
+"""
+
+import dataclasses
+import importlib
+import json
+import math
+from pathlib import Path
+
+import torch
+
+
+class RunLog:
+    """The run's record, written by rank 0: config.json, log.jsonl (a record per iteration, evaluations in it), a
+    console line per iteration and evaluation, curves.png, optional W&B, a closing summary. run: neighbor_grpo's Run."""
+
+    def __init__(self, run, cfg):
+        self.run, self.cfg, self.out, self.record, self.wandb = run, cfg, Path(cfg.out_dir), {}, None
+        if run.rank != 0:
+            return
+        (self.out / "samples").mkdir(parents=True, exist_ok=True)
+        (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        self.file = open_log(self.out, run.start)
+        if cfg.wandb_project:  # optional: the same records as log.jsonl
+            self.wandb = importlib.import_module("wandb")
+            self.wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg), dir=self.out, resume="allow",
+                            id=cfg.wandb_id or None)
+        print(f"{run.method.describe(cfg)} | {cfg.model_path} | {run.world} process(es) x {cfg.groups_per_rank} "
+              f"group(s) | G={cfg.group_size} T={cfg.num_steps} K={cfg.num_train_steps} | start at iteration {run.start}")
+
+    def evaluation(self, it, summary, n):
+        if self.run.rank == 0:
+            self.record.update({"iter": it, **{f"eval/{k}": v["mean"] for k, v in summary.items()}})
+            print(f"eval {it:4d} | " + " ".join(f"{k} {mean_se(v)}" for k, v in summary.items()) +
+                  f" | {n} held-out prompts")
+
+    def iteration(self, it, rewards, stats):
+        """rewards [M, N]: every rank's groups; stats: the update's statistics, averaged over ranks."""
+        cfg = self.cfg
+        if self.run.rank == 0:
+            self.write({"iter": it, **self.record, **{f"reward/{n}": r.mean().item() for n, r in zip(cfg.rewards, rewards)},
+                        **{f"reward_std/{n}": r.std().item() for n, r in zip(cfg.rewards, rewards)}, **stats})
+            print(f"iter {it:4d} | " + " ".join(f"{n} {r.mean():.4f}" for n, r in zip(cfg.rewards, rewards)) +
+                  f" | loss {stats['loss']:+.3e} | clip {stats['clip_frac']:.2f} | "
+                  f"|log rho| {stats['first_anchor_abs_log_ratio']:.1e} | {stats['time/total']:.2f}s")
+
+    def write(self, record):
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if any(k.startswith("eval/") for k in record):
+            plot_curves(self.out, self.cfg.rewards)
+        if self.wandb:
+            self.wandb.log(record, step=record["iter"])
+        self.record = {}
+
+    def stopped(self, it, signal_name):
+        if self.run.rank == 0:
+            print(f"stopped by {signal_name or 'a signal to another rank'} after iteration {it}: checkpoint "
+                  f"step-{it + 1:06d} written; continue with the same command and --resume")
+            self.file.close()
+
+    def close(self):
+        if self.run.rank != 0:
+            return
+        if self.record:  # the final evaluation
+            self.write(self.record)
+        self.file.close()
+        plot_curves(self.out, self.cfg.rewards)
+        if self.wandb:
+            self.wandb.finish()
+        print(summary_line(self.out, self.cfg))
+
+
+def open_log(out, start):
+    """log.jsonl, keeping the records of iterations before start when a run resumes."""
+    path = out / "log.jsonl"
+    kept = [line for line in path.read_text().splitlines() if json.loads(line)["iter"] < start] if start else []
+    log = open(path, "w")
+    log.writelines(line + "\n" for line in kept)
+    return log
+
+
+def summary_line(out, cfg):
+    """The closing line: each held-out reward's first and last evaluation, and where the run's outputs are."""
+    evals = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if any("eval/" in k for k in r)]
+    gains = [f"{k[5:]} {evals[0][k]:.4f} -> {evals[-1][k]:.4f} ({evals[-1][k] - evals[0][k]:+.4f})"
+             for k in (evals[-1] if evals else {}) if k.startswith("eval/") and k in evals[0]]
+    held_out = f"held-out (iterations {evals[0]['iter']} -> {evals[-1]['iter']}): " if gains else "no held-out evaluation"
+    saved = [p for p in ("samples", "curves.png", "eval", "lora" if cfg.lora_rank else "transformer")
+             if (out / p).is_file() or (out / p).is_dir() and any((out / p).iterdir())]
+    return f"done | {held_out}{', '.join(gains)} | in {out}: {', '.join(saved)}"
+
+
+def plot_curves(out, rewards):
+    """out/curves.png from log.jsonl: each reward (training groups and held-out) in its panel, the clip fraction and
+    the first anchor's |log rho|."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    names = list(dict.fromkeys([*rewards, *(k[5:] for r in log for k in r if k.startswith("eval/"))]))
+    panels = [(n + ("" if n in rewards else " (not trained on)"), f"reward/{n}", f"eval/{n}") for n in names] + [
+        ("clip fraction", "clip_frac", None), ("first-anchor |log rho|", "first_anchor_abs_log_ratio",
+                                               None)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False)
+    for ax, (title, train, held_out) in zip(axes[0], panels):
+        for key, style, label in ((train, "-", "training groups"), (held_out, "o-", "held-out")):
+            points = [(r["iter"], max(r[key], 1e-12) if "rho" in title else r[key]) for r in log if key in r]
+            if points:
+                ax.plot(*zip(*points), style, label=label)
+        ax.set(title=title, xlabel="iteration", yscale="log" if "rho" in title else "linear")
+        if held_out:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=100)
+    plt.close(fig)
+
+
+def save_grid(images, path, min_side=128):
+    """Images [N, 3, H, W] in [0, 1] side by side in one PNG, small ones scaled up (nearest) to min_side pixels."""
+    from PIL import Image
+
+    images = images.float().cpu().clamp(0, 1)
+    scale = math.ceil(min_side / images.shape[-1])
+    if scale > 1:
+        images = images.repeat_interleave(scale, dim=-1).repeat_interleave(scale, dim=-2)
+    row = torch.cat(list(images), dim=2)
+    Image.fromarray((row * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()).save(path)
+
+
+def summarise(x):
+    """Mean, standard deviation and standard error of the scores; missing: NaN (answers a judge could not score)."""
+    x, n = x[~x.isnan()], len(x)
+    std = x.std().item() if len(x) > 1 else 0.0
+    return dict(mean=x.mean().item(), std=std, se=std / math.sqrt(max(len(x), 1)), missing=n - len(x))
+
+
+def table1(summary, n, model, paper_rows=None):
+    """Markdown in Table 1's shape: the evaluated model (mean ± standard error over n prompts), then any paper rows
+    {row name: {reward: value}} for the same columns."""
+    lines = ["| model | " + " | ".join(summary) + " |", "| --- |" + " --- |" * len(summary),
+             f"| {model} (n = {n}) | " + " | ".join(mean_se(v) for v in summary.values()) + " |"]
+    lines += [f"| {row} | " + " | ".join(f"{values[k]:.3f}" if k in values else "–" for k in summary) + " |"
+              for row, values in (paper_rows or {}).items() if any(name in values for name in summary)]
+    return "\n".join(lines) + "\n"
+
+
+def mean_se(v):
+    return f"{v['mean']:.4f} ± {v['se']:.4f}" + (f" ({v['missing']} unscored)" if v.get("missing") else "")
