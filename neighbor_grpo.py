@@ -2,7 +2,7 @@
 Neighbor GRPO: contrastive ODE policy optimisation for FLUX (He et al., CVPR 2026, arXiv 2511.16955).
 
     python neighbor_grpo.py --preset=tiny            # a random tiny FLUX-architecture model on CPU, ~1 minute
-    python neighbor_grpo.py --preset=digits          # a pretrained 16x16 digits model: alignment rises in a minute
+    python neighbor_grpo.py --preset=digits          # a pretrained 16x16 digits model: alignment rises in ~2 minutes
     python neighbor_grpo.py --preset=flux-dev-lora   # FLUX.1-dev on one GPU with LoRA
     torchrun --nproc_per_node=8 neighbor_grpo.py     # FLUX.1-dev, the paper's 8-step DPM++ setting
     torchrun --nproc_per_node=8 evaluate.py --transformer_path=runs/x/transformer   # Table 1 of a trained model
