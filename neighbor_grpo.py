@@ -789,12 +789,18 @@ def eval_setup(cfg, reward_fns, device, names=(), precision=None):
 # Checkpoints: resumable state with torch.distributed.checkpoint, the transformer in diffusers format
 
 
-def export_model(run, cfg, path):
-    """path/transformer (diffusers format) or, with LoRA, path/lora (the adapter alone)."""
-    if cfg.lora_rank:
-        export_lora(run.model, path / "lora", run.rank)
-    else:
+def export_model(run, cfg, path, final=False):
+    """path/transformer (diffusers format) or, with LoRA, path/lora (the adapter alone); at the end of a run with
+    export_merged, also path/transformer with the adapter merged into the base (in place: the run is over)."""
+    if not cfg.lora_rank:
         export_transformer(run.model, path / "transformer", run.rank, run.dtype)
+    else:
+        export_lora(run.model, path / "lora", run.rank)
+    if cfg.lora_rank and final and cfg.export_merged:
+        transformer = run.model.module if isinstance(run.model, DDP) else run.model
+        transformer.fuse_lora()
+        transformer.unload_lora()
+        export_transformer(transformer, path / "transformer", run.rank, run.dtype)
 
 
 TRAINED = StateDictOptions(ignore_frozen_params=True)  # a checkpoint holds what trains: all of it, or the adapter
@@ -988,12 +994,7 @@ def train(cfg, method=NEIGHBOR):
         periodic(run, cfg, cfg.iterations, log)
         if run.start < cfg.iterations:  # a resumed run with nothing left to do keeps its checkpoint as it is
             save_checkpoint(run, cfg, cfg.iterations)
-        export_model(run, cfg, out)
-        if cfg.export_merged:  # the run is over: merge the adapter into the base in place
-            transformer = run.model.module if isinstance(run.model, DDP) else run.model
-            transformer.fuse_lora()
-            transformer.unload_lora()
-            export_transformer(transformer, out / "transformer", run.rank, run.dtype)
+        export_model(run, cfg, out, final=True)
         log.close()
         barrier(run.world)
     return run.model
