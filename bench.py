@@ -41,7 +41,7 @@ import torch
 import flux
 import neighbor_grpo as ng
 import sde_grpo
-from rewards import RewardError, score
+from rewards import score
 
 
 def timed(fn, device, repeats=3):
@@ -605,11 +605,7 @@ def report_meta(cfg, opts, world, sizes, L, n_params, f_roll, f_update, f_vae, m
 
 
 def main(argv):
-    try:
-        return run(*parse(argv))
-    except (ng.ConfigError, flux.ModelError, RewardError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    return ng.main(argv, parse, lambda parsed: run(*parsed))
 
 
 def run(opts, cfg):
@@ -618,17 +614,12 @@ def run(opts, cfg):
     if opts["sweep"]:
         return sweep(opts, cfg)
     if opts["compare"]:
-        compare(opts, cfg)
-        if ng.dist.is_initialized():
-            ng.dist.destroy_process_group()
-        return
+        return compare(opts, cfg)
     s = setup(cfg, opts["flux_blocks"])
     t_fwd, t_fb = unit_costs(s, cfg)
     totals = run_iterations(s, cfg, opts["iters"], opts["warmup"])
     if s.rank == 0:
         report(cfg, opts, totals, t_fwd, t_fb, s)
-    if ng.dist.is_initialized():
-        ng.dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ Writes out_dir/eval.json (per-prompt scores), eval.md and eval.png.
 
 import dataclasses
 import io
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +25,7 @@ import numpy as np
 import torch
 
 import neighbor_grpo as ng
-from flux import ModelError
 from report import table1
-from rewards import RewardError
 
 
 @dataclass
@@ -75,15 +72,13 @@ def parse_config(argv):
         raise ng.ConfigError(f"--eval_protocol={protocol}: use one of {', '.join(PROTOCOLS)}")
     presets = {name: {**p, **PROTOCOLS[protocol], "eval_protocol": protocol} for name, p in ng.PRESETS.items()}
     cfg = ng.parse_config([a for a in argv if not a.startswith("--eval_protocol=")], EvalConfig, presets)
-    for ok, message in [
+    ng.require([
         (cfg.eval_resolution % 16 == 0 and cfg.eval_resolution >= 0,
          f"eval_resolution={cfg.eval_resolution}: use a multiple of 16 (0 = resolution)"),
         (cfg.eval_solver in ("", *ng.SOLVERS), f"eval_solver={cfg.eval_solver}: use one of {', '.join(ng.SOLVERS)}"),
         (0 <= cfg.eval_jpeg_quality <= 95, f"eval_jpeg_quality={cfg.eval_jpeg_quality}: use 1..95, or 0 for none"),
         (cfg.reward_precision in ("mixgrpo", "compute"), f"reward_precision={cfg.reward_precision}: use mixgrpo or "
-                                                         "compute")]:
-        if not ok:
-            raise ng.ConfigError(message)
+                                                         "compute")])
     return cfg
 
 
@@ -135,14 +130,7 @@ def evaluate_model(cfg):
 
 
 def main(argv=None):
-    try:
-        evaluate_model(parse_config(sys.argv[1:] if argv is None else argv))
-    except (ng.ConfigError, ModelError, RewardError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        if ng.dist.is_initialized():
-            ng.dist.destroy_process_group()
+    return ng.main(argv, parse_config, evaluate_model)
 
 
 if __name__ == "__main__":

@@ -257,6 +257,11 @@ def validate(cfg):
         (cfg.eval_size >= 0 and cfg.eval_every >= 0 and cfg.eval_steps >= 0,
          "eval_size, eval_every and eval_steps must be >= 0 (0 = all prompts / never / num_steps)"),
     ] + [(False, problem) for problem in reward_config_problems(cfg)]
+    require(checks)
+
+
+def require(checks):
+    """Raise ConfigError with the message of the first failed (ok, message) check."""
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
@@ -1000,10 +1005,11 @@ def train(cfg, method=NEIGHBOR):
     return run.model
 
 
-def main(argv=None, parse=parse_config, method=NEIGHBOR):
+def main(argv=None, parse=parse_config, job=train):
+    """job(parse(argv)): training here, sde_grpo.py's baseline, evaluate.py's and bench.py's runs. What cannot work
+    ends in one line on stderr and exit status 2."""
     try:
-        cfg = parse(sys.argv[1:] if argv is None else argv)
-        train(cfg, method)
+        return job(parse(sys.argv[1:] if argv is None else argv))
     except (ConfigError, ModelError, RewardError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -11,8 +11,8 @@ update, logging, checkpoints, evaluation) through one hook, neighbor_grpo.Method
 Every neighbor_grpo Config field applies (--field=value), plus sde_eta and sde_samples_per_step.
 """
 
+import functools
 import math
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -39,14 +39,12 @@ PRESETS["dancegrpo"] = PRESETS["flux-dev"]  # Table 3's SDE baseline on FLUX.1-d
 def parse_config(argv):
     cfg = ng.parse_config(argv, SDEConfig, PRESETS)
     T, K = cfg.num_steps, cfg.num_train_steps
-    for ok, message in [
+    ng.require([
         (K <= T - 1, f"num_train_steps={K}: the SDE baseline never trains the step into t = 0, need K <= num_steps - 1 "
                      f"= {T - 1}"),
         (cfg.sde_eta > 0, f"sde_eta={cfg.sde_eta}: must be > 0; use 0.3 (DanceGRPO)"),
         (cfg.sde_samples_per_step >= 1,
-         f"sde_samples_per_step={cfg.sde_samples_per_step}: must be >= 1; use 12 (DanceGRPO) or 1 (a step a sample)")]:
-        if not ok:
-            raise ng.ConfigError(message)
+         f"sde_samples_per_step={cfg.sde_samples_per_step}: must be >= 1; use 12 (DanceGRPO) or 1 (a step a sample)")])
     return cfg
 
 
@@ -147,7 +145,7 @@ SDE = ng.Method(lambda cfg: f"SDE-GRPO | eta={cfg.sde_eta}", sde_group, sde_obje
 
 
 def main(argv=None):
-    ng.main(sys.argv[1:] if argv is None else argv, parse_config, SDE)
+    ng.main(argv, parse_config, functools.partial(ng.train, method=SDE))
 
 
 if __name__ == "__main__":
