@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 import neighbor_grpo as ng
-from report import table1
+from rewards import jpeg
 
 
 @dataclass
@@ -96,10 +96,7 @@ def jpeg_round_trip(images, quality):
 
     out = []
     for image in images:
-        buffer = io.BytesIO()
-        Image.fromarray((image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()).save(
-            buffer, format="JPEG", quality=quality)
-        decoded = np.asarray(Image.open(buffer).convert("RGB"))
+        decoded = np.asarray(Image.open(io.BytesIO(jpeg(image, quality))).convert("RGB"))
         out.append(torch.from_numpy(decoded.copy()).permute(2, 0, 1).float() / 255)
     return torch.stack(out).to(images.device)
 
@@ -118,13 +115,11 @@ def evaluate_model(cfg):
     ng.encode_prompts(pipe, ng.rank_eval_prompts(prompts, rank, world), cfg, cache, rank)
     transform = (lambda images: jpeg_round_trip(images, cfg.eval_jpeg_quality)) if cfg.eval_jpeg_quality else None
     summary = ng.evaluate(pipe, prompts, reward_fns, cfg, ng.eval_grid(pipe, cfg), dtype, cache, rank, world,
-                          out / "eval", transform)
+                          out / "eval", transform, PAPER_TABLE1)
     if rank == 0:
-        table = table1(summary, len(prompts), cfg.transformer_path or cfg.model_path, PAPER_TABLE1)
-        (out / "eval.md").write_text(table)
         print(f"{cfg.eval_protocol} protocol: {cfg.resolution}px, {cfg.eval_steps or cfg.num_steps} {cfg.rollout_solver} "
               f"steps, guidance {cfg.guidance_scale}, JPEG {cfg.eval_jpeg_quality or 'none'}, rewards in "
-              f"{cfg.reward_precision} precision\n{table}", end="")
+              f"{cfg.reward_precision} precision\n{(out / 'eval.md').read_text()}", end="")
     ng.barrier(world)
     return summary
 

@@ -749,10 +749,10 @@ def rank_eval_prompts(prompts, rank, world):  # the ones to encode up front
 
 
 @torch.no_grad()
-def evaluate(pipe, prompts, reward_fns, cfg, grid, dtype, cache, rank, world, path, transform=None):
-    """Rank 0 writes path.json (per-prompt scores, mean, std, standard error), path.md and path.png (the first
-    num_samples prompts) and returns {reward: dict(mean, std, se, missing)}; other ranks return None. transform:
-    what happens to the images before they are scored (evaluate.py's JPEG round trip)."""
+def evaluate(pipe, prompts, reward_fns, cfg, grid, dtype, cache, rank, world, path, transform=None, paper_rows=None):
+    """Rank 0 writes path.json (per-prompt scores, mean, std, standard error), path.md (Table 1's shape, with any
+    paper_rows) and path.png (the first num_samples prompts) and returns {reward: dict(mean, std, se, missing)}; other
+    ranks return None. transform: what happens to the images before they are scored (evaluate.py's JPEG round trip)."""
     n, rows, samples = len(prompts), [], {}
     for chunk in progress(batches(eval_indices(n, rank, world), cfg.eval_batch_size), f"evaluating {n} prompts", rank):
         js = [min(i, n - 1) for i in chunk]  # every rank runs as many chunks of the same sizes (FSDP)
@@ -775,7 +775,7 @@ def evaluate(pipe, prompts, reward_fns, cfg, grid, dtype, cache, rank, world, pa
                   seed=cfg.seed, rewards=summary, scores=scores)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(f"{path}.json").write_text(json.dumps(result, indent=1))
-    Path(f"{path}.md").write_text(table1(summary, n, cfg.transformer_path or cfg.model_path))
+    Path(f"{path}.md").write_text(table1(summary, n, cfg.transformer_path or cfg.model_path, paper_rows))
     save_grid(torch.stack([samples[i] for i in sorted(samples)]), f"{path}.png")
     return summary
 
@@ -867,8 +867,8 @@ def restore(model, optimizer, cfg, path, rank, world):
 
 
 class Preemption:
-    """SIGTERM and SIGUSR1 (what SLURM and Kubernetes send before a kill) only raise a flag; the loop then finishes its iteration, checkpoints and exits 0, on
-    every rank once any rank got one."""
+    """SIGTERM and SIGUSR1 (what SLURM and Kubernetes send before a kill) only raise a flag; the loop then finishes
+    its iteration, checkpoints and exits 0, on every rank once any rank got one."""
 
     SIGNALS = [getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name)]
 

@@ -46,16 +46,19 @@ def tokenizer_is_empty(tokenizer):
 # Toy rewards: no weights, CPU-fast
 
 
-def jpeg_compressibility(images, prompts):
-    """Minus the JPEG size in kB at quality 95 (DDPO's compressibility reward): rewards simple images."""
+def jpeg(image, quality):
+    """An image [3, H, W] in [0, 1] rounded to 8 bits and encoded by PIL as a JPEG at quality: its bytes."""
     from PIL import Image
 
-    sizes = []
-    for image in (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy():
-        buffer = io.BytesIO()
-        Image.fromarray(image).save(buffer, format="JPEG", quality=95)
-        sizes.append(buffer.tell() / 1000)
-    return -torch.tensor(sizes)
+    buffer = io.BytesIO()
+    Image.fromarray((image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()).save(
+        buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def jpeg_compressibility(images, prompts):
+    """Minus the JPEG size in kB at quality 95 (DDPO's compressibility reward): rewards simple images."""
+    return -torch.tensor([len(jpeg(image, 95)) / 1000 for image in images])
 
 
 def jpeg_incompressibility(images, prompts):
@@ -407,14 +410,9 @@ def unifiedreward_scorer(url, question, label="Alignment Score", max_tokens=1024
     import concurrent.futures
     import urllib.request
 
-    from PIL import Image
-
     def ask(image, prompt):
-        buffer = io.BytesIO()
-        Image.fromarray((image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()).save(
-            buffer, format="JPEG", quality=95)
         content = [{"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," +
-                                                       base64.b64encode(buffer.getvalue()).decode()}},
+                                                       base64.b64encode(jpeg(image, 95)).decode()}},
                    {"type": "text", "text": question.replace("{prompt}", prompt)}]
         body = json.dumps({"model": "UnifiedReward", "temperature": 0, "max_tokens": max_tokens,
                            "messages": [{"role": "user", "content": content}]}).encode()
