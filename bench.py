@@ -41,7 +41,7 @@ import torch
 import flux
 import neighbor_grpo as ng
 import sde_grpo
-from rewards import score
+from rewards import build_imagereward, score
 
 
 def timed(fn, device, repeats=3):
@@ -352,11 +352,9 @@ def count_flops(fn):
 def meta_sizes(cfg):
     """The sizes of cfg.model_path's transformer and VAE: the tiny preset's, random:D,S at FLUX.1-dev's width, a local
     pipeline's config.json, or FLUX.1-dev's (any other path: the hub model, not downloaded)."""
-    if cfg.model_path == "tiny":
-        return flux.TINY
-    if cfg.model_path.startswith("random:"):
-        double, single = (int(n) for n in cfg.model_path.removeprefix("random:").split(","))
-        return {**flux.FLUX_DEV, "layers": double, "single_layers": single}
+    sizes = flux.random_sizes(cfg.model_path)
+    if sizes is not None:
+        return sizes
     config = Path(cfg.model_path) / "transformer" / "config.json"
     if config.is_file():
         c = json.loads(config.read_text())
@@ -456,18 +454,24 @@ def tracked_peak(model, optimizer, world, inputs, fn):
     return {str(getattr(k, "value", k)): v for k, v in peak.items() if v}
 
 
+@contextlib.contextmanager
+def default_dtype(dtype):
+    """Modules built inside hold parameters of dtype."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(default)
+
+
 def parameter_count(build, fake=True):
     """Parameters of the module build() makes, counted on fake tensors (nothing allocated), or real bf16 ones for
     code that reads values while it builds."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with FakeTensorMode() if fake else contextlib.nullcontext():
-            return sum(p.numel() for p in build().parameters())
-    finally:
-        torch.set_default_dtype(default)
+    with default_dtype(torch.bfloat16), FakeTensorMode() if fake else contextlib.nullcontext():
+        return sum(p.numel() for p in build().parameters())
 
 
 def other_models(cfg, sizes):
@@ -499,7 +503,8 @@ def other_models(cfg, sizes):
 
 def imagereward_parameters():
     """ImageReward-v1.0's parameters: the package's own model classes with its released med_config."""
-    import rewards
+    import tempfile
+
     from transformers import BertTokenizer
 
     tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])})
@@ -508,17 +513,15 @@ def imagereward_parameters():
                num_hidden_layers=12, max_position_embeddings=512, vocab_size=30524, type_vocab_size=2,
                layer_norm_eps=1e-12, hidden_act="gelu", encoder_width=1024, add_cross_attention=True,
                hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, initializer_range=0.02, pad_token_id=0)
-    import tempfile
-
     with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
         json.dump(med, f)
         f.flush()
-        return parameter_count(lambda: rewards.build_imagereward(f.name, tokenizer), fake=False)  # BLIP reads
+        return parameter_count(lambda: build_imagereward(f.name, tokenizer), fake=False)  # BLIP reads
 
 
 def meta(opts, cfg):
     """FLOPs and peak memory per rank of every phase at the configured size, and what they predict."""
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     world, mesh = opts["world_size"] if cfg.parallel == "fsdp" and not cfg.lora_rank else 1, None
@@ -531,14 +534,11 @@ def meta(opts, cfg):
     sizes, dtype = meta_sizes(cfg), ng.compute_dtype(cfg)
     vae_factor = 2 ** (len(sizes["vae_channels"]) - 1)
     L = (cfg.resolution // vae_factor // 2) ** 2
-    grid = ng.time_grid(cfg.num_steps, L, dict(base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-                                                max_image_seq_len=4096), cfg.shift)
+    grid = ng.time_grid(cfg.num_steps, L, flux.FLUX_SCHEDULER, cfg.shift)
     meta_model = meta_transformer(cfg, sizes, dtype)
     with FakeTensorMode():
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)  # the VAE as loaded (in the compute dtype)
-        vae = AutoencoderKL(**flux.vae_config(**sizes))
-        torch.set_default_dtype(default)
+        with default_dtype(dtype):  # the VAE as loaded (in the compute dtype)
+            vae = AutoencoderKL(**flux.vae_config(**sizes))
         model, optimizer = meta_training(cfg, meta_model, mesh, dtype)
         group = meta_group(cfg, sizes, L)
         f_roll = count_flops(lambda: rollout_forward(model, cfg, group, grid, dtype))
@@ -555,7 +555,7 @@ def meta(opts, cfg):
         with torch.no_grad():
             f_vae = count_flops(lambda: vae.decode(latents))
             mem_vae = tracked_peak(vae, None, 1, (latents,), lambda t: vae.decode(latents))
-    n_params = parameter_count(lambda: __import__("diffusers").FluxTransformer2DModel(**flux.transformer_config(**sizes)))
+    n_params = parameter_count(lambda: FluxTransformer2DModel(**flux.transformer_config(**sizes)))
     report_meta(cfg, opts, world, sizes, L, n_params, f_roll, f_update, f_vae, mem_roll, mem_update, mem_vae,
                 other_models(cfg, sizes))
     if world > 1:

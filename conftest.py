@@ -62,8 +62,7 @@ def to_pil(image):
     return Image.fromarray((image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
 
 
-FLUX_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                      base_image_seq_len=256, max_image_seq_len=4096)
+FLUX_SCHEDULER = flux.FLUX_SCHEDULER
 
 
 def fixed_tiny_run(out, parse=ng.parse_config, method=ng.NEIGHBOR, *args):

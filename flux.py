@@ -20,13 +20,26 @@ class ModelError(ValueError):
     """A model that cannot load as configured: the message names the field and the fix."""
 
 
-
 TINY = dict(  # a FLUX-architecture model small enough for a CPU
     layers=1, single_layers=2, heads=2, head_dim=16, rope=(4, 6, 6), text_dim=32, pooled_dim=32, text_layers=2,
     latent_channels=4, vae_channels=(16, 32), vae_layers=1, vae_groups=8)
 FLUX_DEV = dict(  # FLUX.1-dev's sizes (its text encoders are CLIP-L and T5-XXL; random stand-ins keep their widths)
     layers=19, single_layers=38, heads=24, head_dim=128, rope=(16, 56, 56), text_dim=4096, pooled_dim=768,
     text_layers=1, latent_channels=16, vae_channels=(128, 256, 512, 512), vae_layers=2, vae_groups=32)
+FLUX_SCHEDULER = dict(  # FLUX.1-dev's scheduler config (of the scheduler, the project uses only the time grid)
+    shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+    max_image_seq_len=4096)
+
+
+def random_sizes(model_path):
+    """The sizes of a random model_path: "tiny" (TINY) or "random:D,S" (FLUX.1-dev's width with D double and S single
+    blocks); None for a model to load."""
+    if model_path == "tiny":
+        return TINY
+    if model_path.startswith("random:"):
+        double, single = (int(n) for n in model_path.removeprefix("random:").split(","))
+        return {**FLUX_DEV, "layers": double, "single_layers": single}
+    return None
 
 
 def transformer_config(layers, single_layers, heads, head_dim, rope, text_dim, pooled_dim, latent_channels, **_):
@@ -71,11 +84,9 @@ def build_random_flux(seed, *, layers, single_layers, heads, head_dim, rope, tex
     transformer = FluxTransformer2DModel(**transformer_config(layers, single_layers, heads, head_dim, rope, text_dim,
                                                               pooled_dim, latent_channels))
     vae = AutoencoderKL(**vae_config(latent_channels, vae_channels, vae_layers, vae_groups))
-    scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's scheduler config (only the time grid is used)
-        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-        base_image_seq_len=256, max_image_seq_len=4096)
-    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=vae,
+                        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+                        tokenizer_2=tokenizer_2, transformer=transformer)
 
 
 def load_pipeline(cfg, device, dtype, meta=False):
@@ -99,14 +110,11 @@ def load_pipeline(cfg, device, dtype, meta=False):
                 return FluxTransformer2DModel.from_config(config)
         return load(FluxTransformer2DModel.from_pretrained, field, path, dtype=master, **kwargs)
 
-    master = dtype if cfg.lora_rank else torch.float32
-    if cfg.model_path == "tiny":
-        pipe = build_random_flux(cfg.seed, **TINY)
-    elif cfg.model_path.startswith("random:"):  # FLUX.1-dev's width with D double and S single blocks (bench.py)
-        double, single = (int(n) for n in cfg.model_path.removeprefix("random:").split(","))
-        pipe = build_random_flux(cfg.seed, **{**FLUX_DEV, "layers": double, "single_layers": single})
-        for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2) if dtype != torch.float32 else ():
-            module.to(dtype)  # as from_pretrained(dtype=dtype) loads them
+    master, sizes = dtype if cfg.lora_rank else torch.float32, random_sizes(cfg.model_path)
+    if sizes is not None:
+        pipe = build_random_flux(cfg.seed, **sizes)
+        for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2) if sizes is not TINY else ():
+            module.to(dtype)  # FLUX.1-dev-width stand-ins (bench.py): as from_pretrained(dtype=dtype) loads them
     else:
         transformer = None if cfg.transformer_path else load_transformer("model_path", cfg.model_path,
                                                                           subfolder="transformer")
@@ -172,10 +180,14 @@ class Condition:
     guidance: torch.Tensor | None  # [1] or None for models without guidance embedding
 
 
+def packed_side(pipe, resolution):
+    """Tokens per side of the packed latents: FLUX packs each 2x2 patch of the VAE's latents into one token."""
+    return resolution // pipe.vae_scale_factor // 2
+
+
 def latent_shape(pipe, resolution):
     """(L, C) of the packed latents: 2x2 latent patches become tokens of 4 * latent_channels."""
-    side = resolution // pipe.vae_scale_factor // 2
-    return side * side, pipe.transformer.config.in_channels
+    return packed_side(pipe, resolution) ** 2, pipe.transformer.config.in_channels
 
 
 @torch.no_grad()
@@ -187,7 +199,7 @@ def encode_prompt(pipe, prompt, cfg, cache):
                                                max_sequence_length=cfg.max_sequence_length)
         cache[prompt] = (embeds.cpu(), pooled.cpu())
     embeds, pooled = cache[prompt]
-    side = cfg.resolution // pipe.vae_scale_factor // 2
+    side = packed_side(pipe, cfg.resolution)
     img_ids = pipe._prepare_latent_image_ids(1, side, side, device, torch.float32)
     txt_ids = torch.zeros(embeds.shape[1], 3, device=device)
     guidance = torch.full([1], cfg.guidance_scale, device=device) if pipe.transformer.config.guidance_embeds else None

@@ -45,7 +45,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from flux import (Condition, ModelError, decode_images, encode_prompt, export_lora, export_transformer, latent_shape,
-                  load_pipeline, velocity)
+                  load_pipeline, packed_side, velocity)
 from report import RunLog, save_grid, summarise, table1
 from rewards import RewardError, load_reward, reward_config_problems, score
 
@@ -490,7 +490,7 @@ def perturbed_noise(base, delta, sigma):
 def draw_noise(pipe, n, resolution, gen, device):
     """n standard normal latents drawn in FluxPipeline's unpacked shape, then packed to [n, L, C]."""
     channels = pipe.transformer.config.in_channels // 4
-    side = 2 * (resolution // pipe.vae_scale_factor // 2)
+    side = 2 * packed_side(pipe, resolution)
     noise = torch.randn(n, channels, side, side, generator=gen)
     return pipe._pack_latents(noise, n, channels, side, side).to(device)
 
@@ -802,7 +802,7 @@ def export_model(run, cfg, path, final=False):
     else:
         export_lora(run.model, path / "lora", run.rank)
     if cfg.lora_rank and final and cfg.export_merged:
-        transformer = run.model.module if isinstance(run.model, DDP) else run.model
+        transformer = getattr(run.model, "module", run.model)  # DDP wraps it
         transformer.fuse_lora()
         transformer.unload_lora()
         export_transformer(transformer, path / "transformer", run.rank, run.dtype)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import bench
+import flux
 import neighbor_grpo as ng
 
 
@@ -29,8 +30,7 @@ def tiny_meta(*args, world=1):
     cfg = ng.parse_config(["--preset=tiny", *args])
     sizes, dtype = bench.meta_sizes(cfg), ng.compute_dtype(cfg)
     L = (cfg.resolution // 2 // 2) ** 2  # the tiny VAE halves, FLUX packs 2x2
-    grid = ng.time_grid(cfg.num_steps, L, dict(base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-                                                 max_image_seq_len=4096))
+    grid = ng.time_grid(cfg.num_steps, L, flux.FLUX_SCHEDULER)
     return cfg, sizes, dtype, grid, L
 
 
