@@ -11,6 +11,7 @@ update, logging, checkpoints, evaluation) through one hook, neighbor_grpo.Method
 Every neighbor_grpo Config field applies (--field=value), plus sde_eta and sde_samples_per_step.
 """
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -30,7 +31,9 @@ class SDEConfig(ng.Config):
     sde_samples_per_step: int = 12  # samples accumulated per optimizer step (DanceGRPO's FLUX scripts: 12 = a group)
 
 
-DANCEGRPO = dict(num_steps=25, num_train_steps=14, shift=3.0)  # what SDEConfig changes in a neighbor_grpo config
+# what SDEConfig changes in a neighbor_grpo config (bench.py runs both methods from one config)
+DANCEGRPO = {f.name: f.default for f in dataclasses.fields(SDEConfig)
+             if f.name != "out_dir" and f.default != getattr(ng.Config, f.name, f.default)}
 PRESETS = {name: {**p, **({"out_dir": p["out_dir"] + "_sde"} if "out_dir" in p else {})}
            for name, p in ng.PRESETS.items()}
 PRESETS["dancegrpo"] = PRESETS["flux-dev"]  # Table 3's SDE baseline on FLUX.1-dev (train.sh dancegrpo)
