@@ -9,9 +9,10 @@ Where a Neighbor GRPO iteration's time and memory go, and the runs that compare 
     python bench.py --preset=digits --sweep=adv_p=0.8,2 --seeds=0,1,2 --iterations=400   # a study
 
 Timing: --iters=N timed iterations (3) after --warmup=N (1) of the real training iteration (train_iteration), beside
-the cost model "ceil(G / rollout_batch_size) * T forwards + B * K forward-backward passes" whose unit costs are timed
-on the transformer alone; --flux_blocks=D,S swaps in a random model of FLUX.1-dev's width with D double and S single
-blocks (speed and memory do not depend on the weights).
+the cost model "ceil(G / rollout_batch_size) * T forwards + B * ceil(K / update_batch_size) forward-backward passes"
+whose unit costs are timed on the transformer alone; then (unless --batch1=false) the update's seconds at
+update_batch_size and at batch 1, for Neighbor GRPO and the SDE baseline, side by side. --flux_blocks=D,S swaps in a
+random model of FLUX.1-dev's width with D double and S single blocks (speed and memory do not depend on the weights).
 --meta: the transformer at the configured size on fake tensors (no memory, no weights, no GPU), through the
 project's own rollout forward and update pass: FLOPs per phase and per iteration, peak memory per rank by category
 (FSDP2 over --world_size=8 fake ranks, or one process with LoRA or DDP), the other models' sizes from their real
@@ -29,6 +30,7 @@ Every other --field=value is a neighbor_grpo Config field.
 import contextlib
 import csv
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -56,11 +58,11 @@ def timed(fn, device, repeats=3):
 def parse(argv):
     opts, rest = dict(iters=3, warmup=1, flux_blocks="", compare=False, eval_every=5, seconds=0.0,
                       out="runs/compare", sweep="", seeds="0,1,2", sde_iterations=0, x="iteration", runs="", meta=False,
-                      world_size=8, tflops=790.0), []
+                      world_size=8, tflops=790.0, batch1=True), []
     sweeping = any(arg.startswith("--sweep=") for arg in argv)  # then --eval_every is the training runs' field
     for arg in argv:
         key, _, value = arg.removeprefix("--").partition("=")
-        if key in ("compare", "meta"):
+        if key in ("compare", "meta", "batch1"):
             opts[key] = value in ("", "1", "true")
         elif key in opts and not (sweeping and key == "eval_every"):
             opts[key] = type(opts[key])(value)
@@ -78,18 +80,19 @@ def setup(cfg, flux_blocks, method=ng.NEIGHBOR):
 
 
 def unit_costs(s, cfg):
-    """One batched no-grad forward (the rollout's unit) and one batch-1 forward+backward (the update's unit)."""
+    """One batched no-grad forward (the rollout's unit) and one forward+backward of update_batch(cfg) transitions
+    (the update's unit)."""
     pipe, model, device, dtype = s.pipe, s.model, s.device, s.dtype
     cond = flux.encode_prompt(pipe, s.prompts[0], cfg, s.cache)
-    x = torch.randn(min(cfg.rollout_batch_size, cfg.group_size), *flux.latent_shape(pipe, cfg.resolution),
-                    device=device)
+    x = torch.randn(max(min(cfg.rollout_batch_size, cfg.group_size), update_batch(cfg)),
+                    *flux.latent_shape(pipe, cfg.resolution), device=device)
 
     def forward():
         with torch.no_grad():
-            flux.velocity(pipe.transformer, x, 0.5, cond, dtype)
+            flux.velocity(pipe.transformer, x[: min(cfg.rollout_batch_size, cfg.group_size)], 0.5, cond, dtype)
 
     def forward_backward():
-        flux.velocity(model, x[:1], 0.5, cond, dtype).pow(2).mean().backward()
+        flux.velocity(model, x[: update_batch(cfg)], 0.5, cond, dtype).pow(2).mean().backward()
 
     t_fwd, t_fb = timed(forward, device), timed(forward_backward, device)
     s.optimizer.zero_grad(set_to_none=True)
@@ -121,19 +124,21 @@ def trained_per_group(cfg):
 def report(cfg, opts, totals, t_fwd, t_fb, s):
     G, T, K, n = cfg.group_size, cfg.num_steps, cfg.num_train_steps, cfg.groups_per_rank
     B = trained_per_group(cfg)
-    calls = math.ceil(G / cfg.rollout_batch_size) * T * n
-    ideal = dict(rollout=calls * t_fwd, update=B * K * n * t_fb)
+    calls, ub = math.ceil(G / cfg.rollout_batch_size) * T * n, update_batch(cfg)
+    update_calls = B * math.ceil(n * K / ub)  # an optimizer step per anchor, its n * K transitions in calls of ub
+    ideal = dict(rollout=calls * t_fwd, update=update_calls * t_fb)
     rb = min(cfg.rollout_batch_size, G)
     blocks = f"FLUX.1-dev width, {opts['flux_blocks']} blocks" if opts["flux_blocks"] else cfg.model_path
     print(f"bench | {blocks} | {cfg.resolution}px | {s.device} {str(s.dtype).removeprefix('torch.')} | "
           f"world {s.world} x {n} group(s) | G={G} B={B} T={T} K={K} | {opts['iters']} iterations")
-    print(f"unit costs: forward (batch {rb}) {t_fwd * 1e3:.1f} ms, forward+backward (batch 1) {t_fb * 1e3:.1f} ms")
+    print(f"unit costs: forward (batch {rb}) {t_fwd * 1e3:.1f} ms, forward+backward (batch {ub}) {t_fb * 1e3:.1f} ms")
     print(f"{'phase':<8} {'measured s':>11} {'ideal s':>9} {'ratio':>6}  ideal is")
     print(f"{'rollout':<8} {totals['rollout']:>11.3f} {ideal['rollout']:>9.3f} "
           f"{totals['rollout'] / ideal['rollout']:>6.2f}  {calls} forwards of batch {rb} (G*T = {G * T * n} samples)")
     print(f"{'reward':<8} {totals['reward']:>11.3f} {'-':>9} {'-':>6}  VAE decode and {', '.join(cfg.rewards)}")
     print(f"{'update':<8} {totals['update']:>11.3f} {ideal['update']:>9.3f} "
-          f"{totals['update'] / ideal['update']:>6.2f}  B*K = {B * K * n} forward+backward of batch 1")
+          f"{totals['update'] / ideal['update']:>6.2f}  {update_calls} forward+backward of batch <= {ub} "
+          f"(B*K = {B * K * n} transitions)")
     print(f"{'total':<8} {totals['total']:>11.3f} s/iteration")
     if s.device.type == "cuda":
         print(f"peak memory {torch.cuda.max_memory_allocated(s.device) / 2**30:.2f} GiB")
@@ -378,18 +383,35 @@ def meta_transformer(cfg, sizes, dtype):
     return model
 
 
-def meta_training(cfg, model, mesh, dtype):
-    """The transformer as training holds it, under FakeTensorMode: its parameters given fake CPU storage, block
-    checkpointing if configured, FSDP2 over the mesh's ranks, AdamW on what trains."""
+def fake_parameters(model):
+    """The meta model's parameters given fake CPU storage (under FakeTensorMode: shapes, no memory)."""
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
             module._parameters[name] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype), p.requires_grad)
+    return model
+
+
+def meta_training(cfg, model, mesh, dtype):
+    """The transformer as training holds it, under FakeTensorMode: fake parameters, block checkpointing if
+    configured, FSDP2 over the mesh's ranks, AdamW on what trains."""
+    fake_parameters(model)
     if cfg.grad_checkpointing:
         model.enable_gradient_checkpointing()
     if mesh is not None:
         ng.shard(model, mesh, dtype)
     model.train()
     return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+
+
+def meta_reference(cfg, model, frozen, mesh, dtype):
+    """kl_coef's reference as build() makes it: the adapters switched off (LoRA), else frozen (a meta transformer) in
+    the compute dtype with fake parameters, sharded like the model."""
+    if cfg.lora_rank:
+        return functools.partial(ng.adapters_off, model)
+    frozen = fake_parameters(frozen.requires_grad_(False).to(dtype))
+    if mesh is not None:
+        ng.shard(frozen, mesh, dtype)
+    return lambda: contextlib.nullcontext(frozen)
 
 
 def meta_group(cfg, sizes, L):
@@ -403,7 +425,7 @@ def meta_group(cfg, sizes, L):
                           torch.full([1], cfg.guidance_scale))
     C = 4 * sizes["latent_channels"]
     return ng.Group("", cond, torch.randn(G, T + 1, L, C), torch.randn(G, T, L, C), torch.zeros(1, G),
-                    torch.randn(G), [0], [[T // 2]])
+                    torch.randn(G), [0], [list(range(cfg.num_train_steps))])
 
 
 def rollout_forward(model, cfg, group, grid, dtype):
@@ -412,18 +434,25 @@ def rollout_forward(model, cfg, group, grid, dtype):
         flux.velocity(model, group.states[: min(cfg.rollout_batch_size, cfg.group_size), 0], grid[0], group.cond, dtype)
 
 
-def update_pass(model, cfg, group, grid, dtype):
-    """The update's unit: anchor_objective's TrainSolver step, surrogate and clipped objective, then backward."""
-    J, _, _ = ng.anchor_objective(model, group, 0, group.steps[0][0], grid, cfg, dtype)
-    (-J / cfg.num_train_steps).backward()
+def update_batch(cfg):
+    """Transitions per transformer call in the update: update_batch_size, at most an optimizer step's (K per group)."""
+    return min(cfg.update_batch_size, cfg.groups_per_rank * cfg.num_train_steps)
 
 
-def anchor_update(model, optimizer, cfg, group, grid, dtype, tracker):
-    """One anchor's share of the update as memory sees it: two of its K passes (from the second on, the gradient
+def update_pass(model, cfg, group, grid, dtype, reference=None):
+    """The update's unit as policy_update runs it: update_batch(cfg) transitions in one call (with kl_coef, the
+    reference's call too), the TrainSolver steps, surrogate and clipped objective, then backward."""
+    terms = [(group, 0, i % cfg.num_train_steps) for i in range(update_batch(cfg))]
+    loss = ng.transitions_loss(model, ng.NEIGHBOR, terms, grid, cfg, dtype, reference)[0]
+    (loss.sum() / cfg.num_train_steps).backward()
+
+
+def anchor_update(model, optimizer, cfg, group, grid, dtype, tracker, reference=None):
+    """One anchor's share of the update as memory sees it: two of its passes (from the second on, the gradient
     exists) and AdamW's step (its state exists from the first anchor on)."""
-    update_pass(model, cfg, group, grid, dtype)
+    update_pass(model, cfg, group, grid, dtype, reference)
     tracker.reset_mod_stats()  # the trackers follow one call of the root module at a time
-    update_pass(model, cfg, group, grid, dtype)
+    update_pass(model, cfg, group, grid, dtype, reference)
     optimizer.step()
 
 
@@ -474,31 +503,64 @@ def parameter_count(build, fake=True):
         return sum(p.numel() for p in build().parameters())
 
 
+def clip_config(text, vision, projection, image_size):
+    """CLIPConfig's arguments for a CLIP of these (width, layers, heads) towers."""
+    tower = lambda width, layers, heads: dict(hidden_size=width, intermediate_size=4 * width,  # noqa: E731
+                                              num_hidden_layers=layers, num_attention_heads=heads)
+    return dict(text_config=dict(vocab_size=49408, **tower(*text)), projection_dim=projection,
+                vision_config=dict(**tower(*vision), image_size=image_size, patch_size=14))
+
+
+# the reward and guard models' CLIP towers, from their public configurations: (text, vision, projection, image side)
+CLIPS = dict(hpsv2=("HPSv2.1 (open_clip ViT-H-14)", clip_config((1024, 24, 16), (1280, 32, 16), 1024, 224)),
+             pickscore=("PickScore (CLIP ViT-H-14)", clip_config((1024, 24, 16), (1280, 32, 16), 1024, 224)),
+             clipscore=("CLIP score (DFN5B ViT-H-14-378)", clip_config((1024, 24, 16), (1280, 32, 16), 1024, 378)),
+             aesthetic=("LAION aesthetic (CLIP ViT-L/14 + MLP)", clip_config((768, 12, 12), (1024, 24, 16), 768, 224)))
+
+
 def other_models(cfg, sizes):
-    """(name, parameters, bytes per parameter as loaded, on the GPU during training?) for everything beside the
-    transformer, from each model's real configuration (FLUX.1-dev's text encoders; the rewards' public models)."""
+    """(name, parameters, bytes per parameter as loaded, role, TFLOP per image) for everything beside the transformer,
+    from each model's real configuration (FLUX.1-dev's text encoders; the rewards' public models). Roles: "resident"
+    (on the GPU throughout), "start-up" (the text encoders while the prompts are encoded), "reward" (the training
+    rewards: resident, or with reward_offload on the GPU one at a time while scoring), "guard" (the judges scored at
+    evaluations: on the GPU one at a time while scoring)."""
     from diffusers import AutoencoderKL
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     half = 2 if cfg.mixed_precision == "bf16" else 4
-    vit_h = dict(text_config=dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                  num_attention_heads=16), projection_dim=1024,
-                 vision_config=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                                    num_attention_heads=16, image_size=224, patch_size=14))
-    rows = [("VAE (AutoencoderKL)", parameter_count(lambda: AutoencoderKL(**flux.vae_config(**sizes))), half, True)]
-    if sizes is flux.FLUX_DEV:
-        rows += [("CLIP-L text encoder", parameter_count(lambda: CLIPTextModel(CLIPTextConfig(
-                     vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                     num_attention_heads=12))), half, not cfg.offload_text_encoders),
-                 ("T5-XXL encoder", parameter_count(lambda: T5EncoderModel(T5Config(
-                     vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-                     feed_forward_proj="gated-gelu"))), half, not cfg.offload_text_encoders)]
-        models = dict(hpsv2="HPSv2.1 (open_clip ViT-H-14)", pickscore="PickScore (CLIP ViT-H-14)")
-        rows += [(models[n], parameter_count(lambda: CLIPModel(CLIPConfig(**vit_h))), 4, True)
-                 for n in cfg.rewards if n in models]  # reward towers: fp32 weights, autocast compute
-        if "imagereward" in cfg.rewards:
-            rows.append(("ImageReward (BLIP ViT-L + BERT-base)", imagereward_parameters(), 4, True))
+    rows = [("VAE (AutoencoderKL)", parameter_count(lambda: AutoencoderKL(**flux.vae_config(**sizes))), half,
+             "resident", 0.0)]
+    if sizes is not flux.FLUX_DEV:
+        return rows
+    encoders = "start-up" if cfg.offload_text_encoders else "resident"
+    rows += [("CLIP-L text encoder", parameter_count(lambda: CLIPTextModel(CLIPTextConfig(
+                 vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12))), half, encoders, 0.0),
+             ("T5-XXL encoder", parameter_count(lambda: T5EncoderModel(T5Config(
+                 vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                 feed_forward_proj="gated-gelu"))), half, encoders, 0.0)]
+    for name in [*cfg.rewards, *ng.guards(cfg)]:  # reward towers: fp32 weights, autocast compute
+        role = "reward" if name in cfg.rewards else "guard"
+        if name in CLIPS:
+            label, config = CLIPS[name]
+            rows.append((label, parameter_count(lambda: CLIPModel(CLIPConfig(**config))), 4, role,
+                         clip_flops(config) * 1e-12))
+        elif name == "imagereward":
+            rows.append(("ImageReward (BLIP ViT-L + BERT-base)", imagereward_parameters(), 4, role, float("nan")))
     return rows
+
+
+def clip_flops(config):
+    """FLOPs of scoring one image and its caption (77 tokens) with a CLIP of this configuration, on fake tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformers import CLIPConfig, CLIPModel
+
+    side = config["vision_config"]["image_size"]
+    with default_dtype(torch.bfloat16), FakeTensorMode():
+        model = CLIPModel(CLIPConfig(**config))
+        ids, pixels = torch.zeros(1, 77, dtype=torch.long), torch.randn(1, 3, side, side)
+        with torch.no_grad():
+            return count_flops(lambda: model(input_ids=ids, pixel_values=pixels))
 
 
 def imagereward_parameters():
@@ -536,39 +598,51 @@ def meta(opts, cfg):
     L = (cfg.resolution // vae_factor // 2) ** 2
     grid = ng.time_grid(cfg.num_steps, L, flux.FLUX_SCHEDULER, cfg.shift)
     meta_model = meta_transformer(cfg, sizes, dtype)
+    frozen = meta_transformer(cfg, sizes, dtype) if cfg.kl_coef and not cfg.lora_rank else None
     with FakeTensorMode():
         with default_dtype(dtype):  # the VAE as loaded (in the compute dtype)
             vae = AutoencoderKL(**flux.vae_config(**sizes))
         model, optimizer = meta_training(cfg, meta_model, mesh, dtype)
+        reference = meta_reference(cfg, model, frozen, mesh, dtype) if cfg.kl_coef else None
         group = meta_group(cfg, sizes, L)
         f_roll = count_flops(lambda: rollout_forward(model, cfg, group, grid, dtype))
-        f_update = count_flops(lambda: update_pass(model, cfg, group, grid, dtype))
+        f_update = count_flops(lambda: update_pass(model, cfg, group, grid, dtype, reference))
         optimizer.step()  # AdamW's state exists from the first anchor on
         optimizer.zero_grad(set_to_none=True)
         inputs = (group.states, group.old_next, group.cond.prompt_embeds)
         mem_roll = tracked_peak(model, optimizer, world, inputs, lambda t: rollout_forward(model, cfg, group, grid,
                                                                                           dtype))
         mem_update = tracked_peak(model, optimizer, world, inputs, lambda t: anchor_update(
-            model, optimizer, cfg, group, grid, dtype, t))
+            model, optimizer, cfg, group, grid, dtype, t, reference))
         latents = torch.randn(cfg.reward_batch_size, sizes["latent_channels"], cfg.resolution // vae_factor,
                               cfg.resolution // vae_factor, dtype=dtype)
         with torch.no_grad():
             f_vae = count_flops(lambda: vae.decode(latents))
             mem_vae = tracked_peak(vae, None, 1, (latents,), lambda t: vae.decode(latents))
     n_params = parameter_count(lambda: FluxTransformer2DModel(**flux.transformer_config(**sizes)))
-    report_meta(cfg, opts, world, sizes, L, n_params, f_roll, f_update, f_vae, mem_roll, mem_update, mem_vae,
-                other_models(cfg, sizes))
+    frozen_copy = (f"kl_coef's reference: the transformer frozen in {cfg.mixed_precision}, 1/{world}", n_params / world,
+                   dtype.itemsize, "resident", 0.0)
+    others = other_models(cfg, sizes) + [frozen_copy] * bool(cfg.kl_coef and not cfg.lora_rank)
+    nf4 = nf4_bytes(model) if cfg.base_quantization else None
+    for mem in (mem_roll, mem_update) if nf4 else ():  # the bf16 base the fake model holds, as NF4
+        mem["Parameter"] += nf4[1] - nf4[0]
+        mem["Temp"] = mem.get("Temp", 0) + nf4[2]
+        mem["Total"] += nf4[1] - nf4[0] + nf4[2]
+    report_meta(cfg, opts, world, sizes, L, n_params, f_roll, f_update, f_vae, mem_roll, mem_update, mem_vae, others,
+                nf4)
     if world > 1:
         ng.dist.destroy_process_group()
     return dict(rollout_forward=f_roll, update_pass=f_update, vae_decode=f_vae, rollout_memory=mem_roll,
                 update_memory=mem_update)
 
 
-def report_meta(cfg, opts, world, sizes, L, n_params, f_roll, f_update, f_vae, mem_roll, mem_update, mem_vae, others):
+def report_meta(cfg, opts, world, sizes, L, n_params, f_roll, f_update, f_vae, mem_roll, mem_update, mem_vae, others,
+                nf4=None):
     G, B, T, K, rb = cfg.group_size, cfg.num_anchors, cfg.num_steps, cfg.num_train_steps, cfg.rollout_batch_size
     rb = min(rb, G)
     gib, tf = 2**-30, 1e-12
-    rollout, update, decode = G / rb * T * f_roll, B * K * f_update, G / cfg.reward_batch_size * f_vae
+    ub = update_batch(cfg)
+    rollout, update, decode = G / rb * T * f_roll, B * K / ub * f_update, G / cfg.reward_batch_size * f_vae
     total = rollout + update + decode
     name = "FLUX.1-dev" if sizes is flux.FLUX_DEV else cfg.model_path
     print(f"meta | {name}: {sizes['layers']} + {sizes['single_layers']} blocks, {n_params / 1e9:.3f} B parameters | "
@@ -578,10 +652,10 @@ def report_meta(cfg, opts, world, sizes, L, n_params, f_roll, f_update, f_vae, m
           f"{'on' if cfg.grad_checkpointing else 'off'} | G={G} B={B} T={T} K={K}")
     print(f"{'phase':<50} {'TFLOP':>10}")
     for label, flops in ((f"transformer forward, batch {rb} (rollout unit)", f_roll),
-                         ("transformer forward + backward, batch 1 (update)", f_update),
+                         (f"transformer forward + backward, batch {ub} (update unit)", f_update),
                          (f"VAE decode, batch {cfg.reward_batch_size}", f_vae),
                          (f"rollout: G*T/{rb} = {G * T / rb:g} forwards", rollout),
-                         (f"update: B*K = {B * K} forward + backward", update),
+                         (f"update: B*K/{ub} = {B * K / ub:g} forward + backward", update),
                          (f"decode: G/{cfg.reward_batch_size} = {G / cfg.reward_batch_size:g} VAE decodes", decode),
                          ("iteration, per prompt group", total)):
         print(f"{label:<50} {flops * tf:>10.4g}")
@@ -593,15 +667,52 @@ def report_meta(cfg, opts, world, sizes, L, n_params, f_roll, f_update, f_vae, m
     print(f"\npeak memory per rank, GiB (the tracker's categories) {'rollout':>8} {'update':>8}")
     for c in cats + ["Total"]:
         print(f"  {c:<50} {mem_roll.get(c, 0) * gib:>8.3f} {mem_update.get(c, 0) * gib:>8.3f}")
+    if nf4:
+        print(f"  NF4 base, counted from bitsandbytes' format (fake tensors cannot hold 4-bit weights): its nn.Linear "
+              f"weights {nf4[0] * gib:.2f} GiB in bf16 -> {nf4[1] * gib:.2f} GiB (in Parameter); the largest "
+              f"dequantized to bf16 while it computes, {nf4[2] * gib:.2f} GiB (in Temp)")
     print(f"VAE decode of {cfg.reward_batch_size} images: peak {mem_vae['Total'] * gib:.2f} GiB")
-    resident = 0.0
-    for label, n, nbytes, on_gpu in others:
-        resident += n * nbytes * on_gpu
-        print(f"  {label:<44} {n / 1e9:7.3f} B parameters x {nbytes} B = {n * nbytes * gib:6.2f} GiB"
-              f"{'' if on_gpu else ' (on the CPU after start-up)'}")
-    peak = max(mem_roll["Total"], mem_update["Total"]) + resident
-    print(f"per rank: transformer phase peak + resident models = {peak * gib:.1f} GiB (+ the VAE decode's activations "
-          "if they coincide, the CUDA context and allocator slack); measured on fake tensors, not yet on a GPU")
+    where = {"resident": "", "start-up": " (on the CPU after start-up)", "guard": " (guard: on the CPU but while it "
+             "scores)", "reward": " (on the CPU but while it scores)" if cfg.reward_offload else ""}
+    for label, n, nbytes, role, _ in others:
+        print(f"  {label:<44} {n / 1e9:7.3f} B parameters x {nbytes} B = {n * nbytes * gib:6.2f} GiB{where[role]}")
+    guards = [(label, tflop) for label, _, _, role, tflop in others if role == "guard"]
+    if guards and cfg.eval_every:
+        n, steps = cfg.eval_size or 3200, cfg.eval_steps or T
+        sampling = n * steps * f_roll / rb + n / cfg.reward_batch_size * f_vae
+        judged = n * sum(tflop for _, tflop in guards) * 1e12
+        print(f"each evaluation of {n} prompts: sampling and decoding {sampling * 1e-15:.1f} PFLOP; the guards "
+              f"({', '.join(label for label, _ in guards)}) {judged * tf:.3g} TFLOP more ({judged / sampling:.2%}), "
+              f"{judged / (opts['tflops'] * 1e12):.2f} s at {opts['tflops']:g} TFLOP/s over all ranks")
+    phases = memory_phases(cfg, mem_roll, mem_update, mem_vae["Total"], others)
+    print("peak memory per rank by phase, GiB: " + ", ".join(f"{k} {v * gib:.1f}" for k, v in phases.items()))
+    top = max(phases, key=phases.get)
+    print(f"per rank: the largest phase ({top}) = {phases[top] * gib:.1f} GiB (+ the CUDA context and allocator "
+          "slack); measured on fake tensors, not yet on a GPU")
+
+
+RESTING = ("Sharded Param", "Parameter", "OptState", "Optstate", "Buffer", "Inputs", "Other")  # outlive a phase
+
+
+def memory_phases(cfg, mem_roll, mem_update, vae_peak, others):
+    """Peak bytes per rank of each phase of a run: the transformer as its trackers saw it in the rollout and the
+    update, or else at rest (parameters, optimizer state, the group's states), plus the other models on the GPU then:
+    the resident ones, the text encoders at start-up, the rewards (all, or with reward_offload the largest, which
+    is there alone while it scores) and at evaluations the largest guard."""
+    rest = sum(v for k, v in mem_update.items() if k in RESTING)
+    size = lambda role: [n * b for _, n, b, r, _ in others if r == role]  # noqa: E731
+    resident = sum(size("resident")) + (0 if cfg.reward_offload else sum(size("reward")))
+    one_reward = max(size("reward"), default=0) if cfg.reward_offload else 0
+    return {"start-up": rest + resident + sum(size("start-up")), "rollout": mem_roll["Total"] + resident,
+            "rewards": rest + resident + vae_peak + one_reward, "update": mem_update["Total"] + resident,
+            "evaluation": rest + resident + vae_peak + max([one_reward, *size("guard")])}
+
+
+def nf4_bytes(model):
+    """(bf16 bytes, NF4 bytes, the largest one's bf16 bytes) of the frozen nn.Linear weights that quantize_base turns
+    to NF4: 4 bits a weight, an 8-bit scale per block of 64 and, double quantized, an fp32 scale per 256 blocks."""
+    sizes = [m.weight.numel() for m in model.modules() if type(m) is torch.nn.Linear and not m.weight.requires_grad]
+    return 2 * sum(sizes), sum(n / 2 + n / 64 + 4 * n / 64 / 256 for n in sizes), 2 * max(sizes)
 
 
 def main(argv):
@@ -620,6 +731,27 @@ def run(opts, cfg):
     totals = run_iterations(s, cfg, opts["iters"], opts["warmup"])
     if s.rank == 0:
         report(cfg, opts, totals, t_fwd, t_fb, s)
+    if opts["batch1"]:
+        report_update_batching(update_seconds(s, cfg, opts, totals["update"]), cfg.update_batch_size, s.rank)
+
+
+def update_seconds(s, cfg, opts, batched):
+    """The update's seconds per iteration at update_batch_size and at batch 1, for Neighbor GRPO (s, whose batched
+    time is given) and for the SDE baseline with DanceGRPO's setting on the same model: {method: (batched, 1)}."""
+    sde_cfg = sde_grpo.SDEConfig(**{**dataclasses.asdict(cfg), **sde_grpo.DANCEGRPO})
+    sde = setup(sde_cfg, opts["flux_blocks"], sde_grpo.SDE)
+    seconds = lambda run, c, b: run_iterations(run, dataclasses.replace(c, update_batch_size=b), opts["iters"],  # noqa
+                                                opts["warmup"])["update"]
+    return {"Neighbor GRPO": (batched, seconds(s, cfg, 1)),
+            "SDE-GRPO (DanceGRPO)": (seconds(sde, sde_cfg, cfg.update_batch_size), seconds(sde, sde_cfg, 1))}
+
+
+def report_update_batching(seconds, batch, rank):
+    if rank != 0:
+        return
+    print(f"\n{'update, s/iteration':<22} {'batch ' + str(batch):>9} {'batch 1':>9} {'batch 1 / batched':>18}")
+    for method, (batched, one) in seconds.items():
+        print(f"{method:<22} {batched:>9.3f} {one:>9.3f} {one / batched:>17.2f}x")
 
 
 if __name__ == "__main__":

@@ -66,9 +66,25 @@ FLUX_SCHEDULER = flux.FLUX_SCHEDULER
 
 
 def fixed_tiny_run(out, parse=ng.parse_config, method=ng.NEIGHBOR, *args):
+    """Three tiny iterations, one transition per transformer call in the update, as the figures were recorded (the
+    SDE loss at theta_old is a sum of round-off, which batching changes; batched = 1 is its own test)."""
     ng.train(parse(["--preset=tiny", "--rewards=brightness", "--iterations=3", "--sample_every=0", "--eval_every=0",
-                    "--ckpt_every=0", f"--out_dir={out}", *args]), method)
+                    "--ckpt_every=0", "--update_batch_size=1", f"--out_dir={out}", *args]), method)
     return [(r["loss"], r["reward/brightness"], r["clip_frac"]) for r in read_log(out)]
+
+
+def update_gradients(parse, method, batch, *args):
+    """The gradient at every optimizer step of one iteration's update (policy_update, SGD at lr 1e-2 so that anchors
+    after the first see rho != 1), with update_batch_size=batch: [[gradient per trained parameter] per step]."""
+    cfg = parse(["--preset=tiny", "--rewards=brightness", "--eval_every=0", "--sample_every=0", "--groups_per_rank=2",
+                 f"--update_batch_size={batch}", *args])
+    run = ng.build(cfg, method)
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    run.optimizer = torch.optim.SGD(params, lr=1e-2)
+    steps = []
+    run.optimizer.register_step_pre_hook(lambda *_: steps.append([p.grad.clone() for p in params]))
+    ng.train_iteration(run, cfg, 0)
+    return steps
 
 
 def assert_same_figures(ours, recorded):

@@ -5,6 +5,7 @@ at random sizes for CPU presets and benchmarks; the conditioning FluxPipeline pa
 and export in diffusers' formats. Of the project it imports only rewards.tokenizer_is_empty.
 """
 
+import contextlib
 import logging
 import string
 from dataclasses import dataclass
@@ -127,12 +128,36 @@ def load_pipeline(cfg, device, dtype, meta=False):
                     "black-forest-labs/FLUX.1-dev completely (huggingface-cli download) and pass its directory")
     if cfg.transformer_path:
         pipe.transformer = load_transformer("transformer_path", cfg.transformer_path)
+    if cfg.base_quantization:
+        quantize_base(pipe.transformer, dtype, device)
     if cfg.lora_rank:
         add_lora(pipe.transformer, cfg, dtype)
     pipe.set_progress_bar_config(disable=True)
     for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         module.to(device).requires_grad_(False).eval()
     return pipe
+
+
+def quantize_base(transformer, dtype, device):
+    """QLoRA's frozen base (base_quantization="nf4"): every nn.Linear of the transformer becomes a bitsandbytes
+    Linear4bit holding 4-bit NormalFloat weights in blocks of 64 with double-quantized scales (0.52 bytes a weight
+    instead of bf16's 2), computing in dtype; each is quantized as it moves to device, so the full-precision weights
+    never reach it. This is the swap diffusers' BitsAndBytesConfig loader makes, which refuses to run without a GPU."""
+    import bitsandbytes as bnb
+
+    transformer.requires_grad_(False)
+    if transformer.dtype != dtype:  # a random model; from_pretrained loads a LoRA run's base in dtype
+        transformer.to(dtype)
+    for parent in list(transformer.modules()):
+        for name, linear in list(parent.named_children()):
+            if type(linear) is torch.nn.Linear:
+                nf4 = bnb.nn.Linear4bit(linear.in_features, linear.out_features, linear.bias is not None, dtype,
+                                        compress_statistics=True, quant_type="nf4", device="meta")
+                nf4.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, compress_statistics=True,
+                                               quant_type="nf4")
+                if linear.bias is not None:
+                    nf4.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
+                setattr(parent, name, nf4.to(device))
 
 
 def add_lora(transformer, cfg, dtype):
@@ -206,13 +231,23 @@ def encode_prompt(pipe, prompt, cfg, cache):
     return Condition(embeds.to(device), pooled.to(device), txt_ids, img_ids, guidance)
 
 
+def stack_conditions(conds):
+    """One Condition for a batch whose samples have these conditions (one prompt's is kept as it is, batch 1)."""
+    if all(c is conds[0] for c in conds):
+        return conds[0]
+    guidance = None if conds[0].guidance is None else torch.cat([c.guidance for c in conds])
+    return Condition(torch.cat([c.prompt_embeds for c in conds]), torch.cat([c.pooled for c in conds]),
+                     conds[0].txt_ids, conds[0].img_ids, guidance)
+
+
 def velocity(transformer, x, t, cond, dtype=torch.float32):
-    """v_theta(x, t, c) for a batch x [N, L, C] at time t, called exactly as FluxPipeline calls it."""
+    """v_theta(x, t, c) for a batch x [N, L, C] at time t (one for all, or one per sample: FLUX embeds a timestep per
+    batch element), called exactly as FluxPipeline calls it; cond of batch 1 (one prompt) or N."""
     n = x.shape[0]
     with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
         v = transformer(
             hidden_states=x,
-            timestep=torch.full((n,), float(t), device=x.device),  # FluxPipeline passes sigma * 1000 / 1000
+            timestep=torch.as_tensor(t, dtype=torch.float32, device=x.device).expand(n),  # FluxPipeline: sigma
             guidance=None if cond.guidance is None else cond.guidance.expand(n),
             pooled_projections=cond.pooled.expand(n, -1),
             encoder_hidden_states=cond.prompt_embeds.expand(n, -1, -1),
@@ -256,3 +291,27 @@ def export_lora(model, path, rank):
         layers = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(transformer).items()}
         FluxPipeline.save_lora_weights(path, transformer_lora_layers=layers,
                                        transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
+
+
+def export_model(model, path, rank, dtype, lora=False, merged=False):
+    """path/transformer (diffusers format) or, with LoRA, path/lora (the adapter alone); with merged (the end of a LoRA
+    run), also path/transformer with the adapter merged into the base, in place."""
+    if not lora:
+        return export_transformer(model, path / "transformer", rank, dtype)
+    export_lora(model, path / "lora", rank)
+    if merged:
+        transformer = getattr(model, "module", model)  # DDP wraps it
+        transformer.fuse_lora()
+        transformer.unload_lora()
+        export_transformer(transformer, path / "transformer", rank, dtype)
+
+
+@contextlib.contextmanager
+def adapters_off(model):
+    """The same transformer with its LoRA adapters switched off (the base model), at no memory; back on after."""
+    transformer = getattr(model, "module", model)  # DDP wraps it
+    transformer.disable_adapters()
+    try:
+        yield transformer
+    finally:
+        transformer.enable_adapters()

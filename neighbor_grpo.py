@@ -16,6 +16,7 @@ writes and prints in report.py; sde_grpo.py runs the SDE-GRPO baseline through t
 """
 
 import contextlib
+import copy
 import dataclasses
 import difflib
 import functools
@@ -44,9 +45,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from flux import (Condition, ModelError, decode_images, encode_prompt, export_lora, export_transformer, latent_shape,
-                  load_pipeline, packed_side, velocity)
-from report import RunLog, save_grid, summarise, table1
+from flux import (Condition, ModelError, adapters_off, decode_images, encode_prompt, export_model, latent_shape,
+                  load_pipeline, packed_side, stack_conditions, velocity)
+from report import RunLog, progress, save_grid, write_evaluation
 from rewards import RewardError, load_reward, reward_config_problems, score
 
 # diffusers' FLUX blocks return slices; nothing downstream writes into them in place (the FSDP tests check gradients)
@@ -81,16 +82,19 @@ class Config:
     # policy update (Sec. 3.4, Alg. 1)
     num_anchors: int = 4  # B anchors per group (Table 5)
     num_train_steps: int = 4  # K transitions per anchor (Table 3)
+    update_batch_size: int = 4  # transitions per transformer call in the update: an anchor's K in one (docs/cost.md)
     distance: str = "mean"  # ||.||^2 of eq. 8 averaged ("mean") or summed ("sum") over latent elements (docs)
     old_anchor: str = "train_solver"  # pi_old's anchor: theta_old's one-step DDIM prediction, or "rollout" (docs)
     temperature: float = 1.0  # tau in softmax(-d / tau); the paper omits it (supp. eq. 19)
     clip_range: float = 1e-4  # epsilon of the ratio clip (eq. 4; DanceGRPO, MixGRPO)
     adv_p: float = 0.8  # p of the group-wise quasi-norm advantage reweighting (eq. 11, Table 6)
+    kl_coef: float = 0.0  # pull toward the starting model per trained transition (0 = the paper; docs/decisions.md)
     # rewards (rewards.py)
     rewards: tuple[str, ...] = ("hpsv2", "pickscore", "imagereward")  # built-in names or module.path:function
     reward_weights: tuple[float, ...] = ()  # one weight per reward; () = equal weights (MixGRPO protocol)
     reward_paths: tuple[str, ...] = ()  # local reward weights as key=path, keys in REWARD_WEIGHTS; default: the hub
     reward_batch_size: int = 4  # images per VAE decode and reward call
+    reward_offload: bool = False  # keep the reward models on the CPU, each on the GPU only while it scores
     unifiedreward_url: str = ""  # an OpenAI-compatible server (vLLM, SGLang) serving UnifiedReward: http://host:port/v1
     unifiedreward_question: str = ""  # a text file with the judge's question, {prompt} for the caption; "" = ours
     unifiedreward_score: str = "Alignment Score"  # the answer's line scored (MixGRPO's); "Style Score", "Final Score"...
@@ -99,11 +103,16 @@ class Config:
     eval_prompts: str = "hpdv2"  # "hpdv2" = the 3200 HPDv2 benchmark prompts (data/hpdv2/prepare.py), or a text file
     eval_size: int = 256  # prompts per evaluation, spread evenly over eval_prompts (0 = all)
     eval_every: int = 50  # iterations between held-out evaluations during training (0 = never)
-    eval_rewards: tuple[str, ...] = ()  # rewards scored in evaluation during training; () = the training rewards
+    eval_rewards: tuple[str, ...] = ()  # more rewards to score in evaluation during training, beside the training ones
     eval_only_rewards: tuple[str, ...] = (  # evaluate.py's: Table 1's columns (the judge only with its URL)
         "hpsv2", "pickscore", "imagereward", "clipscore", "unifiedreward", "aesthetic")
     eval_steps: int = 0  # ODE steps of the evaluation sampler (0 = num_steps)
     eval_batch_size: int = 8  # prompts per transformer call when sampling for evaluation and sample grids
+    # the guard against reward hacking: held-out judges never trained on, the best model, stopping (docs/decisions.md)
+    guard_rewards: tuple[str, ...] = (  # also scored at every evaluation: Table 1's out-of-domain columns (the judge
+        "clipscore", "aesthetic", "unifiedreward")  # only with its URL)
+    guard_tolerance: float = 2.0  # a guard has fallen when its mean is this many standard errors below its best
+    guard_patience: int = 2  # evaluations in a row with a fallen guard before the run stops (0 = never stop)
     # optimisation
     iterations: int = 300  # GRPO iterations (paper)
     groups_per_rank: int = 1  # prompt groups per process per iteration (paper: 1 per GPU)
@@ -117,6 +126,7 @@ class Config:
     lora_targets: tuple[str, ...] = (  # every attention projection of both block types (Flow-GRPO's list)
         "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
     lora_path: str = ""  # an exported adapter (out_dir/lora) to continue from or evaluate, at the same lora_rank
+    base_quantization: str = ""  # "nf4": the frozen base in 4-bit NormalFloat (QLoRA, bitsandbytes); "" = bf16
     export_merged: bool = False  # with LoRA, also export out_dir/transformer with the adapter merged in
     # system: torchrun, memory, checkpoints
     seed: int = 0  # everything random derives from (seed, iteration, group index)
@@ -140,15 +150,19 @@ PRESETS = {
     "flux-dev": {},  # the defaults are the paper's best 8-step setting
     "flux-dev-lora": dict(  # the paper's 8-step setting on one GPU: LoRA at the LoRA scripts' lr
         lora_rank=64, lora_alpha=128.0, lr=3e-4, parallel="ddp", out_dir="runs/flux_dev_lora"),
+    "flux-dev-24gb": dict(  # the paper's 8-step setting on one 24 GB GPU: LoRA on a 4-bit base (docs/cost.md)
+        lora_rank=64, lora_alpha=128.0, lr=3e-4, parallel="ddp", base_quantization="nf4", reward_offload=True,
+        out_dir="runs/flux_dev_24gb"),
     "tiny": dict(  # the same algorithm on a random tiny FLUX-architecture model, CPU, no download
         model_path="tiny", resolution=64, max_sequence_length=64, rewards=("jpeg_compressibility",),
-        prompt_file="", eval_prompts="", eval_size=0, eval_every=20, eval_only_rewards=(),
+        prompt_file="", eval_prompts="", eval_size=0, eval_every=20, eval_only_rewards=(), guard_rewards=(),
         lr=1e-3, iterations=60, device="cpu", mixed_precision="fp32", parallel="ddp", grad_checkpointing=False,
         out_dir="runs/tiny", sample_every=20, ckpt_every=30, prompt_draw="uniform"),
     "digits": dict(  # a pretrained 16x16 FLUX-architecture model of handwritten digits: alignment on a CPU
         model_path=str(DIGITS_DIR), resolution=16, max_sequence_length=48, rewards=("digit_alignment",),
         prompt_file=str(DIGITS_DIR / "prompts.txt"), eval_prompts=str(DIGITS_DIR / "eval_prompts.txt"), eval_size=0,
-        eval_rewards=DIGIT_JUDGES, eval_only_rewards=DIGIT_JUDGES, eval_every=25, eval_batch_size=20,
+        guard_rewards=DIGIT_JUDGES[1:], eval_only_rewards=DIGIT_JUDGES, eval_every=25, eval_batch_size=20,
+        update_batch_size=8,  # its 2 groups' K = 4 transitions of an optimizer step in one call (docs/cost.md)
         lr=3e-5, iterations=250,  # where the judges peak; beyond ~300 the reward is hacked (docs/digits.md)
         groups_per_rank=2, device="cpu", mixed_precision="fp32", parallel="ddp", grad_checkpointing=False,
         out_dir="runs/digits", sample_every=50, num_samples=10, ckpt_every=0),
@@ -244,20 +258,39 @@ def validate(cfg):
         (not cfg.wandb_project or importlib.util.find_spec("wandb"),
          f"wandb_project={cfg.wandb_project}: needs the wandb package (not a requirement): pip install wandb"),
         (not (cfg.resume and cfg.overwrite), "resume and overwrite: pick one; --resume continues the run in out_dir"),
-        (min(cfg.groups_per_rank, cfg.rollout_batch_size, cfg.reward_batch_size, cfg.eval_batch_size) >= 1,
-         "groups_per_rank, rollout_batch_size, reward_batch_size and eval_batch_size must be >= 1"),
+        (min(cfg.groups_per_rank, cfg.rollout_batch_size, cfg.update_batch_size, cfg.reward_batch_size,
+             cfg.eval_batch_size) >= 1,
+         "groups_per_rank, rollout_batch_size, update_batch_size, reward_batch_size and eval_batch_size must be >= 1"),
         (cfg.sample_every >= 0 and cfg.num_samples >= 1, "sample_every must be >= 0 (0 = never) and num_samples >= 1"),
         (cfg.lora_rank >= 0, f"lora_rank={cfg.lora_rank}: must be >= 0 (0 = full fine-tuning; Flow-GRPO uses 64)"),
         (cfg.lora_alpha > 0, f"lora_alpha={cfg.lora_alpha}: must be > 0; use 2 * lora_rank (Flow-GRPO)"),
         (not cfg.lora_rank or cfg.lora_targets, "lora_targets: name at least one module, e.g. --lora_targets=to_q,to_v"),
+        (cfg.base_quantization in ("", "nf4"), f"base_quantization={cfg.base_quantization}: use nf4 or '' (bf16)"),
+        (not cfg.base_quantization or cfg.lora_rank and cfg.parallel == "ddp" and not cfg.export_merged,
+         "base_quantization=nf4: a 4-bit base only carries LoRA adapters: add --lora_rank=64 --parallel=ddp (and "
+         "merge an adapter onto the bf16 base, not with --export_merged)"),
+        (not cfg.base_quantization or importlib.util.find_spec("bitsandbytes"),
+         "base_quantization=nf4 needs the bitsandbytes package: pip install -r requirements.txt"),
         (not cfg.lora_rank or cfg.parallel == "ddp",
          "parallel=fsdp: LoRA replicates the frozen base and averages adapter gradients; use --parallel=ddp"),
         (cfg.lora_rank or not (cfg.lora_path or cfg.export_merged),
          "lora_path and export_merged need an adapter: set --lora_rank (the rank the adapter was trained with)"),
         (cfg.eval_size >= 0 and cfg.eval_every >= 0 and cfg.eval_steps >= 0,
          "eval_size, eval_every and eval_steps must be >= 0 (0 = all prompts / never / num_steps)"),
+        (not set(cfg.guard_rewards) & set(cfg.rewards), f"guard_rewards: {set(cfg.guard_rewards) & set(cfg.rewards)} "
+         "also trained on; a guard is a judge the run never trains on: drop it from --guard_rewards"),
+        (cfg.eval_every or not guards(cfg), f"guard_rewards={','.join(guards(cfg))}: guards are scored at evaluations; "
+         "set --eval_every=N (e.g. 50), or --guard_rewards= for an unguarded run"),
+        (cfg.guard_tolerance > 0, f"guard_tolerance={cfg.guard_tolerance}: must be > 0 standard errors; use 2"),
+        (cfg.guard_patience >= 0, f"guard_patience={cfg.guard_patience}: must be >= 0 (0 = never stop); use 2"),
+        (cfg.kl_coef >= 0, f"kl_coef={cfg.kl_coef}: must be >= 0 (0 = no pull toward the starting model, the paper)"),
     ] + [(False, problem) for problem in reward_config_problems(cfg)]
     require(checks)
+
+
+def guards(cfg):
+    """The guard judges this config can score (UnifiedReward only with its server's URL)."""
+    return [g for g in cfg.guard_rewards if g != "unifiedreward" or cfg.unifiedreward_url]
 
 
 def require(checks):
@@ -341,15 +374,6 @@ def all_gather_objects(obj, world):
 def barrier(world):
     if world > 1:
         dist.barrier()
-
-
-def progress(iterable, desc, rank):
-    """A tqdm bar on rank 0 when stdout is a terminal (not in logs or CI); the iterable itself otherwise."""
-    if rank != 0 or not sys.stdout.isatty():
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, leave=False)
 
 
 def batches(items, n):
@@ -575,17 +599,36 @@ def nfe_theta(B, G, K):
     return B / G * K
 
 
-def anchor_objective(transformer, group, j, k, grid, cfg, dtype):
-    """J_{j,k}: one TrainSolver step from anchor j's stored state X[j, k], scored against every candidate at t_{k+1}
-    (eqs. 8-9); pi_old's anchor is group.old_next[j, k] (old_anchor: theta_old's own DDIM step, or X[j, k + 1])."""
-    x = group.states[j, k].unsqueeze(0)
-    x_theta = euler_step(x, velocity(transformer, x, grid[k], group.cond, dtype), grid[k], grid[k + 1])[0]
-    candidates = group.states[:, k + 1]
-    logp = surrogate_log_probs(neighbour_distances(candidates, x_theta, cfg.distance), cfg.temperature)
-    logp_old = surrogate_log_probs(neighbour_distances(candidates, group.old_next[j, k], cfg.distance),
-                                   cfg.temperature)
-    J, clip_frac = grpo_objective(group.adv, logp, logp_old, cfg.clip_range)
-    return J, clip_frac, (logp - logp_old).detach().abs().mean()
+def transition_velocities(transformer, terms, grid, dtype):
+    """v_theta at the stored states X[j, k] of a batch of transitions (group, j, k): one transformer call with a
+    timestep per sample, the update's transformer work. Returns the states and velocities [n, L, C]."""
+    x = torch.stack([group.states[j, k] for group, j, k in terms])
+    cond = stack_conditions([group.cond for group, _, _ in terms])
+    return x, velocity(transformer, x, [grid[k] for _, _, k in terms], cond, dtype)
+
+
+def anchor_objective(terms, x, v, grid, cfg):
+    """J_{j,k} of each transition (group, anchor j, k) in terms, v_theta at its X[j, k] given: one TrainSolver step,
+    scored against every candidate of its group at t_{k+1} (eqs. 8-9); pi_old's anchor is group.old_next[j, k]
+    (old_anchor: theta_old's own DDIM step, or X[j, k + 1]). Per transition [n]: J, clip fraction, mean |log rho|."""
+    out = []
+    for (group, j, k), x_jk, v_jk in zip(terms, x, v):
+        x_theta = euler_step(x_jk, v_jk, grid[k], grid[k + 1])
+        candidates = group.states[:, k + 1]
+        logp = surrogate_log_probs(neighbour_distances(candidates, x_theta, cfg.distance), cfg.temperature)
+        logp_old = surrogate_log_probs(neighbour_distances(candidates, group.old_next[j, k], cfg.distance),
+                                       cfg.temperature)
+        J, clip_frac = grpo_objective(group.adv, logp, logp_old, cfg.clip_range)
+        out.append((J, clip_frac, (logp - logp_old).detach().abs().mean()))
+    return [torch.stack(column) for column in zip(*out)]
+
+
+def prediction_distance(terms, v, v_ref, grid):
+    """kl_coef's pull toward the model the run started from: per transition, the squared distance (mean over latent
+    elements) between theta's and the reference's one-step DDIM predictions from X[j, k], dt^2 |v - v_ref|^2; the
+    KL of two Gaussian policies of one variance is proportional to it (docs/decisions.md). [n]"""
+    dt = torch.tensor([grid[k + 1] - grid[k] for _, _, k in terms], device=v.device).view(-1, 1, 1)
+    return (dt * (v - v_ref)).pow(2).flatten(1).mean(1)
 
 
 # -----------------------------------------------------------------------------
@@ -613,14 +656,14 @@ class Method:
 
     describe: typing.Callable  # cfg -> the run's banner
     group: typing.Callable  # (run, cfg, prompt, gen, lap) -> a Group
-    objective: typing.Callable  # (model, group, j, k, grid, cfg, dtype) -> (J, clip fraction, |log rho|)
+    objective: typing.Callable  # ([(group, j, k)], X[j, k], v_theta, grid, cfg) -> J, clip fraction, |log rho| [n]
     per_step: typing.Callable = lambda cfg: 1  # trained trajectories per optimizer step (Alg. 1: one anchor)
 
 
 def score_samples(run, x, prompt, cfg):
     """Rewards [M, N] of final latents x [N, L, C], decoded by the VAE and scored reward_batch_size at a time."""
     images = torch.cat([decode_images(run.pipe, c, cfg.resolution) for c in x.split(cfg.reward_batch_size)])
-    return torch.cat([score(run.reward_fns, c, [prompt] * len(c)) for c in images.split(cfg.reward_batch_size)], 1)
+    return score(run.reward_fns, images, [prompt] * len(images), run.device, cfg.reward_batch_size)
 
 
 def neighbourhood_group(run, cfg, prompt, gen, lap):
@@ -642,32 +685,49 @@ NEIGHBOR = Method(lambda cfg: f"Neighbor GRPO | B={cfg.num_anchors} sigma={cfg.n
                   neighbourhood_group, anchor_objective)
 
 
+def transitions_loss(model, method, terms, grid, cfg, dtype, reference):
+    """The loss kl_coef * kl - J of each transition in terms, from one transformer call with gradient (and, with
+    kl_coef, one of the reference without), with its clip fraction, |log rho| and kl [n]."""
+    if cfg.kl_coef:  # the reference first: switching LoRA adapters off and on touches requires_grad
+        with torch.no_grad(), reference() as ref:
+            v_ref = transition_velocities(ref, terms, grid, dtype)[1]
+    x, v = transition_velocities(model, terms, grid, dtype)
+    J, clip_frac, abs_log_ratio = method.objective(terms, x, v, grid, cfg)
+    kl = prediction_distance(terms, v, v_ref, grid) if cfg.kl_coef else torch.zeros_like(J)
+    return cfg.kl_coef * kl - J, clip_frac, abs_log_ratio, kl
+
+
 def policy_update(run, groups, cfg):
     """Alg. 1's update: for each anchor, the gradient of -J_{j,k} / K accumulated over its K transitions (and this
-    rank's groups), then one optimizer step, at which the ranks average their gradients."""
+    rank's groups), update_batch_size transitions per transformer call, then one optimizer step, at which the ranks
+    average their gradients."""
     steps = batches(range(len(groups[0].anchors)), run.method.per_step(cfg))  # one optimizer step per anchor
     logged, norms = [], []
     for s, anchors in enumerate(steps):
         run.optimizer.zero_grad(set_to_none=True)
         terms = [(group, group.anchors[b], k) for group in groups for b in anchors for k in group.steps[b]]
-        for n, (group, j, k) in enumerate(terms):
-            with gradient_sync(run.model, sync=n == len(terms) - 1):
-                J, clip_frac, abs_log_ratio = run.method.objective(run.model, group, j, k, run.grid, cfg, run.dtype)
-                loss = -J / len(terms)
-                loss.backward()
-            logged.append((s, len(terms), loss.item(), clip_frac.item(), abs_log_ratio.item()))
+        calls = batches(terms, cfg.update_batch_size)
+        for n, call in enumerate(calls):
+            with gradient_sync(run.model, sync=n == len(calls) - 1):
+                loss, *logs = transitions_loss(run.model, run.method, call, run.grid, cfg, run.dtype, run.reference)
+                loss = loss / len(terms)
+                loss.sum().backward()
+            logged += [(s, len(terms), *values) for values in zip(loss.tolist(), *(t.tolist() for t in logs))]
         norms.append(optimizer_step(run.model, run.optimizer, cfg.max_grad_norm))
     run.optimizer.zero_grad(set_to_none=True)  # no gradient memory held through the next rollout
-    return update_stats(logged, norms, len(steps))
+    stats = update_stats(logged, norms, len(steps))
+    return stats if cfg.kl_coef else {k: v for k, v in stats.items() if k != "kl"}  # kl: measured only when used
 
 
 def update_stats(terms, norms, steps):
     """The update's log: the loss (mean of its optimizer steps' losses), the fraction of clipped ratios, the first
-    step's mean |log rho| (theta = theta_old there: solver drift or round-off), the mean finite grad norm, skips."""
-    stats = dict(loss=0.0, clip_frac=0.0, first_anchor_abs_log_ratio=0.0, grad_norm=0.0, skipped_steps=0)
-    for s, n, loss, clip_frac, abs_log_ratio in terms:
+    step's mean |log rho| (theta = theta_old there: solver drift or round-off), the mean finite grad norm, skips, the
+    mean distance to the reference (kl)."""
+    stats = dict(loss=0.0, clip_frac=0.0, first_anchor_abs_log_ratio=0.0, grad_norm=0.0, skipped_steps=0, kl=0.0)
+    for s, n, loss, clip_frac, abs_log_ratio, kl in terms:
         stats["loss"] += loss / steps
         stats["clip_frac"] += clip_frac / len(terms)
+        stats["kl"] += kl / len(terms)
         stats["first_anchor_abs_log_ratio"] += abs_log_ratio / n if s == 0 else 0.0
     for norm in norms:
         stats["grad_norm"] += norm / steps if math.isfinite(norm) else 0.0
@@ -729,9 +789,7 @@ def generate(pipe, prompts, cfg, grid, seed, dtype, cache, indices=None):
     device, images = pipe.vae.device, []
     items = list(zip(range(len(prompts)) if indices is None else indices, prompts))
     for chunk in batches(items, cfg.eval_batch_size):
-        conds = [encode_prompt(pipe, prompt, cfg, cache) for _, prompt in chunk]
-        cond = dataclasses.replace(conds[0], prompt_embeds=torch.cat([c.prompt_embeds for c in conds]),
-                                   pooled=torch.cat([c.pooled for c in conds]))
+        cond = stack_conditions([encode_prompt(pipe, prompt, cfg, cache) for _, prompt in chunk])
         x1 = torch.cat([neighbourhood_noise(pipe, cfg, group_generator(seed, -1, i), 1, 0.0, device) for i, _ in chunk])
         states, _ = rollout(lambda x, t: velocity(pipe.transformer, x, t, cond, dtype), x1, grid, cfg.rollout_solver)
         images += [decode_images(pipe, x, cfg.resolution) for x in states[:, -1].split(cfg.reward_batch_size)]
@@ -758,62 +816,81 @@ def evaluate(pipe, prompts, reward_fns, cfg, grid, dtype, cache, rank, world, pa
         js = [min(i, n - 1) for i in chunk]  # every rank runs as many chunks of the same sizes (FSDP)
         images = generate(pipe, [prompts[j] for j in js], cfg, grid, cfg.seed, dtype, cache, indices=js)
         real = [(i, image) for i, image in zip(chunk, transform(images) if transform else images) if i < n]
-        scores = torch.cat([score(reward_fns, torch.stack([im for _, im in part]), [prompts[i] for i, _ in part])
-                            for part in batches(real, cfg.reward_batch_size)], dim=1)
+        scores = score(reward_fns, torch.stack([image for _, image in real]), [prompts[i] for i, _ in real],
+                       images.device, cfg.reward_batch_size)
         rows += [(i, scores[:, c].tolist()) for c, (i, _) in enumerate(real)]
         samples.update({i: image.cpu() for i, image in real if i < cfg.num_samples})
     gathered = all_gather_objects((rows, samples), world)
     if rank != 0:
         return None
-    rows = sorted(row for part, _ in gathered for row in part)
-    samples = {i: image for _, part in gathered for i, image in part.items()}
-    scores = torch.tensor([r for _, r in rows], dtype=torch.float64)
-    summary = {name: summarise(scores[:, m]) for m, name in enumerate(reward_fns)}
-    scores = [dict(index=i, prompt=prompts[i], **{k: None if math.isnan(v) else v for k, v in zip(reward_fns, r)})
-              for i, r in rows]
-    result = dict(num_prompts=n, num_steps=len(grid) - 1, solver=cfg.rollout_solver, resolution=cfg.resolution,
-                  seed=cfg.seed, rewards=summary, scores=scores)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{path}.json").write_text(json.dumps(result, indent=1))
-    Path(f"{path}.md").write_text(table1(summary, n, cfg.transformer_path or cfg.model_path, paper_rows))
-    save_grid(torch.stack([samples[i] for i in sorted(samples)]), f"{path}.png")
-    return summary
+    return write_evaluation(path, prompts, list(reward_fns), sorted(row for part, _ in gathered for row in part),
+                            {i: image for _, part in gathered for i, image in part.items()}, cfg, grid, paper_rows)
 
 
 def eval_setup(cfg, reward_fns, device, names=(), precision=None):
-    """Held-out prompts and the rewards scored on them: names, else eval_rewards, else the training ones (reused as
-    loaded); precision(name) -> the dtype of a reward's towers (default: the compute dtype)."""
+    """Held-out prompts and the rewards scored on them: names (evaluate.py's), else the training rewards, eval_rewards
+    and the guards (the training ones reused as loaded); precision(name) -> the dtype of a reward's towers (default:
+    the compute dtype)."""
     prompts = eval_subset(load_prompts(cfg.eval_prompts, "eval_prompts"), cfg.eval_size)
-    names = names or cfg.eval_rewards or cfg.rewards
+    names = names or dict.fromkeys([*cfg.rewards, *cfg.eval_rewards, *cfg.guard_rewards])
     names = [n for n in names if n != "unifiedreward" or cfg.unifiedreward_url]  # the judge needs its server
     return prompts, {n: reward_fns[n] if n in reward_fns else
                      load_reward(n, cfg, device, precision(n) if precision else compute_dtype(cfg)) for n in names}
 
 
 # -----------------------------------------------------------------------------
+# The guard against reward hacking: judges the run never trains on, the best model, stopping (docs/decisions.md)
+
+
+def guard(state, it, summary, cfg, weights):
+    """The decision after the evaluation at iteration it (summary: {reward: dict(mean, std, se)}), given the state the
+    evaluations before it left ({} before the first; JSON, kept in checkpoints). A guard has fallen when its mean
+    lies more than guard_tolerance standard errors below its best so far. The model is the best so far when no guard
+    has fallen and its held-out training score is the highest yet: each training reward's gain since the first
+    evaluation in units of that evaluation's standard deviation, weighted as the advantages are. The run stops after
+    guard_patience evaluations in a row with a fallen guard."""
+    first = state.get("first") or {n: summary[n] for n in cfg.rewards}
+    score = sum(w * (summary[n]["mean"] - first[n]["mean"]) / (first[n]["std"] or 1.0)
+                for n, w in zip(cfg.rewards, weights))
+    peaks = dict(state.get("peaks", {}))  # guard -> [best mean so far, its iteration]
+    for g in cfg.guard_rewards:
+        if g in summary and not math.isnan(summary[g]["mean"]) and summary[g]["mean"] > peaks.get(g, [-math.inf])[0]:
+            peaks[g] = [summary[g]["mean"], it]
+    fallen = {g: [*peaks[g], summary[g]["mean"], summary[g]["se"]] for g in peaks  # [best, at, now, se]
+              if summary[g]["mean"] < peaks[g][0] - cfg.guard_tolerance * summary[g]["se"]}
+    new_best = not fallen and score > state.get("best", {}).get("score", -math.inf)
+    streak = state.get("streak", 0) + 1 if fallen else 0
+    return dict(iteration=it, first=first, peaks=peaks, fallen=fallen, streak=streak, new_best=new_best,
+                stop=bool(cfg.guard_patience) and streak >= cfg.guard_patience,
+                best=dict(iteration=it, score=score, scores=summary) if new_best else state.get("best"))
+
+
+def export_best(run, cfg, state):
+    """out_dir/best: the best model so far (transformer/ or lora/) and best.json (its iteration and every held-out
+    score), written beside and then swapped in."""
+    out = Path(cfg.out_dir)
+    if run.rank == 0:
+        shutil.rmtree(out / "best.tmp", ignore_errors=True)
+    export_model(run.model, out / "best.tmp", run.rank, run.dtype, cfg.lora_rank)
+    if run.rank == 0:
+        best = {k: state["best"][k] for k in ("iteration", "scores")}
+        (out / "best.tmp" / "best.json").write_text(json.dumps(best, indent=1))
+        shutil.rmtree(out / "best", ignore_errors=True)
+        os.replace(out / "best.tmp", out / "best")
+    barrier(run.world)
+
+
+# -----------------------------------------------------------------------------
 # Checkpoints: resumable state with torch.distributed.checkpoint, the transformer in diffusers format
-
-
-def export_model(run, cfg, path, final=False):
-    """path/transformer (diffusers format) or, with LoRA, path/lora (the adapter alone); at the end of a run with
-    export_merged, also path/transformer with the adapter merged into the base (in place: the run is over)."""
-    if not cfg.lora_rank:
-        export_transformer(run.model, path / "transformer", run.rank, run.dtype)
-    else:
-        export_lora(run.model, path / "lora", run.rank)
-    if cfg.lora_rank and final and cfg.export_merged:
-        transformer = getattr(run.model, "module", run.model)  # DDP wraps it
-        transformer.fuse_lora()
-        transformer.unload_lora()
-        export_transformer(transformer, path / "transformer", run.rank, run.dtype)
 
 
 TRAINED = StateDictOptions(ignore_frozen_params=True)  # a checkpoint holds what trains: all of it, or the adapter
 
 
-def save_checkpoint(run, cfg, iteration):
+def save_checkpoint(run, cfg, iteration, guard_state):
     """Write under tmp-N, rename to step-N, then replace the `latest` pointer: a crash mid-save leaves the
-    previous checkpoint intact. All randomness derives from (seed, iteration, group), so no RNG state is needed."""
+    previous checkpoint intact. All randomness derives from (seed, iteration, group), so no RNG state is needed;
+    guard_state is the guard's before the evaluation at iteration N, which a resumed run makes again."""
     root = Path(cfg.out_dir) / "checkpoints"
     tmp, final = root / f"tmp-{iteration:06d}", root / f"step-{iteration:06d}"
     if run.rank == 0:
@@ -822,9 +899,10 @@ def save_checkpoint(run, cfg, iteration):
     barrier(run.world)
     model_state, optim_state = get_state_dict(run.model, run.optimizer, options=TRAINED)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / "state", no_dist=run.world == 1)
-    export_model(run, cfg, tmp)
+    export_model(run.model, tmp, run.rank, run.dtype, cfg.lora_rank)
     if run.rank == 0:
-        (tmp / "meta.json").write_text(json.dumps({"iteration": iteration, "config": dataclasses.asdict(cfg)}))
+        (tmp / "meta.json").write_text(json.dumps({"iteration": iteration, "config": dataclasses.asdict(cfg),
+                                                   "guard": guard_state}))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         (root / "latest.tmp").write_text(final.name)
@@ -840,6 +918,10 @@ def resume_state(cfg, out):
     pointer = out / "checkpoints" / "latest"
     if cfg.resume and not pointer.exists():
         raise ConfigError(f"resume: out_dir={out} holds no checkpoint; drop --resume to start a new run")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"out_dir={out}: cannot be created ({e.strerror}); pass a directory this user can write")
     if not cfg.resume and (out / "log.jsonl").exists() and not cfg.overwrite:
         raise ConfigError(f"out_dir={out}: already holds a run (log.jsonl); pass --resume to continue it, "
                           "--overwrite to replace it, or another --out_dir")
@@ -848,7 +930,7 @@ def resume_state(cfg, out):
 
 def restore(model, optimizer, cfg, path, rank, world):
     """Model and AdamW state from a checkpoint, in whatever sharding this run uses; returns the iterations it already
-    did, listing any fields that changed since."""
+    did and the guard's state, listing any fields that changed since."""
     model_state, optim_state = get_state_dict(model, optimizer, options=TRAINED)
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=path / "state", no_dist=world == 1)  # strict: every trained tensor must be there
@@ -859,7 +941,7 @@ def restore(model, optimizer, cfg, path, rank, world):
                if k not in ("resume", "overwrite", "iterations") and meta["config"].get(k) != now[k]]
     if changed and rank == 0:
         print(f"resuming {path} with changed fields: {', '.join(changed)}")
-    return meta["iteration"]
+    return meta["iteration"], meta.get("guard", {})
 
 
 # -----------------------------------------------------------------------------
@@ -911,6 +993,8 @@ class Run:
     eval_fns: dict
     eval_grid: list
     start: int  # the first iteration to run (> 0 when resumed)
+    guard: dict  # the guard's state before the evaluation at start (restored when resumed)
+    reference: typing.Callable  # () -> a context giving the model the run started from (kl_coef's pull)
     group_ids: range  # this rank's prompt groups
     cache: dict  # prompt -> embeddings
 
@@ -923,14 +1007,17 @@ def build(cfg, method=NEIGHBOR):
     dtype = compute_dtype(cfg)
     resume_from = resume_state(cfg, Path(cfg.out_dir))
     prompts = load_prompts(cfg.prompt_file)
-    reward_fns = {name: load_reward(name, cfg, device, dtype) for name in cfg.rewards}
-    eval_prompts, eval_fns = eval_setup(cfg, reward_fns, device) if cfg.eval_every else ([], {})
+    home = torch.device("cpu") if cfg.reward_offload else device  # where the reward models wait between calls
+    reward_fns = {name: load_reward(name, cfg, home, dtype) for name in cfg.rewards}
+    eval_prompts, eval_fns = eval_setup(cfg, reward_fns, home) if cfg.eval_every else ([], {})
     pipe = load_pipeline(cfg, device, dtype, meta=world > 1 and cfg.parallel == "fsdp" and rank > 0)
+    frozen = starting_model(pipe.transformer, cfg, device, world, dtype) if cfg.kl_coef and not cfg.lora_rank else None
     model = parallelize(pipe.transformer, cfg, device, world, dtype)
     model.train()
+    reference = functools.partial(adapters_off, model) if cfg.lora_rank else lambda: contextlib.nullcontext(frozen)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,  # or the adapters
                                   weight_decay=cfg.weight_decay)
-    start = restore(model, optimizer, cfg, resume_from, rank, world) if resume_from else 0
+    start, guard_state = restore(model, optimizer, cfg, resume_from, rank, world) if resume_from else (0, {})
     group_ids = range(rank * cfg.groups_per_rank, (rank + 1) * cfg.groups_per_rank)
     cache = {}
     met = [group_prompt(prompts, cfg, it, g, world * cfg.groups_per_rank)[0] for it in range(start, cfg.iterations)
@@ -938,7 +1025,16 @@ def build(cfg, method=NEIGHBOR):
     encode_prompts(pipe, met + prompts[: cfg.num_samples] + rank_eval_prompts(eval_prompts, rank, world), cfg, cache, rank)
     return Run(rank, world, device, dtype, pipe, model, optimizer, method, prompts, reward_fns, reward_mix(cfg),
                pipeline_grid(pipe, cfg, cfg.num_steps), eval_prompts, eval_fns,
-               eval_grid(pipe, cfg), start, group_ids, cache)
+               eval_grid(pipe, cfg), start, guard_state, reference, group_ids, cache)
+
+
+def starting_model(transformer, cfg, device, world, dtype):
+    """kl_coef's reference with full fine-tuning: the transformer as the run starts, frozen in the compute dtype and
+    sharded like the trained one under FSDP (made before parallelize() and restore() change the original)."""
+    frozen = copy.deepcopy(transformer).requires_grad_(False).to(dtype)
+    if world > 1 and cfg.parallel == "fsdp":
+        return parallelize(frozen, dataclasses.replace(cfg, grad_checkpointing=False), device, world, dtype)
+    return frozen.to(device)
 
 
 def encode_prompts(pipe, prompts, cfg, cache, rank=0):
@@ -950,9 +1046,10 @@ def encode_prompts(pipe, prompts, cfg, cache, rank=0):
         pipe.text_encoder_2.to("cpu")
 
 
-def periodic(run, cfg, it, log):
-    """The sample grid and the held-out evaluation, every sample_every and eval_every iterations and after the last
-    one (on every rank: FSDP needs them all in each forward)."""
+def periodic(run, cfg, it, log, guard_state):
+    """The sample grid and the held-out evaluation with the guard's decision (and the best model's export), every
+    sample_every and eval_every iterations and after the last one (on every rank: FSDP needs them all in each
+    forward). Returns the guard's state."""
     due = lambda every: every and (it % every == 0 or it == cfg.iterations)  # noqa: E731
     if due(cfg.sample_every):
         images = generate(run.pipe, run.prompts[: cfg.num_samples], cfg, run.grid, cfg.seed, run.dtype, run.cache)
@@ -961,7 +1058,12 @@ def periodic(run, cfg, it, log):
     if due(cfg.eval_every):
         summary = evaluate(run.pipe, run.eval_prompts, run.eval_fns, cfg, run.eval_grid, run.dtype, run.cache,
                            run.rank, run.world, Path(cfg.out_dir) / f"eval/iter_{it:06d}")
-        log.evaluation(it, summary, len(run.eval_prompts))
+        decided = guard(guard_state, it, summary, cfg, run.weights) if run.rank == 0 else None
+        guard_state = all_gather_objects(decided, run.world)[0]  # rank 0 holds the scores; every rank acts alike
+        if guard_state["new_best"]:
+            export_best(run, cfg, guard_state)
+        log.evaluation(it, summary, len(run.eval_prompts), guard_state)
+    return guard_state
 
 
 def iteration_record(run, cfg, groups, stats, seconds):
@@ -974,12 +1076,15 @@ def iteration_record(run, cfg, groups, stats, seconds):
 
 
 def train(cfg, method=NEIGHBOR):
-    """Alg. 1 on this process's share of the prompt groups; returns the trained (wrapped) transformer."""
+    """Alg. 1 on this process's share of the prompt groups, evaluated and guarded every eval_every iterations until
+    cfg.iterations or the guard stops it; returns the trained (wrapped) transformer."""
     run = build(cfg, method)
-    log, skipped, out = RunLog(run, cfg), 0, Path(cfg.out_dir)
+    log, skipped, out, it, guarded = RunLog(run, cfg), 0, Path(cfg.out_dir), run.start, run.guard
     with Preemption() as preempted:
-        for it in range(run.start, cfg.iterations):
-            periodic(run, cfg, it, log)
+        for it in range(run.start, cfg.iterations + 1):
+            before, guarded = guarded, periodic(run, cfg, it, log, guarded)
+            if it == cfg.iterations or guarded.get("stop"):
+                break
             groups, stats, seconds = train_iteration(run, cfg, it)
             rewards, stats = iteration_record(run, cfg, groups, stats, seconds)
             log.iteration(it, rewards, stats)
@@ -990,17 +1095,16 @@ def train(cfg, method=NEIGHBOR):
                     f"was saved since, so the last checkpoint in {out / 'checkpoints'} is good: --resume from it with "
                     "a lower --lr, or raise --max_skipped_steps")
             if preempted(run.world, run.device):  # finish the iteration, checkpoint, exit 0; rerun with --resume
-                save_checkpoint(run, cfg, it + 1)
+                save_checkpoint(run, cfg, it + 1, guarded)
                 log.stopped(it, preempted.signal)
                 barrier(run.world)
                 return run.model
             if cfg.ckpt_every and (it + 1) % cfg.ckpt_every == 0 and it + 1 < cfg.iterations:
-                save_checkpoint(run, cfg, it + 1)
-        periodic(run, cfg, cfg.iterations, log)
-        if run.start < cfg.iterations:  # a resumed run with nothing left to do keeps its checkpoint as it is
-            save_checkpoint(run, cfg, cfg.iterations)
-        export_model(run, cfg, out, final=True)
-        log.close()
+                save_checkpoint(run, cfg, it + 1, guarded)
+        if run.start < it:  # a resumed run with nothing left to do keeps its checkpoint as it is
+            save_checkpoint(run, cfg, it, before)
+        export_model(run.model, out, run.rank, run.dtype, cfg.lora_rank, cfg.export_merged)
+        log.close(guarded)
         barrier(run.world)
     return run.model
 

@@ -8,6 +8,7 @@ import dataclasses
 import importlib
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -31,11 +32,15 @@ class RunLog:
         print(f"{run.method.describe(cfg)} | {cfg.model_path} | {run.world} process(es) x {cfg.groups_per_rank} "
               f"group(s) | G={cfg.group_size} T={cfg.num_steps} K={cfg.num_train_steps} | start at iteration {run.start}")
 
-    def evaluation(self, it, summary, n):
+    def evaluation(self, it, summary, n, guard):
+        """summary: {reward: mean, se, ...} of the held-out prompts; guard: the guard's decision (neighbor_grpo.guard)."""
         if self.run.rank == 0:
-            self.record.update({"iter": it, **{f"eval/{k}": v["mean"] for k, v in summary.items()}})
-            print(f"eval {it:4d} | " + " ".join(f"{k} {mean_se(v)}" for k, v in summary.items()) +
-                  f" | {n} held-out prompts")
+            best = guard["best"]["iteration"] if guard["best"] else None
+            self.record.update({"iter": it, **{f"eval/{k}": v["mean"] for k, v in summary.items()},
+                                "guard/fallen": len(guard["fallen"]), "best_iter": best})
+            print(f"eval {it:4d} | " + " ".join(f"{k} {mean_se(v)}" + (" FALLEN from {:.4f} (iteration {})".format(
+                *guard["fallen"][k][:2]) if k in guard["fallen"] else "") for k, v in summary.items()) +
+                  f" | {n} held-out prompts | " + ("best so far" if guard["new_best"] else f"best: iteration {best}"))
 
     def iteration(self, it, rewards, stats):
         """rewards [M, N]: every rank's groups; stats: the update's statistics, averaged over ranks."""
@@ -62,7 +67,7 @@ class RunLog:
                   f"step-{it + 1:06d} written; continue with the same command and --resume")
             self.file.close()
 
-    def close(self):
+    def close(self, guard):
         if self.run.rank != 0:
             return
         if self.record:  # the final evaluation
@@ -71,7 +76,7 @@ class RunLog:
         plot_curves(self.out, self.cfg.rewards)
         if self.wandb:
             self.wandb.finish()
-        print(summary_line(self.out, self.cfg))
+        print(summary_line(self.out, self.cfg, guard))
 
 
 def open_log(out, start):
@@ -83,15 +88,20 @@ def open_log(out, start):
     return log
 
 
-def summary_line(out, cfg):
-    """The closing line: each held-out reward's first and last evaluation, and where the run's outputs are."""
+def summary_line(out, cfg, guard):
+    """The closing line: why the run ended (the guard that fell, from what to what), each held-out reward's first and
+    last evaluation, the best model, and where the run's outputs are."""
     evals = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if any("eval/" in k for k in r)]
     gains = [f"{k[5:]} {evals[0][k]:.4f} -> {evals[-1][k]:.4f} ({evals[-1][k] - evals[0][k]:+.4f})"
              for k in (evals[-1] if evals else {}) if k.startswith("eval/") and k in evals[0]]
     held_out = f"held-out (iterations {evals[0]['iter']} -> {evals[-1]['iter']}): " if gains else "no held-out evaluation"
     saved = [p for p in ("samples", "curves.png", "eval", "lora" if cfg.lora_rank else "transformer")
              if (out / p).is_file() or (out / p).is_dir() and any((out / p).iterdir())]
-    return f"done | {held_out}{', '.join(gains)} | in {out}: {', '.join(saved)}"
+    ended = "done" if not guard.get("stop") else f"stopped by the guard at iteration {guard['iteration']}: " + ", ".join(
+        f"{g} fell from {best:.4f} (iteration {at}) to {now:.4f} ± {se:.4f}" for g, (best, at, now, se) in
+        guard["fallen"].items()) + f" ({guard['streak']} evaluations in a row)"
+    best = f" | best model (iteration {guard['best']['iteration']}): {out / 'best'}" if guard.get("best") else ""
+    return f"{ended} | {held_out}{', '.join(gains)}{best} | in {out}: {', '.join(saved)}"
 
 
 def plot_curves(out, rewards):
@@ -105,14 +115,17 @@ def plot_curves(out, rewards):
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     names = list(dict.fromkeys([*rewards, *(k[5:] for r in log for k in r if k.startswith("eval/"))]))
     panels = [(n + ("" if n in rewards else " (not trained on)"), f"reward/{n}", f"eval/{n}") for n in names] + [
-        ("clip fraction", "clip_frac", None), ("first-anchor |log rho|", "first_anchor_abs_log_ratio",
-                                               None)]
+        ("clip fraction", "clip_frac", None), ("first-anchor |log rho|", "first_anchor_abs_log_ratio", None)] + [
+        ("distance to the reference (kl)", "kl", None)] * any("kl" in r for r in log)
+    best = next((r["best_iter"] for r in reversed(log) if r.get("best_iter") is not None), None)
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False)
     for ax, (title, train, held_out) in zip(axes[0], panels):
         for key, style, label in ((train, "-", "training groups"), (held_out, "o-", "held-out")):
             points = [(r["iter"], max(r[key], 1e-12) if "rho" in title else r[key]) for r in log if key in r]
             if points:
                 ax.plot(*zip(*points), style, label=label)
+        if best is not None:
+            ax.axvline(best, color="grey", ls=":", label=f"best model ({best})")
         ax.set(title=title, xlabel="iteration", yscale="log" if "rho" in title else "linear")
         if held_out:
             ax.legend(fontsize=7)
@@ -131,6 +144,23 @@ def save_grid(images, path, min_side=128):
         images = images.repeat_interleave(scale, dim=-1).repeat_interleave(scale, dim=-2)
     row = torch.cat(list(images), dim=2)
     Image.fromarray((row * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()).save(path)
+
+
+def write_evaluation(path, prompts, names, rows, samples, cfg, grid, paper_rows=None):
+    """path.json (per-prompt scores, mean, std, standard error), path.md (Table 1's shape, with any paper_rows) and
+    path.png (the samples) of an evaluation: rows [(prompt index, [score per reward in names])], samples {index:
+    image}. Returns {reward: dict(mean, std, se, missing)}."""
+    scores = torch.tensor([r for _, r in rows], dtype=torch.float64)
+    summary = {name: summarise(scores[:, m]) for m, name in enumerate(names)}
+    scores = [dict(index=i, prompt=prompts[i], **{k: None if math.isnan(v) else v for k, v in zip(names, r)})
+              for i, r in rows]
+    result = dict(num_prompts=len(prompts), num_steps=len(grid) - 1, solver=cfg.rollout_solver,
+                  resolution=cfg.resolution, seed=cfg.seed, rewards=summary, scores=scores)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{path}.json").write_text(json.dumps(result, indent=1))
+    Path(f"{path}.md").write_text(table1(summary, len(prompts), cfg.transformer_path or cfg.model_path, paper_rows))
+    save_grid(torch.stack([samples[i] for i in sorted(samples)]), f"{path}.png")
+    return summary
 
 
 def summarise(x):
@@ -152,3 +182,12 @@ def table1(summary, n, model, paper_rows=None):
 
 def mean_se(v):
     return f"{v['mean']:.4f} ± {v['se']:.4f}" + (f" ({v['missing']} unscored)" if v.get("missing") else "")
+
+
+def progress(iterable, desc, rank):
+    """A tqdm bar on rank 0 when stdout is a terminal (not in logs or CI); the iterable itself otherwise."""
+    if rank != 0 or not sys.stdout.isatty():
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, leave=False)

@@ -11,6 +11,7 @@ Each adapter preprocesses tensors as its package's own PIL pipeline does (clip_p
 that package's scoring path on tiny random models. This file imports nothing of the project's.
 """
 
+import contextlib
 import importlib
 import importlib.util
 import io
@@ -185,6 +186,7 @@ def hpsv2_scorer(model, tokenizer, dtype):
             image, text = model.encode_image(pixels), model.encode_text(tokenizer(prompts).to(device))
         return cosine(image, text)
 
+    hpsv2.models = (model,)  # what placed() moves
     return hpsv2
 
 
@@ -209,6 +211,7 @@ def pickscore_scorer(model, tokenizer, dtype):
             text = model.get_text_features(**text).pooler_output
         return model.logit_scale.exp().float() * cosine(image, text) / 100
 
+    pickscore.models = (model,)  # what placed() moves
     return pickscore
 
 
@@ -300,6 +303,7 @@ def imagereward_scorer(model, dtype):
         reward = model.mlp(out.last_hidden_state[:, 0].float())
         return ((reward - model.mean) / model.std).squeeze(-1)
 
+    imagereward.models = (model,)  # what placed() moves
     return imagereward
 
 
@@ -331,6 +335,7 @@ def clipscore_scorer(model, tokenizer, mean, std, dtype):
             image, text = model.encode_image(pixels), model.encode_text(tokenizer(prompts).to(device))
         return cosine(image, text)
 
+    clipscore.models = (model,)  # what placed() moves
     return clipscore
 
 
@@ -365,6 +370,7 @@ def aesthetic_scorer(clip, mlp, dtype):
             embed = clip.get_image_features(pixel_values=pixels).pooler_output
         return mlp.layers(F.normalize(embed.float(), dim=-1)).squeeze(-1)
 
+    aesthetic.models = (clip, mlp)  # what placed() moves
     return aesthetic
 
 
@@ -564,7 +570,8 @@ REWARDS = {
 def reward_config_problems(cfg):
     """What is wrong with cfg's reward fields, one line each naming the field and the fix (none: an empty list)."""
     problems = [f"{field}: unknown reward {name!r}; use one of {', '.join(REWARDS)} or module.path:function"
-                for field in ("rewards", "eval_rewards", "eval_only_rewards") for name in getattr(cfg, field)
+                for field in ("rewards", "eval_rewards", "eval_only_rewards", "guard_rewards")
+                for name in getattr(cfg, field, ())
                 if name not in REWARDS and ":" not in name]
     problems += [f"reward_paths: {item!r} is not key=path with key one of {', '.join(REWARD_WEIGHTS)}"
                  for item in cfg.reward_paths if item.partition("=")[0] not in REWARD_WEIGHTS or "=" not in item]
@@ -610,12 +617,31 @@ def call_reward(name, fn, images, prompts):
                       "row; check the reward's model or server, then continue with --resume")
 
 
-def score(reward_fns, images, prompts):
-    """Rewards [M, N] of N images for M reward functions, checked for shape and finiteness (a judge that abstains
-    may return NaN, which evaluation leaves out of its mean and counts)."""
-    rows = []
+@contextlib.contextmanager
+def placed(fn, device):
+    """fn's models on device while it scores, then back where they were: a reward loaded on the CPU (reward_offload)
+    holds the GPU only for its own call. A reward without models (a function, a remote judge) stays as it is."""
+    models = [m for m in getattr(fn, "models", ()) if device is not None]
+    homes = [next(m.parameters()).device for m in models]
+    for m in models:
+        m.to(device)
+    try:
+        yield
+    finally:
+        for m, home in zip(models, homes):
+            m.to(home)
+
+
+def score(reward_fns, images, prompts, device=None, batch_size=None):
+    """Rewards [M, N] of N images for M reward functions, batch_size images a call (each reward on device while it
+    scores, if given), checked for shape and finiteness (a judge that abstains may return NaN, which evaluation leaves
+    out of its mean and counts)."""
+    rows, n = [], batch_size or len(prompts)
     for name, fn in reward_fns.items():
-        r = torch.as_tensor(call_reward(name, fn, images, prompts)).detach().float().cpu().reshape(-1)
+        with placed(fn, device):
+            r = [torch.as_tensor(call_reward(name, fn, images[b: b + n], prompts[b: b + n])).detach().float().cpu()
+                 for b in range(0, len(prompts), n)]
+        r = torch.cat([x.reshape(-1) for x in r])
         if r.numel() != len(prompts):
             raise RewardError(f"reward {name!r} returned {r.numel()} scores for {len(prompts)} images")
         if not torch.isfinite(r).all() and not (getattr(fn, "abstains", False) and not r.isinf().any()):

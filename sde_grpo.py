@@ -133,13 +133,16 @@ def sde_group(run, cfg, prompt, gen, lap):
     return SDEGroup(prompt, cond, states, logp_old, rewards, adv.to(states.device), anchors, steps)
 
 
-def sde_objective(transformer, group, j, k, grid, cfg, dtype):
-    """J_{j,k} (eq. 4): sample j's own Gaussian policy ratio at step k, clipped."""
-    x = group.states[j, k].unsqueeze(0)
-    mean, std = sde_step(x, ng.velocity(transformer, x, grid[k], group.cond, dtype), grid[k], grid[k + 1], cfg.sde_eta)
-    logp = gaussian_log_prob(group.states[j, k + 1].unsqueeze(0), mean, std)
-    J, clip_frac = ng.grpo_objective(group.adv[j:j + 1], logp, group.logp_old[j, k:k + 1], cfg.clip_range)
-    return J, clip_frac, (logp - group.logp_old[j, k]).detach().abs().mean()
+def sde_objective(terms, x, v, grid, cfg):
+    """J_{j,k} (eq. 4) of each transition (group, sample j, step k), v_theta at X[j, k] given: sample j's own Gaussian
+    policy ratio at step k, clipped. Per transition [n]: J, clip fraction, |log rho|."""
+    out = []
+    for (group, j, k), x_jk, v_jk in zip(terms, x, v):
+        mean, std = sde_step(x_jk[None], v_jk[None], grid[k], grid[k + 1], cfg.sde_eta)
+        logp = gaussian_log_prob(group.states[j, k + 1][None], mean, std)
+        J, clip_frac = ng.grpo_objective(group.adv[j:j + 1], logp, group.logp_old[j, k:k + 1], cfg.clip_range)
+        out.append((J, clip_frac, (logp - group.logp_old[j, k]).detach().abs().mean()))
+    return [torch.stack(column) for column in zip(*out)]
 
 
 # one optimizer step per sde_samples_per_step samples, the loss averaged over them (DanceGRPO's accumulation)

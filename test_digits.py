@@ -96,11 +96,12 @@ def test_the_preset_evaluates_the_reward_and_both_judges_and_evaluate_py_agrees_
     ng.train(ng.parse_config(["--preset=digits", f"--out_dir={tmp_path / 'run'}", "--iterations=2", "--eval_every=2",
                               "--sample_every=0"]))
     final = read_log(tmp_path / "run")[-1]
-    assert set(final) == {"iter", "eval/digit_alignment", "eval/digit_cnn_alignment", "eval/digit_realism"}
+    assert set(final) == {"iter", "eval/digit_alignment", "eval/digit_cnn_alignment", "eval/digit_realism",
+                          "guard/fallen", "best_iter"}  # the two judges are the preset's guards
     summary = evaluate.evaluate_model(evaluate.parse_config(
         ["--preset=digits", f"--transformer_path={tmp_path / 'run/transformer'}", f"--out_dir={tmp_path / 'eval'}"]))
     assert {k: v["mean"] for k, v in summary.items()} == pytest.approx(
-        {k[5:]: v for k, v in final.items() if k != "iter"}, abs=1e-6)
+        {k[5:]: v for k, v in final.items() if k.startswith("eval/")}, abs=1e-6)
     table = (tmp_path / "eval/eval.md").read_text().splitlines()
     assert table[0] == "| model | digit_alignment | digit_cnn_alignment | digit_realism |"
     assert json.loads((tmp_path / "eval/eval.json").read_text())["num_prompts"] == 100

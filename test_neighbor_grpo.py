@@ -1,7 +1,13 @@
 """Tests for neighbor_grpo.py: the math on tiny tensors, the solvers against diffusers, the loop on a tiny FLUX."""
 
+import dataclasses
+import importlib.util
+import json
 import math
 import os
+import tempfile
+import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +17,7 @@ import evaluate
 import flux
 import neighbor_grpo as ng
 from conftest import (FLUX_SCHEDULER, assert_same_figures, exported, fixed_tiny_run, launch, max_abs_diff, read_log,
-                      tiny_cfg)
+                      tiny_cfg, update_gradients)
 
 
 def smooth_velocity(x, t):
@@ -158,8 +164,10 @@ def test_rho_is_one_and_gradient_is_minus_sum_adv_grad_distance_at_theta_old(tin
     model, j, k = tiny_pipe.transformer, 2, 5
     params = [p for p in model.parameters() if p.requires_grad]
     group = ng.Group("a red cube", cond, states, states[:, 1:], torch.zeros(1, 6), adv, [j], [[k]])
-    J, _, abs_log_ratio = ng.anchor_objective(model, group, j, k, grid, cfg, torch.float32)
-    grad_J = torch.autograd.grad(J, params, allow_unused=True)
+    terms = [(group, j, k)]
+    J, _, abs_log_ratio = ng.anchor_objective(terms, *ng.transition_velocities(model, terms, grid, torch.float32),
+                                              grid, cfg)
+    grad_J = torch.autograd.grad(J.sum(), params, allow_unused=True)
     assert abs_log_ratio < 1e-5  # matching solvers at theta = theta_old: rho = 1
     x = states[j, k].unsqueeze(0)
     x_theta = ng.euler_step(x, flux.velocity(model, x, grid[k], cond), grid[k], grid[k + 1])[0]
@@ -182,9 +190,10 @@ def test_train_solver_old_anchor_gives_rho_one_at_theta_old_for_dpm_rollouts(tin
     adv = ng.quasi_norm_advantages(torch.randn(6, generator=torch.Generator().manual_seed(8)), 0.8)
     ddim, stored = (ng.Group("a red cube", cond, states, old_next, torch.zeros(1, 6), adv, [], [])
                     for old_next in (train_next, states[:, 1:]))
+    velocities = lambda terms: ng.transition_velocities(tiny_pipe.transformer, terms, grid, dtype)  # noqa: E731
     for j, k in [(0, 0), (1, 3), (4, 5), (5, 7)]:
-        assert ng.anchor_objective(tiny_pipe.transformer, ddim, j, k, grid, cfg, dtype)[2] < 1e-6
-    stored = ng.anchor_objective(tiny_pipe.transformer, stored, 1, 4, grid, cfg, dtype)[2]
+        assert ng.anchor_objective([(ddim, j, k)], *velocities([(ddim, j, k)]), grid, cfg)[2] < 1e-6
+    stored = ng.anchor_objective([(stored, 1, 4)], *velocities([(stored, 1, 4)]), grid, cfg)[2]
     assert stored > 1e-5  # the DPM++ / DDIM offset, already a tenth of the 1e-4 clip at initialisation
     for k in (0, -1):  # DPM++'s first-order steps out of t = 1 and into t = 0 are Euler steps
         assert torch.allclose(states[:, k + 1 if k == 0 else k], train_next[:, k], atol=1e-5)
@@ -320,6 +329,18 @@ def test_inference_sampler_is_flux_pipeline_sampling(tiny_pipe):
     (["--num_anchor=4"], "num_anchors"),
     (["--preset=huge"], "preset"),
     (["--prompt_file=/nonexistent/prompts.txt"], "prompt_file"),
+    (["--update_batch_size=0"], "update_batch_size"),
+    (["--rewards=brightness", "--guard_rewards=brightness,jpeg_incompressibility"], "guard_rewards"),
+    (["--guard_rewards=brightness", "--eval_every=0"], "guard_rewards"),
+    (["--guard_rewards=realism"], "guard_rewards"),
+    (["--kl_coef=-0.1"], "kl_coef"),
+    (["--guard_tolerance=0"], "guard_tolerance"),
+    (["--guard_patience=-1"], "guard_patience"),
+    (["--out_dir=/dev/null/run"], "out_dir"),
+    (["--base_quantization=nf4"], "base_quantization"),
+    (["--lora_rank=4", "--base_quantization=nf4", "--parallel=fsdp"], "base_quantization"),
+    (["--lora_rank=4", "--base_quantization=nf4", "--export_merged"], "base_quantization"),
+    (["--lora_rank=4", "--base_quantization=int4"], "base_quantization"),
 ])
 def test_bad_config_fails_with_one_line_naming_the_field(args, field, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
@@ -395,7 +416,7 @@ def test_tiny_run_writes_log_samples_and_a_diffusers_checkpoint(tmp_path, capsys
     log = read_log(tmp_path)
     assert [r["iter"] for r in log] == [0, 1, 2]  # the last record is the final evaluation
     assert "eval/jpeg_compressibility" in log[0] and "eval/jpeg_compressibility" not in log[1]
-    assert set(log[2]) == {"iter", "eval/jpeg_compressibility"}
+    assert set(log[2]) == {"iter", "eval/jpeg_compressibility", "guard/fallen", "best_iter"}
     assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == [
         f"iter_00000{i}.{ext}" for i in (0, 2) for ext in ("json", "md", "png")]
     for key in ("reward/jpeg_compressibility", "reward_std/jpeg_compressibility", "loss", "clip_frac",
@@ -409,10 +430,11 @@ def test_tiny_run_writes_log_samples_and_a_diffusers_checkpoint(tmp_path, capsys
     out = capsys.readouterr().out.splitlines()
     evals = [line for line in out if line.startswith("eval ")]
     assert len(evals) == 2 and evals[1].startswith("eval    2 | jpeg_compressibility -") and "± 0.0" in evals[1]
-    assert evals[1].endswith("| 3 held-out prompts")
+    assert evals[1].endswith("| 3 held-out prompts | best so far")
     first, last = log[0]["eval/jpeg_compressibility"], log[2]["eval/jpeg_compressibility"]
     assert out[-1] == (f"done | held-out (iterations 0 -> 2): jpeg_compressibility {first:.4f} -> {last:.4f} "
-                       f"({last - first:+.4f}) | in {tmp_path}: samples, curves.png, eval, transformer")
+                       f"({last - first:+.4f}) | best model (iteration 2): {tmp_path / 'best'} | in {tmp_path}: "
+                       "samples, curves.png, eval, transformer")
     trained = FluxTransformer2DModel.from_pretrained(tmp_path / "transformer")
     initial = flux.build_random_flux(cfg.seed, **flux.TINY).transformer
     assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), initial.parameters()))
@@ -451,16 +473,188 @@ def test_the_split_into_files_is_numerically_invisible(tmp_path, old_anchor):
                         BEFORE_THE_SPLIT[old_anchor])
 
 
-def test_lora_learns_and_lr_zero_does_not_move(tmp_path):
-    """Adapters on the attention projections alone lift the mean brightness within a few iterations."""
+@pytest.mark.parametrize("args", [["--old_anchor=train_solver"], ["--old_anchor=rollout"],
+                                  ["--lora_rank=4", "--lora_alpha=8"], ["--grad_checkpointing=true"]],
+                         ids=["train_solver", "rollout", "lora", "checkpointing"])
+def test_batched_update_has_the_gradient_of_one_transition_per_call(args):
+    """2 groups x K = 4 transitions per optimizer step in calls of 3 (calls that mix the groups' prompts) or 1."""
+    batched, single = (update_gradients(ng.parse_config, ng.NEIGHBOR, n, *args) for n in (3, 1))
+    assert len(batched) == len(single) == 4  # an optimizer step per anchor
+    for step_b, step_1 in zip(batched, single, strict=True):
+        scale = max(g.abs().max() for g in step_1)
+        assert scale > 0 and max((a - b).abs().max() for a, b in zip(step_b, step_1)) < 1e-5 * scale
+
+
+@pytest.mark.parametrize("base", [[], ["--base_quantization=nf4"]], ids=["bf16 base", "nf4 base"])
+def test_lora_learns_and_lr_zero_does_not_move(tmp_path, base):
+    """Adapters on the attention projections alone lift the mean brightness within a few iterations, on the
+    full-precision base and on a 4-bit one (QLoRA)."""
     curves = {}
     for lr in ("3e-2", "0"):
         ng.train(tiny_cfg(tmp_path / lr, "--lora_rank=4", "--lora_alpha=8", f"--lr={lr}", "--rewards=brightness",
-                          "--iterations=12", "--sample_every=0", "--eval_every=0", "--ckpt_every=0"))
+                          "--iterations=12", "--sample_every=0", "--eval_every=0", "--ckpt_every=0", *base))
         curves[lr] = [rec["reward/brightness"] for rec in read_log(tmp_path / lr)]
     assert sum(curves["3e-2"][-4:]) / 4 - curves["3e-2"][0] > 0.03  # measured: 0.507 -> 0.58
     assert abs(sum(curves["0"][-4:]) / 4 - curves["0"][0]) < 0.01
     assert curves["3e-2"][0] == curves["0"][0]
+
+
+# ---------------------------------------------------------------------------- QLoRA: LoRA on a 4-bit base
+
+
+def test_nf4_base_velocity_is_within_16_percent_of_the_bf16_bases_on_the_digits_model():
+    """Every nn.Linear of the digits transformer in NF4, bf16 compute as on a GPU: the velocity's relative error
+    against the bf16 base's (measured 0.154; the model is small, so a block of 64 weights spans few rows), beside
+    bf16's own against fp32 for scale (0.077)."""
+    import bitsandbytes as bnb
+
+    v = {}
+    for name, quantization, dtype in (("fp32", "", torch.float32), ("bf16", "", torch.bfloat16),
+                                      ("nf4", "nf4", torch.bfloat16)):
+        cfg = ng.parse_config(["--preset=digits", "--lora_rank=4", f"--base_quantization={quantization}"])
+        pipe = flux.load_pipeline(cfg, torch.device("cpu"), dtype)
+        cond = flux.encode_prompt(pipe, "a handwritten digit 3, three", cfg, {})
+        x = torch.randn(6, *flux.latent_shape(pipe, cfg.resolution), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            v[name] = flux.velocity(pipe.transformer, x, 0.6, cond, dtype)
+    error = lambda a, b: ((v[a] - v[b]).norm() / v[b].norm()).item()  # noqa: E731
+    assert 0.10 < error("nf4", "bf16") < 0.16 and error("bf16", "fp32") < 0.09
+    assert isinstance(pipe.transformer.proj_out, bnb.nn.Linear4bit)
+    assert all(type(m) is not torch.nn.Linear or m.weight.requires_grad for m in pipe.transformer.modules())
+
+
+def test_a_qlora_run_resumes_exactly_and_its_adapter_loads_onto_the_full_precision_base(tmp_path):
+    args = ["--lora_rank=4", "--lora_alpha=8", "--lr=1e-2", "--base_quantization=nf4", "--sample_every=0",
+            "--eval_every=0", "--ckpt_every=2"]
+    ng.train(tiny_cfg(tmp_path / "straight", *args, "--iterations=4"))
+    ng.train(tiny_cfg(tmp_path / "resumed", *args, "--iterations=2"))
+    ng.train(tiny_cfg(tmp_path / "resumed", *args, "--iterations=4", "--resume"))
+    assert max_abs_diff(exported(tmp_path / "straight"), exported(tmp_path / "resumed")) == 0
+    pipe = flux.build_random_flux(0, **flux.TINY)  # the same random base, unquantized
+    pipe.load_lora_weights(tmp_path / "straight/lora")  # every adapter tensor lands (diffusers checks the keys)
+    adapted = {n for n, _ in pipe.transformer.named_parameters() if "lora_B" in n}
+    assert len(adapted) == len([k for k in exported(tmp_path / "straight") if "lora_B" in k]) > 0
+
+
+def test_without_bitsandbytes_a_4_bit_base_is_a_one_line_error(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(ng.ConfigError, match="base_quantization=nf4 needs the bitsandbytes package"):
+        tiny_cfg(None, "--lora_rank=4", "--base_quantization=nf4")
+
+
+# ---------------------------------------------------------------------------- the guard and the pull (kl_coef)
+
+
+def guard_history(guard_means, train_means, tolerance=2.0, patience=2, se=0.01):
+    """ng.guard over a synthetic history: a training reward and a guard g, each with standard error se."""
+    cfg = types.SimpleNamespace(rewards=("r",), guard_rewards=("g",), guard_tolerance=tolerance,
+                                guard_patience=patience)
+    state, states = {}, []
+    for e, (g, r) in enumerate(zip(guard_means, train_means)):
+        summary = {"r": dict(mean=r, std=0.1, se=se), "g": dict(mean=g, std=0.1, se=se)}
+        state = ng.guard(state, 25 * e, summary, cfg, (1.0,))
+        states.append(state)
+    return states
+
+
+def test_guard_falls_two_standard_errors_below_its_best_and_stops_after_patience():
+    states = guard_history([0.30, 0.32, 0.31, 0.279, 0.27, 0.26], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    assert [bool(s["fallen"]) for s in states] == [False, False, False, True, True, True]  # 0.279 < 0.32 - 0.02
+    assert [s["stop"] for s in states] == [False, False, False, False, True, True]
+    assert [s["best"]["iteration"] for s in states] == [0, 25, 50, 50, 50, 50]  # the reward rose; the guard fell
+    assert states[4]["fallen"] == {"g": [0.32, 25, 0.27, 0.01]}  # from its best (at 25) to now, with its s.e.
+
+
+def test_a_guard_wobbling_within_its_standard_error_never_falls():
+    states = guard_history([0.30, 0.31, 0.292, 0.305, 0.291, 0.31], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    assert not any(s["fallen"] for s in states) and states[-1]["best"]["iteration"] == 125
+
+
+def test_a_guard_that_recovers_resets_the_count_and_never_stops_a_run():
+    states = guard_history([0.30, 0.32, 0.25, 0.33, 0.26, 0.34], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    assert [s["streak"] for s in states] == [0, 0, 1, 0, 1, 0] and not any(s["stop"] for s in states)
+    assert [s["new_best"] for s in states] == [True, True, False, True, False, True]
+    assert not guard_history([0.3, 0.2, 0.1, 0.0], [0, 1, 2, 3], patience=0)[-1]["stop"]  # 0: never stop
+
+
+def test_the_best_models_score_weighs_each_training_reward_in_its_own_spread():
+    cfg = types.SimpleNamespace(rewards=("hps", "imagereward"), guard_rewards=(), guard_tolerance=2.0,
+                                guard_patience=2)
+    first = {"hps": dict(mean=0.30, std=0.01, se=0.001), "imagereward": dict(mean=1.0, std=1.0, se=0.1)}
+    state = ng.guard({}, 0, first, cfg, (0.5, 0.5))
+    hps_up = ng.guard(state, 25, {**first, "hps": dict(mean=0.32, std=0.01, se=0.001)}, cfg, (0.5, 0.5))
+    ir_up = ng.guard(state, 25, {**first, "imagereward": dict(mean=1.5, std=1.0, se=0.1)}, cfg, (0.5, 0.5))
+    assert hps_up["best"]["score"] == pytest.approx(1.0) and ir_up["best"]["score"] == pytest.approx(0.25)
+
+
+def test_a_guarded_run_stops_exports_its_best_and_a_resumed_one_decides_alike(tmp_path, capsys):
+    """Training makes images JPEG-compressible, which a guard scoring JPEG incompressibility sees falling."""
+    args = ["--guard_rewards=jpeg_incompressibility", "--eval_every=2", "--sample_every=0", "--ckpt_every=2",
+            "--iterations=30"]
+    ng.train(tiny_cfg(tmp_path / "straight", *args))
+    closing = capsys.readouterr().out.strip().splitlines()[-1]
+    log = read_log(tmp_path / "straight")
+    stop = log[-1]["iter"]
+    assert stop < 30 and log[-1]["guard/fallen"] == 1 and log[-3]["guard/fallen"] == 1  # patience 2
+    assert closing.startswith(f"stopped by the guard at iteration {stop}: jpeg_incompressibility fell from ")
+    best = json.loads((tmp_path / "straight/best/best.json").read_text())
+    assert f"best model (iteration {best['iteration']}): {tmp_path / 'straight/best'}" in closing
+    assert best["iteration"] == log[-1]["best_iter"] < stop and "jpeg_incompressibility" in best["scores"]
+    assert (tmp_path / "straight/checkpoints/latest").read_text() == f"step-{stop:06d}"
+    ng.train(tiny_cfg(tmp_path / "resumed", *args[:-1], f"--iterations={stop - 2}"))
+    ng.train(tiny_cfg(tmp_path / "resumed", *args, "--resume"))
+    assert [{k: v for k, v in r.items() if not k.startswith("time/")} for r in read_log(tmp_path / "resumed")] == [
+        {k: v for k, v in r.items() if not k.startswith("time/")} for r in log]
+    assert json.loads((tmp_path / "resumed/best/best.json").read_text()) == best
+    assert max_abs_diff(exported(tmp_path / "straight/best"), exported(tmp_path / "resumed/best")) == 0
+
+
+def kl_run(*args):
+    cfg = tiny_cfg(None, "--kl_coef=1", "--eval_every=0", "--sample_every=0", "--rewards=brightness", *args)
+    run = ng.build(dataclasses.replace(cfg, overwrite=True, out_dir=str(Path(tempfile.mkdtemp()))))
+    group = ng.neighbourhood_group(run, cfg, "a red cube", torch.Generator().manual_seed(3), lambda phase: None)
+    return run, cfg, [(group, j, k) for j in group.anchors[:2] for k in group.steps[0]]
+
+
+@pytest.mark.parametrize("lora", [[], ["--lora_rank=4", "--lora_alpha=8"]], ids=["full", "lora"])
+def test_the_pulls_gradient_is_zero_at_the_reference_and_pulls_back_once_moved(lora):
+    run, cfg, terms = kl_run(*lora)
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    pull = lambda: ng.transitions_loss(run.model, run.method, terms, run.grid, cfg, run.dtype, run.reference)[3]  # noqa
+    kl = pull()
+    assert kl.abs().max() == 0 and all(g is None or g.abs().max() == 0 for g in
+                                       torch.autograd.grad(kl.sum(), params, allow_unused=True))
+    with torch.no_grad():
+        for p in params:
+            p.add_(1e-2 * torch.randn_like(p))  # theta moves away from where it started (LoRA: B != 0)
+    kl = pull()
+    grads = torch.autograd.grad(kl.sum(), params, allow_unused=True)
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            p.sub_(1e-3 * g if g is not None else 0)
+    assert kl.min() > 0 and pull().sum() < kl.sum()  # a step down the pull's gradient moves theta back
+
+
+def test_with_lora_the_reference_is_the_base_with_the_adapters_off():
+    run, cfg, terms = kl_run("--lora_rank=4", "--lora_alpha=8")
+    with torch.no_grad():
+        for name, p in run.model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.1)  # the adapters now change the velocity
+    base = flux.build_random_flux(cfg.seed, **flux.TINY).transformer  # the same random base, no adapters
+    with torch.no_grad(), run.reference() as reference:
+        v_ref = ng.transition_velocities(reference, terms, run.grid, run.dtype)[1]
+    with torch.no_grad():
+        v_base = ng.transition_velocities(base, terms, run.grid, run.dtype)[1]
+        v_theta = ng.transition_velocities(run.model, terms, run.grid, run.dtype)[1]
+    assert torch.allclose(v_ref, v_base, atol=1e-6) and (v_theta - v_base).abs().max() > 1e-3
+    assert all(p.requires_grad == ("lora" in n) for n, p in run.model.named_parameters())  # adapters back on
+
+
+def test_kl_coef_zero_is_the_papers_objective_exactly(tmp_path):
+    assert_same_figures(fixed_tiny_run(tmp_path, ng.parse_config, ng.NEIGHBOR, "--kl_coef=0"),
+                        BEFORE_THE_SPLIT["train_solver"])
 
 
 # ---------------------------------------------------------------------------- distributed, checkpoints, resume
@@ -501,7 +695,7 @@ def test_two_ranks_equal_one_process_over_the_same_groups(tmp_path, parallel, ch
     args = ["--preset=tiny", "--iterations=3", "--sample_every=0", "--num_train_steps=2",
             "--rewards=brightness", *lora]
     ranks = run_ranks(tmp_path, parallel, 2, *args, f"--parallel={parallel}", f"--grad_checkpointing={checkpointing}")
-    (one,) = run_ranks(tmp_path, "one", 1, *args, "--groups_per_rank=2")
+    (one,) = run_ranks(tmp_path, "one", 1, *args, "--groups_per_rank=2", "--update_batch_size=1")  # ranks: 2 a call
     assert max_abs_diff(ranks[0], ranks[1]) == 0  # identical on every rank
     # the same updates as one process averaging both groups, to round-off times Adam's step (lr 1e-3; LoRA 1e-2)
     assert max_abs_diff(ranks[0], one) < (1e-4 if lora else 1e-5)
@@ -564,20 +758,20 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, lora):
 
 
 def test_an_interrupted_save_leaves_the_last_checkpoint_loadable(tmp_path, monkeypatch):
-    ng.train(tiny_cfg(tmp_path, "--iterations=1", "--sample_every=0"))
-    real_export = ng.export_transformer
+    ng.train(tiny_cfg(tmp_path, "--iterations=1", "--sample_every=0", "--eval_every=0"))
+    real_export = flux.export_transformer
 
     def crash_after_partial_write(model, path, rank, dtype):
         real_export(model, path, rank, dtype)
         raise KeyboardInterrupt("killed mid-save")
 
-    monkeypatch.setattr(ng, "export_transformer", crash_after_partial_write)
+    monkeypatch.setattr(flux, "export_transformer", crash_after_partial_write)
     with pytest.raises(KeyboardInterrupt):
-        ng.train(tiny_cfg(tmp_path, "--iterations=2", "--sample_every=0", "--resume"))
+        ng.train(tiny_cfg(tmp_path, "--iterations=2", "--sample_every=0", "--eval_every=0", "--resume"))
     root = tmp_path / "checkpoints"
     assert (root / "latest").read_text() == "step-000001" and (root / "tmp-000002").exists()
     monkeypatch.undo()
-    ng.train(tiny_cfg(tmp_path, "--iterations=2", "--sample_every=0", "--resume"))  # resumes from step 1
+    ng.train(tiny_cfg(tmp_path, "--iterations=2", "--sample_every=0", "--eval_every=0", "--resume"))  # from step 1
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000002"]
     assert [r["iter"] for r in read_log(tmp_path) if "loss" in r] == [0, 1]  # one training record per iteration
 

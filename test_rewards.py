@@ -324,3 +324,23 @@ def test_a_reward_that_raises_is_retried_then_named(monkeypatch):
         rewards.score({"flaky": flaky}, images, ["a", "b"])
 
 
+
+
+def test_an_offloaded_reward_is_on_the_device_only_while_it_scores_and_in_batches():
+    """reward_offload: score() moves each reward's models to the device for its own calls, then back."""
+    model, moves, seen = torch.nn.Linear(3, 1), [], []
+    real_to = model.to
+    model.to = lambda device: moves.append(str(device)) or real_to("cpu")  # a CPU machine: record where it goes
+
+    def towers(images, prompts):
+        seen.append((len(prompts), list(moves)))
+        return model(images.mean(dim=(2, 3))).squeeze(-1)
+
+    towers.models = (model,)
+    images = torch.rand(5, 3, 8, 8)
+    scores = rewards.score({"towers": towers, "brightness": brightness}, images, list("abcde"), "cuda:0", 2)
+    assert moves == ["cuda:0", "cpu"] and seen == [(2, ["cuda:0"]), (2, ["cuda:0"]), (1, ["cuda:0"])]
+    with torch.no_grad():
+        assert torch.allclose(scores, torch.stack([model(images.mean(dim=(2, 3))).squeeze(-1), brightness(images, [])]))
+    rewards.score({"towers": towers}, images, list("abcde"))  # no device: left where it is
+    assert moves == ["cuda:0", "cpu"]

@@ -11,7 +11,7 @@ import torch
 import flux
 import neighbor_grpo as ng
 import sde_grpo as sde
-from conftest import FLUX_SCHEDULER, assert_same_figures, fixed_tiny_run, read_log
+from conftest import FLUX_SCHEDULER, assert_same_figures, fixed_tiny_run, read_log, update_gradients
 
 
 def sde_cfg(tmp_path=None, *args):
@@ -58,7 +58,8 @@ def test_sde_baseline_trains_every_sample_on_its_own_steps(tmp_path):
     cfg = sde_cfg(tmp_path, "--num_steps=6", "--num_train_steps=3", "--iterations=2", "--sample_every=0",
                   "--eval_every=0", "--group_size=4")
     steps = []
-    spy = dataclasses.replace(sde.SDE, objective=lambda *args: steps.append(args[2:4]) or sde.sde_objective(*args))
+    spy = dataclasses.replace(sde.SDE, objective=lambda *args: steps.extend((j, k) for _, j, k in args[0]) or
+                              sde.sde_objective(*args))
     ng.train(cfg, spy)
     assert len(steps) == 2 * 4 * 3 and {j for j, _ in steps} == {0, 1, 2, 3} and max(k for _, k in steps) <= 4
     log = read_log(tmp_path)
@@ -81,13 +82,14 @@ def test_sde_step_on_a_group_is_one_step_on_the_mean_of_its_per_sample_gradients
     model = copy.deepcopy(tiny_pipe.transformer)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     run = types.SimpleNamespace(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), method=sde.SDE,
-                                grid=grid, dtype=torch.float32)
+                                grid=grid, dtype=torch.float32, reference=None)
     ng.policy_update(run, [group], cfg)
     reference = copy.deepcopy(tiny_pipe.transformer)  # per-sample gradients of -J / K, averaged over the group
     for b, j in enumerate(anchors):
         for k in steps[b]:
-            J = sde.sde_objective(reference, group, j, k, grid, cfg, torch.float32)[0]
-            (-J / (2 * 4)).backward()
+            terms = [(group, j, k)]
+            J = sde.sde_objective(terms, *ng.transition_velocities(reference, terms, grid, torch.float32), grid, cfg)[0]
+            (-J.sum() / (2 * 4)).backward()
     moved = 0.0
     for n, p in model.named_parameters():
         g = dict(reference.named_parameters())[n].grad
@@ -100,6 +102,16 @@ def test_sde_step_on_a_group_is_one_step_on_the_mean_of_its_per_sample_gradients
     run.optimizer.register_step_pre_hook(lambda *_: calls.append(1))
     ng.policy_update(run, [group], dataclasses.replace(cfg, sde_samples_per_step=1))
     assert len(calls) == 4
+
+
+def test_batched_sde_update_has_the_gradient_of_one_transition_per_call():
+    """2 groups x 4 samples x K = 3 transitions per optimizer step, in calls of 5 or 1."""
+    args = ["--group_size=4", "--num_steps=5", "--num_train_steps=3", "--sde_samples_per_step=2"]
+    batched, single = (update_gradients(sde.parse_config, sde.SDE, n, *args) for n in (5, 1))
+    assert len(batched) == len(single) == 2
+    for step_b, step_1 in zip(batched, single, strict=True):
+        scale = max(g.abs().max() for g in step_1)
+        assert scale > 0 and max((a - b).abs().max() for a, b in zip(step_b, step_1)) < 1e-5 * scale
 
 
 def test_std_advantages_are_eq_3():
