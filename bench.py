@@ -278,6 +278,9 @@ def sweep(opts, cfg):
     print(table + f"wrote {out / 'sweep.md'} and {out / 'sweep.png'}")
 
 
+EMPTY = '""'  # how a swept value of "" (a field's off, as base_quantization=) is shown
+
+
 def sweep_table(field, runs):
     """Per setting: each held-out metric's first -> last evaluation (mean over seeds), its gain (mean ± s.d.,
     per seed), the clip fraction, the first anchor's |log rho| (last fifth, max), iterations and seconds."""
@@ -296,7 +299,7 @@ def sweep_table(field, runs):
         clip = sum(sum(r["clip_frac"] for r in t) / len(t) for t in train) / len(train)
         ratio = sum(max(r["first_anchor_abs_log_ratio"] for r in t[-max(1, len(t) // 5):]) for t in train) / len(train)
         seconds = sum(sum(r["time/total"] for r in t) for t in train) / len(train)
-        rows.append(f"| {value} | " + " | ".join(cells) + f" | {clip:.2f} | {ratio:.1e} | {len(train[0])} | "
+        rows.append(f"| {value or EMPTY} | " + " | ".join(cells) + f" | {clip:.2f} | {ratio:.1e} | {len(train[0])} | "
                     f"{seconds:.0f} |")
     return "\n".join(rows) + "\n"
 
@@ -317,7 +320,7 @@ def plot_sweep(field, runs, x, path):
                                   dtype=torch.float64).mean(0)
             values = torch.tensor([[p[2] for p in c[m]] for c in curves], dtype=torch.float64)
             mean, std = values.mean(0), values.std(0) if len(values) > 1 else torch.zeros(values.shape[1])
-            ax.plot(points, mean, "o-", ms=3, label=f"{field}={value}")
+            ax.plot(points, mean, "o-", ms=3, label=f"{field}={value or EMPTY}")
             ax.fill_between(points, mean - std, mean + std, alpha=0.2)
     for ax, m in zip(axes[0], metrics):
         ax.set(title=f"held-out {m}", xlabel="iteration" if x == "iteration" else "training wall-clock (s)")
@@ -403,15 +406,15 @@ def meta_training(cfg, model, mesh, dtype):
     return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
 
 
-def meta_reference(cfg, model, frozen, mesh, dtype):
-    """kl_coef's reference as build() makes it: the adapters switched off (LoRA), else frozen (a meta transformer) in
-    the compute dtype with fake parameters, sharded like the model."""
+def meta_reference(cfg, model, frozen, mesh, dtype):  # -> (the reference's context factory, the frozen copy or None)
+    """kl_coef's reference as build() makes it: the adapters switched off (LoRA), else frozen (a meta transformer in
+    the compute dtype) with fake parameters, sharded like the model."""
     if cfg.lora_rank:
-        return functools.partial(ng.adapters_off, model)
-    frozen = fake_parameters(frozen.requires_grad_(False).to(dtype))
+        return functools.partial(ng.adapters_off, model), None
+    frozen = fake_parameters(frozen)
     if mesh is not None:
         ng.shard(frozen, mesh, dtype)
-    return lambda: contextlib.nullcontext(frozen)
+    return lambda: contextlib.nullcontext(frozen), frozen
 
 
 def meta_group(cfg, sizes, L):
@@ -456,8 +459,9 @@ def anchor_update(model, optimizer, cfg, group, grid, dtype, tracker, reference=
     optimizer.step()
 
 
-def tracked_peak(model, optimizer, world, inputs, fn):
-    """{category: bytes} at the peak of fn(tracker), as (FSDP)MemTracker sees it."""
+def tracked_peak(model, optimizer, world, inputs, fn, frozen=None):
+    """{category: bytes} at the peak of fn(tracker), as (FSDP)MemTracker sees it; frozen: another module fn calls
+    (kl_coef's reference), counted as the trackers meet it."""
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch.distributed._tools.mem_tracker import MemTracker
 
@@ -474,8 +478,8 @@ def tracked_peak(model, optimizer, world, inputs, fn):
         tracker = Tracker()
         tracker.track_external(model, optimizer, *inputs)
         unhooked = types.SimpleNamespace(remove=lambda: None)
-        for p in model.parameters():  # MemTracker would hook every parameter's gradient, frozen ones (LoRA's base) too
-            if not p.requires_grad:
+        for p in [*model.parameters(), *(frozen.parameters() if frozen else ())]:  # MemTracker would hook every
+            if not p.requires_grad:  # parameter's gradient, frozen ones (LoRA's base, the reference) too
                 tracker._param_to_grad_hook_handles[p] = (unhooked, unhooked)
     with tracker:
         fn(tracker)
@@ -598,12 +602,13 @@ def meta(opts, cfg):
     L = (cfg.resolution // vae_factor // 2) ** 2
     grid = ng.time_grid(cfg.num_steps, L, flux.FLUX_SCHEDULER, cfg.shift)
     meta_model = meta_transformer(cfg, sizes, dtype)
-    frozen = meta_transformer(cfg, sizes, dtype) if cfg.kl_coef and not cfg.lora_rank else None
+    frozen = meta_transformer(cfg, sizes, dtype).requires_grad_(False).to(dtype) if cfg.kl_coef and not cfg.lora_rank \
+        else None
     with FakeTensorMode():
         with default_dtype(dtype):  # the VAE as loaded (in the compute dtype)
             vae = AutoencoderKL(**flux.vae_config(**sizes))
         model, optimizer = meta_training(cfg, meta_model, mesh, dtype)
-        reference = meta_reference(cfg, model, frozen, mesh, dtype) if cfg.kl_coef else None
+        reference, frozen = meta_reference(cfg, model, frozen, mesh, dtype) if cfg.kl_coef else (None, None)
         group = meta_group(cfg, sizes, L)
         f_roll = count_flops(lambda: rollout_forward(model, cfg, group, grid, dtype))
         f_update = count_flops(lambda: update_pass(model, cfg, group, grid, dtype, reference))
@@ -612,8 +617,9 @@ def meta(opts, cfg):
         inputs = (group.states, group.old_next, group.cond.prompt_embeds)
         mem_roll = tracked_peak(model, optimizer, world, inputs, lambda t: rollout_forward(model, cfg, group, grid,
                                                                                           dtype))
-        mem_update = tracked_peak(model, optimizer, world, inputs, lambda t: anchor_update(
-            model, optimizer, cfg, group, grid, dtype, t, reference))
+        tracked = dataclasses.replace(cfg, kl_coef=0.0) if cfg.lora_rank else cfg  # MemTracker cannot follow a module
+        mem_update = tracked_peak(model, optimizer, world, inputs, lambda t: anchor_update(  # twice in a pass: LoRA's
+            model, optimizer, tracked, group, grid, dtype, t, reference), frozen)  # reference (adapters off) left out
         latents = torch.randn(cfg.reward_batch_size, sizes["latent_channels"], cfg.resolution // vae_factor,
                               cfg.resolution // vae_factor, dtype=dtype)
         with torch.no_grad():
@@ -622,7 +628,7 @@ def meta(opts, cfg):
     n_params = parameter_count(lambda: FluxTransformer2DModel(**flux.transformer_config(**sizes)))
     frozen_copy = (f"kl_coef's reference: the transformer frozen in {cfg.mixed_precision}, 1/{world}", n_params / world,
                    dtype.itemsize, "resident", 0.0)
-    others = other_models(cfg, sizes) + [frozen_copy] * bool(cfg.kl_coef and not cfg.lora_rank)
+    others = other_models(cfg, sizes) + [frozen_copy] * bool(frozen is not None and world > 1)  # one process: tracked
     nf4 = nf4_bytes(model) if cfg.base_quantization else None
     for mem in (mem_roll, mem_update) if nf4 else ():  # the bf16 base the fake model holds, as NF4
         mem["Parameter"] += nf4[1] - nf4[0]
@@ -712,7 +718,7 @@ def nf4_bytes(model):
     """(bf16 bytes, NF4 bytes, the largest one's bf16 bytes) of the frozen nn.Linear weights that quantize_base turns
     to NF4: 4 bits a weight, an 8-bit scale per block of 64 and, double quantized, an fp32 scale per 256 blocks."""
     sizes = [m.weight.numel() for m in model.modules() if type(m) is torch.nn.Linear and not m.weight.requires_grad]
-    return 2 * sum(sizes), sum(n / 2 + n / 64 + 4 * n / 64 / 256 for n in sizes), 2 * max(sizes)
+    return 2 * sum(sizes), sum(n / 2 + math.ceil(n / 64) + 4 * math.ceil(n / 64 / 256) for n in sizes), 2 * max(sizes)
 
 
 def main(argv):

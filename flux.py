@@ -143,6 +143,7 @@ def quantize_base(transformer, dtype, device):
     Linear4bit holding 4-bit NormalFloat weights in blocks of 64 with double-quantized scales (0.52 bytes a weight
     instead of bf16's 2), computing in dtype; each is quantized as it moves to device, so the full-precision weights
     never reach it. This is the swap diffusers' BitsAndBytesConfig loader makes, which refuses to run without a GPU."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # an optional CPU kernel, not needed
     import bitsandbytes as bnb
 
     transformer.requires_grad_(False)

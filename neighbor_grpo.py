@@ -111,7 +111,7 @@ class Config:
     # the guard against reward hacking: held-out judges never trained on, the best model, stopping (docs/decisions.md)
     guard_rewards: tuple[str, ...] = (  # also scored at every evaluation: Table 1's out-of-domain columns (the judge
         "clipscore", "aesthetic", "unifiedreward")  # only with its URL)
-    guard_tolerance: float = 2.0  # a guard has fallen when its mean is this many standard errors below its best
+    guard_tolerance: float = 3.0  # a guard has fallen this many standard errors below its best (3: docs/digits.md)
     guard_patience: int = 2  # evaluations in a row with a fallen guard before the run stops (0 = never stop)
     # optimisation
     iterations: int = 300  # GRPO iterations (paper)
@@ -163,7 +163,7 @@ PRESETS = {
         prompt_file=str(DIGITS_DIR / "prompts.txt"), eval_prompts=str(DIGITS_DIR / "eval_prompts.txt"), eval_size=0,
         guard_rewards=DIGIT_JUDGES[1:], eval_only_rewards=DIGIT_JUDGES, eval_every=25, eval_batch_size=20,
         update_batch_size=8,  # its 2 groups' K = 4 transitions of an optimizer step in one call (docs/cost.md)
-        lr=3e-5, iterations=250,  # where the judges peak; beyond ~300 the reward is hacked (docs/digits.md)
+        lr=3e-5, iterations=500,  # hacked beyond ~300 unless the guard stops it first (docs/digits.md)
         groups_per_rank=2, device="cpu", mixed_precision="fp32", parallel="ddp", grad_checkpointing=False,
         out_dir="runs/digits", sample_every=50, num_samples=10, ckpt_every=0),
 }
@@ -281,7 +281,7 @@ def validate(cfg):
          "also trained on; a guard is a judge the run never trains on: drop it from --guard_rewards"),
         (cfg.eval_every or not guards(cfg), f"guard_rewards={','.join(guards(cfg))}: guards are scored at evaluations; "
          "set --eval_every=N (e.g. 50), or --guard_rewards= for an unguarded run"),
-        (cfg.guard_tolerance > 0, f"guard_tolerance={cfg.guard_tolerance}: must be > 0 standard errors; use 2"),
+        (cfg.guard_tolerance > 0, f"guard_tolerance={cfg.guard_tolerance}: must be > 0 standard errors; use 3"),
         (cfg.guard_patience >= 0, f"guard_patience={cfg.guard_patience}: must be >= 0 (0 = never stop); use 2"),
         (cfg.kl_coef >= 0, f"kl_coef={cfg.kl_coef}: must be >= 0 (0 = no pull toward the starting model, the paper)"),
     ] + [(False, problem) for problem in reward_config_problems(cfg)]
@@ -1009,7 +1009,8 @@ def build(cfg, method=NEIGHBOR):
     prompts = load_prompts(cfg.prompt_file)
     home = torch.device("cpu") if cfg.reward_offload else device  # where the reward models wait between calls
     reward_fns = {name: load_reward(name, cfg, home, dtype) for name in cfg.rewards}
-    eval_prompts, eval_fns = eval_setup(cfg, reward_fns, home) if cfg.eval_every else ([], {})
+    cpu = torch.device("cpu")  # the guards wait there: each holds the GPU only while it scores
+    eval_prompts, eval_fns = eval_setup(cfg, reward_fns, cpu) if cfg.eval_every else ([], {})
     pipe = load_pipeline(cfg, device, dtype, meta=world > 1 and cfg.parallel == "fsdp" and rank > 0)
     frozen = starting_model(pipe.transformer, cfg, device, world, dtype) if cfg.kl_coef and not cfg.lora_rank else None
     model = parallelize(pipe.transformer, cfg, device, world, dtype)
@@ -1031,7 +1032,8 @@ def build(cfg, method=NEIGHBOR):
 def starting_model(transformer, cfg, device, world, dtype):
     """kl_coef's reference with full fine-tuning: the transformer as the run starts, frozen in the compute dtype and
     sharded like the trained one under FSDP (made before parallelize() and restore() change the original)."""
-    frozen = copy.deepcopy(transformer).requires_grad_(False).to(dtype)
+    frozen = copy.deepcopy(transformer).requires_grad_(False)
+    frozen = frozen.to(dtype) if frozen.dtype != dtype else frozen
     if world > 1 and cfg.parallel == "fsdp":
         return parallelize(frozen, dataclasses.replace(cfg, grad_checkpointing=False), device, world, dtype)
     return frozen.to(device)

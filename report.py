@@ -100,7 +100,10 @@ def summary_line(out, cfg, guard):
     ended = "done" if not guard.get("stop") else f"stopped by the guard at iteration {guard['iteration']}: " + ", ".join(
         f"{g} fell from {best:.4f} (iteration {at}) to {now:.4f} ± {se:.4f}" for g, (best, at, now, se) in
         guard["fallen"].items()) + f" ({guard['streak']} evaluations in a row)"
-    best = f" | best model (iteration {guard['best']['iteration']}): {out / 'best'}" if guard.get("best") else ""
+    best = guard.get("best")
+    best = (f" | best model (iteration {best['iteration']}: " + ", ".join(f"{k} {v['mean']:.4f}" for k, v in
+                                                                       best["scores"].items()) + f") in {out / 'best'}"
+            if best else "")
     return f"{ended} | {held_out}{', '.join(gains)}{best} | in {out}: {', '.join(saved)}"
 
 

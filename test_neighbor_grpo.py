@@ -433,8 +433,8 @@ def test_tiny_run_writes_log_samples_and_a_diffusers_checkpoint(tmp_path, capsys
     assert evals[1].endswith("| 3 held-out prompts | best so far")
     first, last = log[0]["eval/jpeg_compressibility"], log[2]["eval/jpeg_compressibility"]
     assert out[-1] == (f"done | held-out (iterations 0 -> 2): jpeg_compressibility {first:.4f} -> {last:.4f} "
-                       f"({last - first:+.4f}) | best model (iteration 2): {tmp_path / 'best'} | in {tmp_path}: "
-                       "samples, curves.png, eval, transformer")
+                       f"({last - first:+.4f}) | best model (iteration 2: jpeg_compressibility {last:.4f}) in "
+                       f"{tmp_path / 'best'} | in {tmp_path}: samples, curves.png, eval, transformer")
     trained = FluxTransformer2DModel.from_pretrained(tmp_path / "transformer")
     initial = flux.build_random_flux(cfg.seed, **flux.TINY).transformer
     assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), initial.parameters()))
@@ -485,7 +485,8 @@ def test_batched_update_has_the_gradient_of_one_transition_per_call(args):
         assert scale > 0 and max((a - b).abs().max() for a, b in zip(step_b, step_1)) < 1e-5 * scale
 
 
-@pytest.mark.parametrize("base", [[], ["--base_quantization=nf4"]], ids=["bf16 base", "nf4 base"])
+@pytest.mark.parametrize("base", [[], ["--lora_rank=8", "--lora_alpha=16", "--base_quantization=nf4"]],
+                         ids=["bf16 base", "nf4 base"])
 def test_lora_learns_and_lr_zero_does_not_move(tmp_path, base):
     """Adapters on the attention projections alone lift the mean brightness within a few iterations, on the
     full-precision base and on a 4-bit one (QLoRA)."""
@@ -590,8 +591,8 @@ def test_the_best_models_score_weighs_each_training_reward_in_its_own_spread():
 
 def test_a_guarded_run_stops_exports_its_best_and_a_resumed_one_decides_alike(tmp_path, capsys):
     """Training makes images JPEG-compressible, which a guard scoring JPEG incompressibility sees falling."""
-    args = ["--guard_rewards=jpeg_incompressibility", "--eval_every=2", "--sample_every=0", "--ckpt_every=2",
-            "--iterations=30"]
+    args = ["--guard_rewards=jpeg_incompressibility", "--eval_every=2", "--eval_size=6", "--sample_every=0",
+            "--ckpt_every=2", "--iterations=30"]
     ng.train(tiny_cfg(tmp_path / "straight", *args))
     closing = capsys.readouterr().out.strip().splitlines()[-1]
     log = read_log(tmp_path / "straight")
@@ -599,7 +600,8 @@ def test_a_guarded_run_stops_exports_its_best_and_a_resumed_one_decides_alike(tm
     assert stop < 30 and log[-1]["guard/fallen"] == 1 and log[-3]["guard/fallen"] == 1  # patience 2
     assert closing.startswith(f"stopped by the guard at iteration {stop}: jpeg_incompressibility fell from ")
     best = json.loads((tmp_path / "straight/best/best.json").read_text())
-    assert f"best model (iteration {best['iteration']}): {tmp_path / 'straight/best'}" in closing
+    assert f"best model (iteration {best['iteration']}: jpeg_compressibility " in closing
+    assert closing.endswith(f") in {tmp_path / 'straight/best'} | in {tmp_path / 'straight'}: curves.png, eval, transformer")
     assert best["iteration"] == log[-1]["best_iter"] < stop and "jpeg_incompressibility" in best["scores"]
     assert (tmp_path / "straight/checkpoints/latest").read_text() == f"step-{stop:06d}"
     ng.train(tiny_cfg(tmp_path / "resumed", *args[:-1], f"--iterations={stop - 2}"))

@@ -25,6 +25,7 @@ case "$RUN" in
   ablation-base) ARGS=(--rewards=hpsv2 --noise_sigma=0.5 --adv_p=2) ;;  # Tables 4-6 start from (sigma, B, p) = (0.5, 4, 2)
   dancegrpo)     ARGS=(); SCRIPT=sde_grpo.py ;;                    # Table 3's SDE baseline: 25 steps, all 12 samples, K=14
   lora-1gpu)     ARGS=(--preset=flux-dev-lora); GPUS=1; BATCH=${BATCH:-8} ;;  # LoRA r=64 on one GPU; BATCH=32 = paper's batch, 4x slower
+  qlora-24gb)    ARGS=(--preset=flux-dev-24gb); GPUS=1; BATCH=${BATCH:-8} ;;  # LoRA r=64 on a 4-bit base: one 24 GB GPU
   *) echo "unknown run '$RUN'"; exit 2 ;;
 esac
 BATCH=${BATCH:-32}  # prompt groups per iteration (paper: 32; ablations: 16)
