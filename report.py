@@ -70,10 +70,11 @@ class RunLog:
     def close(self, guard):
         if self.run.rank != 0:
             return
-        if self.record:  # the final evaluation
+        if self.record:  # the final evaluation: write() draws the curves with it
             self.write(self.record)
+        else:
+            plot_curves(self.out, self.cfg.rewards)
         self.file.close()
-        plot_curves(self.out, self.cfg.rewards)
         if self.wandb:
             self.wandb.finish()
         print(summary_line(self.out, self.cfg, guard))
