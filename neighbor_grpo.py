@@ -2,17 +2,20 @@
 Neighbor GRPO: contrastive ODE policy optimisation for FLUX (He et al., CVPR 2026, arXiv 2511.16955).
 
     python neighbor_grpo.py --preset=tiny            # a random tiny FLUX-architecture model on CPU, ~1 minute
-    python neighbor_grpo.py --preset=digits          # a pretrained 16x16 digits model: alignment rises in ~2 minutes
-    python neighbor_grpo.py --preset=flux-dev-lora   # FLUX.1-dev on one GPU with LoRA
+    python neighbor_grpo.py --preset=digits          # a pretrained 16x16 digits model: alignment rises, the guard
+                                                     # stops it when a held-out judge falls, ~4 minutes
+    python neighbor_grpo.py --preset=flux-dev-lora   # FLUX.1-dev on one 48-80 GB GPU with LoRA
+    python neighbor_grpo.py --preset=flux-dev-24gb   # ... on one 24 GB GPU: LoRA on a 4-bit base
     torchrun --nproc_per_node=8 neighbor_grpo.py     # FLUX.1-dev, the paper's 8-step DPM++ setting
     torchrun --nproc_per_node=8 evaluate.py --transformer_path=runs/x/transformer   # Table 1 of a trained model
     python neighbor_grpo.py --help                   # every field with its default and where it comes from
 
 Any Config field can be set as --field=value. The file reads top to bottom like the algorithm: config -> distributed
 set-up -> time grid and solvers -> prompt groups and their noise neighbourhood -> advantages -> surrogate and
-objective -> the policy update and one iteration -> evaluation -> checkpoints -> the loop -> main ("eq. N", "Alg. 1":
-the paper's). FLUX itself (loading, LoRA, the velocity call) is in flux.py, the rewards in rewards.py, what a run
-writes and prints in report.py; sde_grpo.py runs the SDE-GRPO baseline through this loop, evaluate.py Table 1.
+objective -> the policy update and one iteration -> evaluation -> the guard against reward hacking -> checkpoints ->
+the loop -> main ("eq. N", "Alg. 1": the paper's). FLUX itself (loading, LoRA, a 4-bit base, the velocity call) is
+in flux.py, the rewards in rewards.py, what a run writes and prints in report.py; sde_grpo.py runs the SDE-GRPO
+baseline through this loop, evaluate.py Table 1.
 """
 
 import contextlib
