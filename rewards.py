@@ -609,7 +609,7 @@ def call_reward(name, fn, images, prompts):
             return fn(images, prompts)
         except RewardError:
             raise
-        except Exception as e:  # noqa: BLE001: any failure of user code is retried, then reported
+        except Exception as e:  # noqa: BLE001 -- any failure of user code is retried, then reported
             error = e
             if attempt + 1 < REWARD_TRIES:
                 time.sleep(REWARD_BACKOFF_S * 2**attempt)
