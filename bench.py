@@ -543,7 +543,7 @@ def other_models(cfg, sizes):
              ("T5-XXL encoder", parameter_count(lambda: T5EncoderModel(T5Config(
                  vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
                  feed_forward_proj="gated-gelu"))), half, encoders, 0.0)]
-    for name in [*cfg.rewards, *ng.guards(cfg)]:  # reward towers: fp32 weights, autocast compute
+    for name in [*cfg.rewards, *ng.scorable(cfg.guard_rewards, cfg)]:  # reward towers: fp32 weights, autocast compute
         role = "reward" if name in cfg.rewards else "guard"
         if name in CLIPS:
             label, config = CLIPS[name]

@@ -146,9 +146,7 @@ def quantize_base(transformer, dtype, device):
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # an optional CPU kernel, not needed
     import bitsandbytes as bnb
 
-    transformer.requires_grad_(False)
-    if transformer.dtype != dtype:  # a random model; from_pretrained loads a LoRA run's base in dtype
-        transformer.to(dtype)
+    transformer.requires_grad_(False).to(dtype)  # a random model is fp32; from_pretrained loads it in dtype already
     for parent in list(transformer.modules()):
         for name, linear in list(parent.named_children()):
             if type(linear) is torch.nn.Linear:

@@ -282,7 +282,8 @@ def validate(cfg):
          "eval_size, eval_every and eval_steps must be >= 0 (0 = all prompts / never / num_steps)"),
         (not set(cfg.guard_rewards) & set(cfg.rewards), f"guard_rewards: {set(cfg.guard_rewards) & set(cfg.rewards)} "
          "also trained on; a guard is a judge the run never trains on: drop it from --guard_rewards"),
-        (cfg.eval_every or not guards(cfg), f"guard_rewards={','.join(guards(cfg))}: guards are scored at evaluations; "
+        (cfg.eval_every or not scorable(cfg.guard_rewards, cfg),
+         f"guard_rewards={','.join(scorable(cfg.guard_rewards, cfg))}: guards are scored at evaluations; "
          "set --eval_every=N (e.g. 50), or --guard_rewards= for an unguarded run"),
         (cfg.guard_tolerance > 0, f"guard_tolerance={cfg.guard_tolerance}: must be > 0 standard errors; use 3"),
         (cfg.guard_patience >= 0, f"guard_patience={cfg.guard_patience}: must be >= 0 (0 = never stop); use 2"),
@@ -291,9 +292,9 @@ def validate(cfg):
     require(checks)
 
 
-def guards(cfg):
-    """The guard judges this config can score (UnifiedReward only with its server's URL)."""
-    return [g for g in cfg.guard_rewards if g != "unifiedreward" or cfg.unifiedreward_url]
+def scorable(names, cfg):
+    """The rewards of names this config can score: UnifiedReward only with its server's URL."""
+    return [n for n in names if n != "unifiedreward" or cfg.unifiedreward_url]
 
 
 def require(checks):
@@ -835,8 +836,7 @@ def eval_setup(cfg, reward_fns, device, names=(), precision=None):
     and the guards (the training ones reused as loaded); precision(name) -> the dtype of a reward's towers (default:
     the compute dtype)."""
     prompts = eval_subset(load_prompts(cfg.eval_prompts, "eval_prompts"), cfg.eval_size)
-    names = names or dict.fromkeys([*cfg.rewards, *cfg.eval_rewards, *cfg.guard_rewards])
-    names = [n for n in names if n != "unifiedreward" or cfg.unifiedreward_url]  # the judge needs its server
+    names = scorable(names or dict.fromkeys([*cfg.rewards, *cfg.eval_rewards, *cfg.guard_rewards]), cfg)
     return prompts, {n: reward_fns[n] if n in reward_fns else
                      load_reward(n, cfg, device, precision(n) if precision else compute_dtype(cfg)) for n in names}
 
@@ -1035,8 +1035,7 @@ def build(cfg, method=NEIGHBOR):
 def starting_model(transformer, cfg, device, world, dtype):
     """kl_coef's reference with full fine-tuning: the transformer as the run starts, frozen in the compute dtype and
     sharded like the trained one under FSDP (made before parallelize() and restore() change the original)."""
-    frozen = copy.deepcopy(transformer).requires_grad_(False)
-    frozen = frozen.to(dtype) if frozen.dtype != dtype else frozen
+    frozen = copy.deepcopy(transformer).requires_grad_(False).to(dtype)
     if world > 1 and cfg.parallel == "fsdp":
         return parallelize(frozen, dataclasses.replace(cfg, grad_checkpointing=False), device, world, dtype)
     return frozen.to(device)

@@ -621,7 +621,7 @@ def call_reward(name, fn, images, prompts):
 def placed(fn, device):
     """fn's models on device while it scores, then back where they were: a reward loaded on the CPU (reward_offload)
     holds the GPU only for its own call. A reward without models (a function, a remote judge) stays as it is."""
-    models = [m for m in getattr(fn, "models", ()) if device is not None]
+    models = getattr(fn, "models", ()) if device is not None else ()
     homes = [next(m.parameters()).device for m in models]
     for m in models:
         m.to(device)
