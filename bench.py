@@ -442,25 +442,28 @@ def update_batch(cfg):
     return min(cfg.update_batch_size, cfg.groups_per_rank * cfg.num_train_steps)
 
 
-def update_pass(model, cfg, group, grid, dtype, reference=None):
-    """The update's unit as policy_update runs it: update_batch(cfg) transitions in one call (with kl_coef, the
-    reference's call too), the TrainSolver steps, surrogate and clipped objective, then backward."""
-    terms = [(group, 0, i % cfg.num_train_steps) for i in range(update_batch(cfg))]
-    loss = ng.transitions_loss(model, ng.NEIGHBOR, terms, grid, cfg, dtype, reference)[0]
-    (loss.sum() / cfg.num_train_steps).backward()
+def update_calls(cfg):
+    """Transformer calls with gradient per optimizer step: this rank's groups' K transitions in calls of at most
+    update_batch_size."""
+    return math.ceil(cfg.groups_per_rank * cfg.num_train_steps / cfg.update_batch_size)
 
 
-def anchor_update(model, optimizer, cfg, group, grid, dtype, tracker, reference=None):
-    """One anchor's share of the update as memory sees it: two of its passes (from the second on, the gradient
-    exists) and AdamW's step (its state exists from the first anchor on)."""
-    update_pass(model, cfg, group, grid, dtype, reference)
-    tracker.reset_mod_stats()  # the trackers follow one call of the root module at a time
-    update_pass(model, cfg, group, grid, dtype, reference)
-    optimizer.step()
+def meta_run(model, optimizer, cfg, grid, dtype, reference=None, method=ng.NEIGHBOR):
+    """What policy_update reads of a Run: the model, AdamW, the method, the grid, the dtype, kl_coef's reference."""
+    return types.SimpleNamespace(model=model, optimizer=optimizer, method=method, grid=grid, dtype=dtype,
+                                 reference=reference)
+
+
+def update_step(run, cfg, groups):
+    """One optimizer step of the update as policy_update runs it: step_gradient (the loop's own calls of
+    update_batch_size, synchronised as it does) over the first anchor's K transitions of each of this rank's groups,
+    then AdamW's step."""
+    ng.step_gradient(run, [(group, group.anchors[0], k) for group in groups for k in group.steps[0]], cfg)
+    run.optimizer.step()
 
 
 def tracked_peak(model, optimizer, world, inputs, fn, frozen=None):
-    """{category: bytes} at the peak of fn(tracker), as (FSDP)MemTracker sees it; frozen: another module fn calls
+    """{category: bytes} at the peak of fn(), as (FSDP)MemTracker sees it; frozen: another module fn calls
     (kl_coef's reference), counted as the trackers meet it."""
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch.distributed._tools.mem_tracker import MemTracker
@@ -481,8 +484,16 @@ def tracked_peak(model, optimizer, world, inputs, fn, frozen=None):
         for p in [*model.parameters(), *(frozen.parameters() if frozen else ())]:  # MemTracker would hook every
             if not p.requires_grad:  # parameter's gradient, frozen ones (LoRA's base, the reference) too
                 tracker._param_to_grad_hook_handles[p] = (unhooked, unhooked)
-    with tracker:
-        fn(tracker)
+    def anew(module, args):  # the trackers refuse a root module's second call, which an optimizer step of several
+        if module in (model, frozen) and module in tracker.memory_tracking:  # calls makes: their per-module stats
+            tracker.reset_mod_stats()  # (not the memory they count) start anew
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(anew)
+    try:
+        with tracker:
+            fn()
+    finally:
+        hook.remove()
     peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
     return {str(getattr(k, "value", k)): v for k, v in peak.items() if v}
 
@@ -609,22 +620,21 @@ def meta(opts, cfg):
             vae = AutoencoderKL(**flux.vae_config(**sizes))
         model, optimizer = meta_training(cfg, meta_model, mesh, dtype)
         reference, frozen = meta_reference(cfg, model, frozen, mesh, dtype) if cfg.kl_coef else (None, None)
-        group = meta_group(cfg, sizes, L)
+        groups = [meta_group(cfg, sizes, L) for _ in range(cfg.groups_per_rank)]  # an optimizer step's, this rank's
+        group, run = groups[0], meta_run(model, optimizer, cfg, grid, dtype, reference)
         f_roll = count_flops(lambda: rollout_forward(model, cfg, group, grid, dtype))
-        f_update = count_flops(lambda: update_pass(model, cfg, group, grid, dtype, reference))
-        optimizer.step()  # AdamW's state exists from the first anchor on
+        f_step = count_flops(lambda: update_step(run, cfg, groups))  # AdamW's state exists from the first anchor on
         optimizer.zero_grad(set_to_none=True)
-        inputs = (group.states, group.old_next, group.cond.prompt_embeds)
-        mem_roll = tracked_peak(model, optimizer, world, inputs, lambda t: rollout_forward(model, cfg, group, grid,
-                                                                                          dtype))
+        inputs = [t for g in groups for t in (g.states, g.old_next, g.cond.prompt_embeds)]
+        mem_roll = tracked_peak(model, optimizer, world, inputs, lambda: rollout_forward(model, cfg, group, grid, dtype))
         tracked = dataclasses.replace(cfg, kl_coef=0.0) if cfg.lora_rank else cfg  # MemTracker cannot follow a module
-        mem_update = tracked_peak(model, optimizer, world, inputs, lambda t: anchor_update(  # twice in a pass: LoRA's
-            model, optimizer, tracked, group, grid, dtype, t, reference), frozen)  # reference (adapters off) left out
+        mem_update = tracked_peak(model, optimizer, world, inputs, lambda: update_step(  # twice in a pass: LoRA's
+            run, tracked, groups), frozen)  # reference (adapters off) left out
         latents = torch.randn(cfg.reward_batch_size, sizes["latent_channels"], cfg.resolution // vae_factor,
                               cfg.resolution // vae_factor, dtype=dtype)
         with torch.no_grad():
             f_vae = count_flops(lambda: vae.decode(latents))
-            mem_vae = tracked_peak(vae, None, 1, (latents,), lambda t: vae.decode(latents))
+            mem_vae = tracked_peak(vae, None, 1, (latents,), lambda: vae.decode(latents))
     n_params = parameter_count(lambda: FluxTransformer2DModel(**flux.transformer_config(**sizes)))
     frozen_copy = (f"kl_coef's reference: the transformer frozen in {cfg.mixed_precision}, 1/{world}", n_params / world,
                    dtype.itemsize, "resident", 0.0)
@@ -634,21 +644,21 @@ def meta(opts, cfg):
         mem["Parameter"] += nf4[1] - nf4[0]
         mem["Temp"] = mem.get("Temp", 0) + nf4[2]
         mem["Total"] += nf4[1] - nf4[0] + nf4[2]
-    report_meta(cfg, opts, world, sizes, L, n_params, f_roll, f_update, f_vae, mem_roll, mem_update, mem_vae, others,
+    report_meta(cfg, opts, world, sizes, L, n_params, f_roll, f_step, f_vae, mem_roll, mem_update, mem_vae, others,
                 nf4)
     if world > 1:
         ng.dist.destroy_process_group()
-    return dict(rollout_forward=f_roll, update_pass=f_update, vae_decode=f_vae, rollout_memory=mem_roll,
+    return dict(rollout_forward=f_roll, update_step=f_step, vae_decode=f_vae, rollout_memory=mem_roll,
                 update_memory=mem_update)
 
 
-def report_meta(cfg, opts, world, sizes, L, n_params, f_roll, f_update, f_vae, mem_roll, mem_update, mem_vae, others,
+def report_meta(cfg, opts, world, sizes, L, n_params, f_roll, f_step, f_vae, mem_roll, mem_update, mem_vae, others,
                 nf4=None):
     G, B, T, K, rb = cfg.group_size, cfg.num_anchors, cfg.num_steps, cfg.num_train_steps, cfg.rollout_batch_size
     rb = min(rb, G)
     gib, tf = 2**-30, 1e-12
-    ub = update_batch(cfg)
-    rollout, update, decode = G / rb * T * f_roll, B * K / ub * f_update, G / cfg.reward_batch_size * f_vae
+    ub, n, calls = update_batch(cfg), cfg.groups_per_rank, update_calls(cfg)
+    rollout, update, decode = G / rb * T * f_roll, B * f_step / n, G / cfg.reward_batch_size * f_vae
     total = rollout + update + decode
     name = "FLUX.1-dev" if sizes is flux.FLUX_DEV else cfg.model_path
     print(f"meta | {name}: {sizes['layers']} + {sizes['single_layers']} blocks, {n_params / 1e9:.3f} B parameters | "
@@ -658,10 +668,10 @@ def report_meta(cfg, opts, world, sizes, L, n_params, f_roll, f_update, f_vae, m
           f"{'on' if cfg.grad_checkpointing else 'off'} | G={G} B={B} T={T} K={K}")
     print(f"{'phase':<50} {'TFLOP':>10}")
     for label, flops in ((f"transformer forward, batch {rb} (rollout unit)", f_roll),
-                         (f"transformer forward + backward, batch {ub} (update unit)", f_update),
+                         (f"optimizer step: {n} group(s) x K={K} in {calls} call(s) <= {ub}", f_step),
                          (f"VAE decode, batch {cfg.reward_batch_size}", f_vae),
                          (f"rollout: G*T/{rb} = {G * T / rb:g} forwards", rollout),
-                         (f"update: B*K/{ub} = {B * K / ub:g} forward + backward", update),
+                         (f"update: B = {B} optimizer steps / {n} group(s)", update),
                          (f"decode: G/{cfg.reward_batch_size} = {G / cfg.reward_batch_size:g} VAE decodes", decode),
                          ("iteration, per prompt group", total)):
         print(f"{label:<50} {flops * tf:>10.4g}")

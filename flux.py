@@ -16,6 +16,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from rewards import tokenizer_is_empty
 
+# bitsandbytes (which diffusers imports when it is installed) warns on every CPU that an optional hub kernel is absent
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
 
 class ModelError(ValueError):
     """A model that cannot load as configured: the message names the field and the fix."""
@@ -143,15 +146,21 @@ def quantize_base(transformer, dtype, device):
     Linear4bit holding 4-bit NormalFloat weights in blocks of 64 with double-quantized scales (0.52 bytes a weight
     instead of bf16's 2), computing in dtype; each is quantized as it moves to device, so the full-precision weights
     never reach it. This is the swap diffusers' BitsAndBytesConfig loader makes, which refuses to run without a GPU."""
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # an optional CPU kernel, not needed
     import bitsandbytes as bnb
+
+    class Linear4bit(bnb.nn.Linear4bit):
+        """Returns dtype, as nn.Linear does under autocast: bitsandbytes' returns its input's dtype, and FLUX's
+        LayerNorms hand it fp32, which would double every activation after a quantized layer."""
+
+        def forward(self, x):
+            return super().forward(x.to(self.compute_dtype))
 
     transformer.requires_grad_(False).to(dtype)  # a random model is fp32; from_pretrained loads it in dtype already
     for parent in list(transformer.modules()):
         for name, linear in list(parent.named_children()):
             if type(linear) is torch.nn.Linear:
-                nf4 = bnb.nn.Linear4bit(linear.in_features, linear.out_features, linear.bias is not None, dtype,
-                                        compress_statistics=True, quant_type="nf4", device="meta")
+                nf4 = Linear4bit(linear.in_features, linear.out_features, linear.bias is not None, dtype,
+                                 compress_statistics=True, quant_type="nf4", device="meta")
                 nf4.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, compress_statistics=True,
                                                quant_type="nf4")
                 if linear.bias is not None:

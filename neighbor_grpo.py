@@ -343,17 +343,18 @@ def parallelize(model, cfg, device, world, dtype):
 
 
 def shard(model, mesh, dtype):
-    """FSDP2 on each transformer block, then on the root: compute in dtype, gradients reduced in fp32."""
-    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    """FSDP2 on each transformer block, then on the root: compute in dtype, gradients reduced in fp32. The inputs go
+    in as DDP and FluxPipeline pass them (autocast picks each op's dtype): cast, the timestep and RoPE would be bf16."""
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for block in [*model.transformer_blocks, *model.single_transformer_blocks]:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
 def gradient_sync(model, sync):
-    """Gradient accumulation: ranks reduce gradients only on the last backward before an optimizer step."""
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(sync)
+    """Gradient accumulation over an optimizer step's calls. DDP all-reduces on the last backward only (each rank holds
+    one full gradient anyway). FSDP2 reduce-scatters after every backward into the sharded gradients: without that
+    sync it would hold every gradient unsharded in fp32 between calls (FLUX.1-dev: 44 GiB a rank; docs/cost.md)."""
     return model.no_sync() if isinstance(model, DDP) and not sync else contextlib.nullcontext()
 
 
@@ -708,19 +709,28 @@ def policy_update(run, groups, cfg):
     steps = batches(range(len(groups[0].anchors)), run.method.per_step(cfg))  # one optimizer step per anchor
     logged, norms = [], []
     for s, anchors in enumerate(steps):
-        run.optimizer.zero_grad(set_to_none=True)
         terms = [(group, group.anchors[b], k) for group in groups for b in anchors for k in group.steps[b]]
-        calls = batches(terms, cfg.update_batch_size)
-        for n, call in enumerate(calls):
-            with gradient_sync(run.model, sync=n == len(calls) - 1):
-                loss, *logs = transitions_loss(run.model, run.method, call, run.grid, cfg, run.dtype, run.reference)
-                loss = loss / len(terms)
-                loss.sum().backward()
-            logged += [(s, len(terms), *values) for values in zip(loss.tolist(), *(t.tolist() for t in logs))]
+        for values in step_gradient(run, terms, cfg):
+            logged += [(s, len(terms), *row) for row in zip(*(t.tolist() for t in values))]
         norms.append(optimizer_step(run.model, run.optimizer, cfg.max_grad_norm))
     run.optimizer.zero_grad(set_to_none=True)  # no gradient memory held through the next rollout
     stats = update_stats(logged, norms, len(steps))
     return stats if cfg.kl_coef else {k: v for k, v in stats.items() if k != "kl"}  # kl: measured only when used
+
+
+def step_gradient(run, terms, cfg):
+    """The gradient of one optimizer step's loss, the mean over its transitions (this rank's groups' anchors), in
+    calls of update_batch_size; the ranks' gradients are averaged by the last call. Per call: loss, clip fraction,
+    |log rho| and kl per transition (bench.py --meta prices memory by running this)."""
+    run.optimizer.zero_grad(set_to_none=True)
+    calls, out = batches(terms, cfg.update_batch_size), []
+    for n, call in enumerate(calls):
+        with gradient_sync(run.model, sync=n == len(calls) - 1):
+            loss, *logs = transitions_loss(run.model, run.method, call, run.grid, cfg, run.dtype, run.reference)
+            loss = loss / len(terms)
+            loss.sum().backward()
+        out.append((loss.detach(), *logs))
+    return out
 
 
 def update_stats(terms, norms, steps):

@@ -43,13 +43,15 @@ def test_fake_tensor_flops_equal_the_counter_on_real_tensors_for_the_same_calls(
         torch.nn.init.normal_(p, std=0.02)
     real_model.enable_gradient_checkpointing()
     group = bench.meta_group(cfg, sizes, L)
+    real_run = bench.meta_run(real_model, torch.optim.SGD(real_model.parameters()), cfg, grid, dtype)
     real = [bench.count_flops(lambda: bench.rollout_forward(real_model, cfg, group, grid, dtype)),
-            bench.count_flops(lambda: bench.update_pass(real_model, cfg, group, grid, dtype))]
+            bench.count_flops(lambda: bench.update_step(real_run, cfg, [group]))]
     with FakeTensorMode():
-        model, _ = bench.meta_training(cfg, bench.meta_transformer(cfg, sizes, dtype), None, dtype)
+        model, optimizer = bench.meta_training(cfg, bench.meta_transformer(cfg, sizes, dtype), None, dtype)
         fake_group = bench.meta_group(cfg, sizes, L)
+        run = bench.meta_run(model, torch.optim.SGD(model.parameters()), cfg, grid, dtype)
         fake = [bench.count_flops(lambda: bench.rollout_forward(model, cfg, fake_group, grid, dtype)),
-                bench.count_flops(lambda: bench.update_pass(model, cfg, fake_group, grid, dtype))]
+                bench.count_flops(lambda: bench.update_step(run, cfg, [fake_group]))]
     assert fake == real and min(real) > 0
     assert real[1] > 2 * real[0] / cfg.rollout_batch_size  # backward and recomputation on top of a batch-1 forward
 
@@ -61,12 +63,10 @@ def memory_categories(*args):
     meta_model = bench.meta_transformer(cfg, sizes, dtype)
     with FakeTensorMode():
         model, optimizer = bench.meta_training(cfg, meta_model, None, dtype)
-        group = bench.meta_group(cfg, sizes, L)
-        bench.update_pass(model, cfg, group, grid, dtype)
-        optimizer.step()
+        group, run = bench.meta_group(cfg, sizes, L), bench.meta_run(model, optimizer, cfg, grid, dtype)
+        bench.update_step(run, cfg, [group])
         optimizer.zero_grad(set_to_none=True)
-        peak = bench.tracked_peak(model, optimizer, 1, (group.states,), lambda t: bench.anchor_update(
-            model, optimizer, cfg, group, grid, dtype, t))
+        peak = bench.tracked_peak(model, optimizer, 1, (group.states,), lambda: bench.update_step(run, cfg, [group]))
     trained = [p.numel() for p in meta_model.parameters() if p.requires_grad]
     frozen = sum(p.numel() * p.element_size() for p in meta_model.parameters() if not p.requires_grad)
     return peak, trained, frozen
@@ -74,7 +74,7 @@ def memory_categories(*args):
 
 @pytest.mark.parametrize("lora", [[], ["--lora_rank=4", "--lora_alpha=8"]], ids=["full", "lora"])
 def test_parameter_gradient_and_optimizer_memory_equal_the_arithmetic_of_parameter_counts(lora):
-    peak, trained, frozen = memory_categories("--mixed_precision=bf16", *lora)
+    peak, trained, frozen = memory_categories("--mixed_precision=bf16", "--update_batch_size=2", *lora)  # 2 calls
     assert peak["Parameter"] == 4 * sum(trained) + frozen  # fp32 master weights (LoRA: fp32 adapters, bf16 base)
     assert peak["Gradient"] == 4 * sum(trained)
     assert peak["Optstate"] == 8 * sum(trained) + 4 * len(trained)  # AdamW's two moments and a step count per tensor
@@ -88,9 +88,12 @@ def test_gradient_checkpointing_lowers_the_measured_activation_peak():
 
 
 def test_meta_runs_fsdp_over_fake_ranks_and_prints_every_phase(capsys):
-    result = bench.main(["--preset=tiny", "--meta", "--parallel=fsdp", "--world_size=4", "--mixed_precision=bf16"])
+    result = bench.main(["--preset=tiny", "--meta", "--parallel=fsdp", "--world_size=4", "--mixed_precision=bf16",
+                         "--update_batch_size=1"])  # the loop's 4 calls an optimizer step: each reduce-scatters
     out = capsys.readouterr().out
     assert "FSDP2 over 4 ranks" in out and "iteration, per prompt group" in out and "s per iteration per group" in out
+    assert "optimizer step: 1 group(s) x K=4 in 4 call(s)" in out
+    # gradients held between calls are sharded (without the sync they were the unsharded fp32 model, in Temp)
     assert result["update_memory"]["Sharded Param"] == pytest.approx(result["update_memory"]["Sharded Grad"])
     assert not ng.dist.is_initialized()  # the fake process group is gone
 
@@ -99,7 +102,7 @@ def test_meta_prices_the_pulls_reference_forward():
     """kl_coef adds the reference's forward to each update call: its FLOPs, and with full fine-tuning a frozen copy."""
     base, pulled = (bench.main(["--preset=tiny", "--meta", *a]) for a in ([], ["--kl_coef=0.01"]))
     forward = base["rollout_forward"] * 4 / 12  # the reference's forward: batch 4 of the rollout's 12
-    assert pulled["update_pass"] == pytest.approx(base["update_pass"] + forward, rel=0.02)
+    assert pulled["update_step"] == pytest.approx(base["update_step"] + forward, rel=0.02)
 
 
 def test_meta_counts_the_nf4_base_from_bitsandbytes_format(capsys):
