@@ -42,6 +42,7 @@ import torch
 
 import flux
 import neighbor_grpo as ng
+import report
 import sde_grpo
 from rewards import build_imagereward, score
 
@@ -49,10 +50,10 @@ from rewards import build_imagereward, score
 def timed(fn, device, repeats=3):
     """Seconds per call of fn, after one untimed call."""
     fn()
-    t0 = ng.clock(device)
+    t0 = report.clock(device)
     for _ in range(repeats):
         fn()
-    return (ng.clock(device) - t0) / repeats
+    return (report.clock(device) - t0) / repeats
 
 
 def parse(argv):
@@ -358,21 +359,8 @@ def count_flops(fn):
 
 
 def meta_sizes(cfg):
-    """The sizes of cfg.model_path's transformer and VAE: the tiny preset's, random:D,S at FLUX.1-dev's width, a local
-    pipeline's config.json, or FLUX.1-dev's (any other path: the hub model, not downloaded)."""
-    sizes = flux.random_sizes(cfg.model_path)
-    if sizes is not None:
-        return sizes
-    config = Path(cfg.model_path) / "transformer" / "config.json"
-    if config.is_file():
-        c = json.loads(config.read_text())
-        vae = json.loads((Path(cfg.model_path) / "vae" / "config.json").read_text())
-        return dict(layers=c["num_layers"], single_layers=c["num_single_layers"], heads=c["num_attention_heads"],
-                    head_dim=c["attention_head_dim"], rope=tuple(c["axes_dims_rope"]), text_dim=c["joint_attention_dim"],
-                    pooled_dim=c["pooled_projection_dim"], latent_channels=c["in_channels"] // 4,
-                    vae_channels=tuple(vae["block_out_channels"]), vae_layers=vae["layers_per_block"],
-                    vae_groups=vae["norm_num_groups"])
-    return flux.FLUX_DEV
+    """The sizes of cfg.model_path's transformer and VAE (flux.model_sizes)."""
+    return flux.model_sizes(cfg.model_path)
 
 
 def meta_transformer(cfg, sizes, dtype):
@@ -649,7 +637,8 @@ def meta(opts, cfg):
     if world > 1:
         ng.dist.destroy_process_group()
     return dict(rollout_forward=f_roll, update_step=f_step, vae_decode=f_vae, rollout_memory=mem_roll,
-                update_memory=mem_update)
+                update_memory=mem_update, vae_memory=mem_vae,
+                phases=memory_phases(cfg, mem_roll, mem_update, mem_vae["Total"], others))
 
 
 def report_meta(cfg, opts, world, sizes, L, n_params, f_roll, f_step, f_vae, mem_roll, mem_update, mem_vae, others,

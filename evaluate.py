@@ -109,8 +109,8 @@ def evaluate_model(cfg):
     if (out / "eval.json").exists() and not cfg.overwrite:
         raise ng.ConfigError(f"out_dir={out}: already holds eval.json; pass --overwrite or another --out_dir")
     prompts, reward_fns = ng.eval_setup(cfg, {}, device, cfg.eval_only_rewards, PRECISIONS.get(cfg.reward_precision))
-    pipe = ng.load_pipeline(cfg, device, dtype)
-    pipe.transformer.to(device, dtype).eval()  # inference: no fp32 master weights, nothing sharded
+    pipe = ng.load_pipeline(cfg, device, dtype, inference=True)  # read in the compute dtype: no fp32 copy on the host
+    pipe.transformer.to(device, dtype).eval()  # nothing sharded: each rank samples its prompts with a full copy
     cache = {}
     ng.encode_prompts(pipe, ng.rank_eval_prompts(prompts, rank, world), cfg, cache, rank)
     transform = (lambda images: jpeg_round_trip(images, cfg.eval_jpeg_quality)) if cfg.eval_jpeg_quality else None

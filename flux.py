@@ -6,6 +6,7 @@ and export in diffusers' formats. Of the project it imports only rewards.tokeniz
 """
 
 import contextlib
+import json
 import logging
 import string
 from dataclasses import dataclass
@@ -44,6 +45,21 @@ def random_sizes(model_path):
         double, single = (int(n) for n in model_path.removeprefix("random:").split(","))
         return {**FLUX_DEV, "layers": double, "single_layers": single}
     return None
+
+
+def model_sizes(model_path):
+    """The sizes of model_path's transformer and VAE: random_sizes', a local pipeline's config.json, or FLUX.1-dev's
+    (any other path: the hub model, not downloaded)."""
+    sizes = random_sizes(model_path)
+    config = Path(model_path) / "transformer" / "config.json"
+    if sizes is not None or not config.is_file():
+        return sizes or FLUX_DEV
+    c, vae = json.loads(config.read_text()), json.loads((Path(model_path) / "vae" / "config.json").read_text())
+    return dict(layers=c["num_layers"], single_layers=c["num_single_layers"], heads=c["num_attention_heads"],
+                head_dim=c["attention_head_dim"], rope=tuple(c["axes_dims_rope"]), text_dim=c["joint_attention_dim"],
+                pooled_dim=c["pooled_projection_dim"], latent_channels=c["in_channels"] // 4,
+                vae_channels=tuple(vae["block_out_channels"]), vae_layers=vae["layers_per_block"],
+                vae_groups=vae["norm_num_groups"])
 
 
 def transformer_config(layers, single_layers, heads, head_dim, rope, text_dim, pooled_dim, latent_channels, **_):
@@ -93,19 +109,23 @@ def build_random_flux(seed, *, layers, single_layers, heads, head_dim, rope, tex
                         tokenizer_2=tokenizer_2, transformer=transformer)
 
 
-def load_pipeline(cfg, device, dtype, meta=False):
+def load_pipeline(cfg, device, dtype, meta=False, inference=False):
     """FluxPipeline for cfg.model_path: VAE and text encoders on device in dtype, frozen; the transformer in fp32
-    (the master weights; with LoRA the frozen base in dtype) on the CPU until parallelize() moves it. meta=True
-    (FSDP ranks but 0): the transformer's architecture alone, on the meta device; rank 0 sends the weights."""
+    (the master weights; with LoRA or for inference, evaluate.py's, in dtype) on the CPU until parallelize() moves
+    it. meta=True (FSDP ranks but 0): the transformer's architecture alone, on the meta device; rank 0 sends the
+    weights."""
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
     def load(fn, field, path, **kwargs):
+        fix = ("pass a trained transformer's directory (a run's out_dir/transformer)" if field == "transformer_path"
+               else "download black-forest-labs/FLUX.1-dev (huggingface-cli download) and pass its directory")
+        if not Path(path).exists() and (path.count("/") != 1 or path.startswith((".", "/", "~"))):  # not a hub id
+            raise ModelError(f"{field}={path}: no such directory; {fix}")
         try:
             return fn(path, **kwargs)
         except (OSError, ValueError) as e:
-            raise ModelError(
-                f"{field}={path}: cannot load FLUX ({type(e).__name__}: {str(e).splitlines()[0][:200]}); download "
-                "black-forest-labs/FLUX.1-dev (huggingface-cli download) and pass its directory") from None
+            raise ModelError(f"{field}={path}: cannot load FLUX ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                             f"{fix}") from None
 
     def load_transformer(field, path, **kwargs):
         if meta:
@@ -114,7 +134,7 @@ def load_pipeline(cfg, device, dtype, meta=False):
                 return FluxTransformer2DModel.from_config(config)
         return load(FluxTransformer2DModel.from_pretrained, field, path, dtype=master, **kwargs)
 
-    master, sizes = dtype if cfg.lora_rank else torch.float32, random_sizes(cfg.model_path)
+    master, sizes = dtype if cfg.lora_rank or inference else torch.float32, random_sizes(cfg.model_path)
     if sizes is not None:
         pipe = build_random_flux(cfg.seed, **sizes)
         for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2) if sizes is not TINY else ():

@@ -2,8 +2,7 @@
 Neighbor GRPO: contrastive ODE policy optimisation for FLUX (He et al., CVPR 2026, arXiv 2511.16955).
 
     python neighbor_grpo.py --preset=tiny            # a random tiny FLUX-architecture model on CPU, ~1 minute
-    python neighbor_grpo.py --preset=digits          # a pretrained 16x16 digits model: alignment rises, the guard
-                                                     # stops it when a held-out judge falls, ~4 minutes
+    python neighbor_grpo.py --preset=digits          # a pretrained 16x16 digits model, guarded, ~4 minutes
     python neighbor_grpo.py --preset=flux-dev-lora   # FLUX.1-dev on one 48-80 GB GPU with LoRA
     python neighbor_grpo.py --preset=flux-dev-24gb   # ... on one 24 GB GPU: LoRA on a 4-bit base
     torchrun --nproc_per_node=8 neighbor_grpo.py     # FLUX.1-dev, the paper's 8-step DPM++ setting
@@ -13,9 +12,8 @@ Neighbor GRPO: contrastive ODE policy optimisation for FLUX (He et al., CVPR 202
 Any Config field can be set as --field=value. The file reads top to bottom like the algorithm: config -> distributed
 set-up -> time grid and solvers -> prompt groups and their noise neighbourhood -> advantages -> surrogate and
 objective -> the policy update and one iteration -> evaluation -> the guard against reward hacking -> checkpoints ->
-the loop -> main ("eq. N", "Alg. 1": the paper's). FLUX itself (loading, LoRA, a 4-bit base, the velocity call) is
-in flux.py, the rewards in rewards.py, what a run writes and prints in report.py; sde_grpo.py runs the SDE-GRPO
-baseline through this loop, evaluate.py Table 1.
+the loop -> main ("eq. N", "Alg. 1": the paper's). Beside it: flux.py (FLUX: loading, LoRA, NF4, the velocity),
+rewards.py, report.py (what a run writes), preflight.py (whether it fits), sde_grpo.py, evaluate.py (Table 1).
 """
 
 import contextlib
@@ -33,10 +31,10 @@ import re
 import shutil
 import signal
 import sys
-import time
 import typing
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -48,9 +46,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from flux import (Condition, ModelError, adapters_off, decode_images, encode_prompt, export_model, latent_shape,
-                  load_pipeline, packed_side, stack_conditions, velocity)
-from report import RunLog, progress, save_grid, write_evaluation
+from flux import (FLUX_DEV, Condition, ModelError, adapters_off, decode_images, encode_prompt, export_model,
+                  latent_shape, load_pipeline, model_sizes, packed_side, stack_conditions, transformer_config, velocity)
+from preflight import checkpoint_bytes, damaged_files, fits
+from report import RunLog, Stopwatch, progress, save_grid, write_evaluation
 from rewards import RewardError, load_reward, reward_config_problems, score
 
 # diffusers' FLUX blocks return slices; nothing downstream writes into them in place (the FSDP tests check gradients)
@@ -136,6 +135,8 @@ class Config:
     device: str = "auto"  # "auto" = cuda if available, else cpu
     mixed_precision: str = "bf16"  # transformer compute dtype: "bf16" (fp32 master weights) or "fp32"
     parallel: str = "fsdp"  # "fsdp" (FSDP2, sharded: FLUX.1-dev needs it) or "ddp" (replicated, for models that fit)
+    dist_timeout: int = 3600  # seconds a rank waits in a collective: rank 0's first 24 GB download (docs/cluster.md)
+    memory_check: bool = True  # refuse, before loading, a recipe predicted not to fit this GPU (preflight.py)
     grad_checkpointing: bool = True  # recompute each transformer block in the backward pass
     out_dir: str = "runs/neighbor_grpo"  # log.jsonl, sample grids and checkpoints go here
     overwrite: bool = False  # allow a new run in an out_dir that already holds one
@@ -255,6 +256,7 @@ def validate(cfg):
         (cfg.mixed_precision in ("bf16", "fp32"), f"mixed_precision={cfg.mixed_precision}: use bf16 or fp32"),
         (cfg.parallel in PARALLEL, f"parallel={cfg.parallel}: use fsdp (sharded) or ddp (replicated)"),
         (cfg.ckpt_every >= 0, f"ckpt_every={cfg.ckpt_every}: must be >= 0 (0 = only at the end)"),
+        (cfg.dist_timeout > 0, f"dist_timeout={cfg.dist_timeout}: must be > 0 seconds; use 3600"),
         (cfg.max_skipped_steps >= 1, f"max_skipped_steps={cfg.max_skipped_steps}: must be >= 1; use 8"),
         (cfg.model_path != str(DIGITS_DIR) or (DIGITS_DIR / "model_index.json").is_file(),
          "preset=digits: data/digits holds no prepared model yet; run python data/digits/prepare.py (minutes on a CPU)"),
@@ -317,7 +319,8 @@ def setup_distributed(cfg):
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=cfg.dist_timeout))
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -759,25 +762,6 @@ def optimizer_step(model, optimizer, max_grad_norm):
     return grad_norm.item()
 
 
-def clock(device):
-    """Wall time once the device's queued work is done (CUDA kernels run asynchronously)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-class Stopwatch:
-    """lap(phase) adds the seconds since the previous lap to that phase."""
-
-    def __init__(self, device):
-        self.device, self.seconds, self.last = device, {}, clock(device)
-
-    def __call__(self, phase):
-        now = clock(self.device)
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self.last
-        self.last = now
-
-
 def train_iteration(run, cfg, iteration):
     """One iteration of Alg. 1 on this rank's prompt groups: each group rolled out, scored and given advantages, then
     the policy update. Returns the groups, the update's statistics and the seconds of each phase."""
@@ -788,7 +772,6 @@ def train_iteration(run, cfg, iteration):
     stats = policy_update(run, groups, cfg)
     lap("update")
     return groups, stats, {**lap.seconds, "total": sum(lap.seconds.values())}
-
 
 
 # -----------------------------------------------------------------------------
@@ -910,6 +893,13 @@ def save_checkpoint(run, cfg, iteration, guard_state):
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier(run.world)
+    need = checkpoint_bytes(run.model.parameters(), run.dtype.itemsize, cfg.lora_rank)
+    free = min(all_gather_objects(shutil.disk_usage(tmp).free, run.world))  # each rank's disk, one decision
+    if free < need:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TrainingError(f"checkpoint at iteration {iteration}: needs {need / 1e9:.1f} GB in {root}, "
+                            f"{free / 1e9:.1f} GB free; the last checkpoint is kept: free space (or move out_dir), "
+                            "then --resume")
     model_state, optim_state = get_state_dict(run.model, run.optimizer, options=TRAINED)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / "state", no_dist=run.world == 1)
     export_model(run.model, tmp, run.rank, run.dtype, cfg.lora_rank)
@@ -944,6 +934,11 @@ def resume_state(cfg, out):
 def restore(model, optimizer, cfg, path, rank, world):
     """Model and AdamW state from a checkpoint, in whatever sharding this run uses; returns the iterations it already
     did and the guard's state, listing any fields that changed since."""
+    damaged = damaged_files(path / "state")
+    if damaged:
+        export = f"--lora_path={path}/lora" if cfg.lora_rank else f"--transformer_path={path}/transformer"
+        raise ConfigError(f"resume: {damaged[0]} is missing or cut short ({len(damaged)} damaged file(s)); no older "
+                          f"checkpoint is kept: start anew from its export ({export}) in another out_dir")
     model_state, optim_state = get_state_dict(model, optimizer, options=TRAINED)
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=path / "state", no_dist=world == 1)  # strict: every trained tensor must be there
@@ -1018,6 +1013,7 @@ def build(cfg, method=NEIGHBOR):
     leave the GPU."""
     rank, world, device = setup_distributed(cfg)
     dtype = compute_dtype(cfg)
+    check_memory(cfg, device, world, rank)
     resume_from = resume_state(cfg, Path(cfg.out_dir))
     prompts = load_prompts(cfg.prompt_file)
     home = torch.device("cpu") if cfg.reward_offload else device  # where the reward models wait between calls
@@ -1040,6 +1036,20 @@ def build(cfg, method=NEIGHBOR):
     return Run(rank, world, device, dtype, pipe, model, optimizer, method, prompts, reward_fns, reward_mix(cfg),
                pipeline_grid(pipe, cfg, cfg.num_steps), eval_prompts, eval_fns,
                eval_grid(pipe, cfg), start, guard_state, reference, group_ids, cache)
+
+
+def device_memory(device):  # bytes; None on a CPU (nothing to check)
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+
+
+def check_memory(cfg, device, world, rank):
+    """This GPU against the predicted peak per rank (preflight.py), before any weight loads: a recipe that cannot fit
+    stops in one line naming one that does."""
+    capacity, sizes = device_memory(device), model_sizes(cfg.model_path)
+    if capacity and cfg.memory_check:
+        offers = {f"--preset={p}": (dataclasses.replace(cfg, **PRESETS[p]), 1) for p in ("flux-dev-lora", "flux-dev-24gb")}
+        offers["torchrun over 8 GPUs"] = (dataclasses.replace(cfg, **PRESETS["flux-dev"]), 8)
+        require([fits(cfg, sizes, transformer_config(**sizes), world, capacity, sizes is FLUX_DEV, offers, rank)])
 
 
 def starting_model(transformer, cfg, device, world, dtype):

@@ -9,6 +9,7 @@ import importlib
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -195,3 +196,22 @@ def progress(iterable, desc, rank):
     from tqdm.auto import tqdm
 
     return tqdm(iterable, desc=desc, leave=False)
+
+
+def clock(device):
+    """Wall time once the device's queued work is done (CUDA kernels run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+class Stopwatch:
+    """lap(phase) adds the seconds since the previous lap to that phase."""
+
+    def __init__(self, device):
+        self.device, self.seconds, self.last = device, {}, clock(device)
+
+    def __call__(self, phase):
+        now = clock(self.device)
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self.last
+        self.last = now

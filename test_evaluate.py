@@ -195,3 +195,21 @@ def test_mixgrpo_precision_runs_hpsv2_under_fp16_autocast_and_the_rest_in_fp32(m
         ng.eval_setup(cfg, {}, "cpu", ("hpsv2", "pickscore", "imagereward", "clipscore", "aesthetic"),
                       evaluate.PRECISIONS.get(cfg.reward_precision))
         assert loaded.pop("hpsv2") == expected[0] and set(loaded.values()) == {expected[1]}
+
+
+def test_evaluate_reads_the_transformer_in_the_compute_dtype(tmp_path, monkeypatch):
+    """No fp32 copy of the weights on the host: from_pretrained is asked for bf16 (8 ranks of FLUX.1-dev in fp32
+    would hold 380 GB), and the checkpoint's evaluation runs in it."""
+    from diffusers import FluxTransformer2DModel
+
+    ng.train(tiny_cfg(tmp_path / "run", "--iterations=1", "--sample_every=0", "--eval_every=0"))
+    real, asked = FluxTransformer2DModel.from_pretrained.__func__, []
+
+    def spy(cls, *args, **kwargs):
+        asked.append(kwargs.get("dtype"))
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(FluxTransformer2DModel, "from_pretrained", classmethod(spy))
+    evaluate.main([*EVAL_ARGS, f"--out_dir={tmp_path / 'eval'}", "--mixed_precision=bf16",
+                   f"--transformer_path={tmp_path / 'run/transformer'}"])
+    assert asked == [torch.bfloat16] and (tmp_path / "eval/eval.json").exists()

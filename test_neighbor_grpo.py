@@ -1054,8 +1054,9 @@ def test_non_finite_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoin
 
 
 
-@pytest.mark.parametrize("module,allowed", [("rewards", set()), ("report", set()), ("flux", {"rewards"}),
-                                            ("neighbor_grpo", {"flux", "rewards", "report"})])
+@pytest.mark.parametrize("module,allowed", [("rewards", set()), ("report", set()), ("preflight", set()),
+                                            ("flux", {"rewards"}),
+                                            ("neighbor_grpo", {"flux", "rewards", "report", "preflight"})])
 def test_each_file_imports_only_the_files_below_it(module, allowed):
     import ast
 
@@ -1064,3 +1065,59 @@ def test_each_file_imports_only_the_files_below_it(module, allowed):
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert imported & ours == allowed
+
+
+def test_a_truncated_checkpoint_shard_is_one_line_naming_the_file_and_what_is_left(tmp_path, capsys):
+    args = ["--preset=tiny", f"--out_dir={tmp_path}", "--sample_every=0", "--eval_every=0"]
+    ng.train(ng.parse_config([*args, "--iterations=1"]))
+    shard = next((tmp_path / "checkpoints/step-000001/state").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(SystemExit) as exit_info:
+        ng.main([*args, "--iterations=2", "--resume"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert str(shard) in err and "--transformer_path=" in err and "step-000001/transformer" in err
+
+
+def test_too_little_disk_for_a_checkpoint_is_one_line_and_the_last_checkpoint_survives(tmp_path, capsys, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    args = ["--preset=tiny", f"--out_dir={tmp_path}", "--sample_every=0", "--eval_every=0"]
+    ng.train(ng.parse_config([*args, "--iterations=1"]))
+    before = exported(tmp_path / "checkpoints/step-000001")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: namedtuple("usage", "total used free")(10**9, 10**9, 10**5))
+    with pytest.raises(SystemExit) as exit_info:
+        ng.main([*args, "--iterations=3", "--ckpt_every=1", "--resume"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert "checkpoint at iteration 2: needs 0.0" in err and "0.0 GB free" in err and "--resume" in err
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000001"]
+    assert max_abs_diff(before, exported(root / "step-000001")) == 0
+    monkeypatch.undo()
+    ng.train(ng.parse_config([*args, "--iterations=2", "--resume"]))  # and it resumes from there
+    assert (root / "latest").read_text() == "step-000002"
+
+
+def test_a_transformer_path_that_does_not_exist_says_so(tmp_path):
+    with pytest.raises(flux.ModelError, match="transformer_path=.*: no such directory; pass a trained transformer"):
+        flux.load_pipeline(tiny_cfg(None, f"--transformer_path={tmp_path}/nowhere/transformer"), torch.device("cpu"),
+                           torch.float32)
+
+
+def test_a_recipe_that_cannot_fit_the_gpu_stops_in_one_line_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(ng, "device_memory", lambda device: 80 * 10**9)  # one 80 GB GPU
+    monkeypatch.setattr(flux, "load_pipeline", lambda *a, **k: pytest.fail("a model loaded"))
+    monkeypatch.setattr(ng, "load_pipeline", lambda *a, **k: pytest.fail("a model loaded"))
+    with pytest.raises(SystemExit) as exit_info:
+        ng.main(["--preset=flux-dev", f"--out_dir={tmp_path}"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert "one 80 GB GPU cannot hold full fine-tuning over 1 rank(s)" in err and "--preset=flux-dev-lora" in err
+    assert "--memory_check=false" in err
+    monkeypatch.setattr(ng, "device_memory", lambda device: 24 * 10**9)  # the 24 GB card: only the 4-bit recipe
+    with pytest.raises(SystemExit):
+        ng.main(["--preset=flux-dev-lora", f"--out_dir={tmp_path}"])
+    err = capsys.readouterr().err.strip()
+    assert "LoRA r=64 over 1 rank(s)" in err and "use --preset=flux-dev-24gb," in err  # the one that fits 24 GB

@@ -1,0 +1,130 @@
+"""
+Whether a run fits, known before any weight loads: the peak GPU memory per rank and host RAM per node of a recipe in
+closed form from the transformer's sizes and the config (bench.py --meta measures the same on fake tensors, and
+test_bench.py holds the two within a few percent for every preset), a checkpoint's bytes on disk, and whether a
+checkpoint's files are whole. Imports nothing of ours.
+"""
+
+import math
+from pathlib import Path
+
+GIB = 2**30
+
+# parameters of the models beside the transformer, as bench.py --meta counts them from their configurations
+VAE = {"flux": 83_819_683}
+TEXT_ENCODERS = 123_060_480 + 4_762_310_656  # CLIP-L, T5-XXL encoder (FLUX.1-dev's)
+REWARDS = dict(hpsv2=986_109_441, pickscore=986_109_441, imagereward=447_045_889, clipscore=986_765_569,
+               aesthetic=427_616_513)  # fp32 towers (rewards.py holds none in bf16)
+
+
+def transformer_sizes(config, lora_rank=0, lora_targets=()):
+    """FluxTransformer2DModel(**config) counted on the meta device (nothing allocated): its parameters, the largest
+    block's, the root's own (outside the blocks), each nn.Linear weight's, and LoRA's adapters at lora_rank."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**config)
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    blocks = [count(b) for b in [*model.transformer_blocks, *model.single_transformer_blocks]]
+    linears = [(n, m) for n, m in model.named_modules() if type(m) is torch.nn.Linear]
+    adapters = sum(lora_rank * (m.in_features + m.out_features) for n, m in linears
+                   if any(n == t or n.endswith("." + t) for t in lora_targets))
+    return dict(n=count(model), block=max(blocks), root=count(model) - sum(blocks),
+                linears=[m.weight.numel() for _, m in linears], adapters=adapters)
+
+
+def checkpoint_bytes(parameters, dtype_bytes, lora):
+    """Bytes a checkpoint of a model with these parameters writes over all ranks: what trains in fp32 with AdamW's two
+    moments (the state to resume from), and its export (the adapter in fp32, or the whole transformer in the compute
+    dtype) for evaluate.py. A sharded parameter (DTensor) counts whole."""
+    sizes = [(p.numel(), p.requires_grad) for p in parameters]
+    trained, total = sum(n for n, trains in sizes if trains), sum(n for n, _ in sizes)
+    return 12 * trained + (4 * trained if lora else dtype_bytes * total)
+
+
+def damaged_files(state_dir):
+    """The files of a torch.distributed.checkpoint directory that are missing or shorter than its metadata says."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        items = dcp.FileSystemReader(str(state_dir)).read_metadata().storage_data.values()
+    except Exception:  # noqa: BLE001 - any unreadable metadata is damage
+        return [str(Path(state_dir) / ".metadata")]
+    need = {}
+    for item in items:
+        need[item.relative_path] = max(need.get(item.relative_path, 0), item.offset + item.length)
+    return [str(Path(state_dir) / f) for f, n in sorted(need.items())
+            if not (Path(state_dir) / f).is_file() or (Path(state_dir) / f).stat().st_size < n]
+
+
+def gpu_phases(cfg, sizes, config, world, real_models):
+    """Predicted peak bytes per rank of each phase (start-up, rollout, rewards, update, evaluation), as bench.py
+    --meta's memory_phases measures them: the transformer's weights, gradients and AdamW state counted exactly; its
+    working set in closed form (the forms, and how close they come to --meta, in docs/cost.md); and the other models
+    on the GPU then. sizes: flux.py's; config: FluxTransformer2DModel's; real_models: FLUX.1-dev's text encoders and
+    the named rewards are counted (random models: their VAE alone)."""
+    m = transformer_sizes(config, cfg.lora_rank, cfg.lora_targets)
+    n, block, root, linears, adapters = m["n"], m["block"], m["root"], m["linears"], m["adapters"]
+    D, half = sizes["heads"] * sizes["head_dim"], 2 if cfg.mixed_precision == "bf16" else 4
+    vae_side = cfg.resolution // 2 ** (len(sizes["vae_channels"]) - 1)
+    L, S, C, G, T = (vae_side // 2) ** 2, cfg.max_sequence_length, config["in_channels"], cfg.group_size, cfg.num_steps
+    tokens = lambda batch: batch * (L + S) * D * half  # one hidden state of a batch  # noqa: E731
+    blocks = sizes["layers"] + sizes["single_layers"]
+    inputs = cfg.groups_per_rank * (4 * G * (2 * T + 1) * L * C + 4 * S * sizes["text_dim"])  # stored rollouts
+    ub = min(cfg.update_batch_size, cfg.groups_per_rank * cfg.num_train_steps)
+    # checkpointed: each block's input kept, one block's forward and backward live; else ~30 hidden states a block
+    work = ((blocks + 30) if cfg.grad_checkpointing else 30 * blocks) * tokens(ub) + 0.27 * GIB * (D / 3072) ** 2
+    if cfg.lora_rank:
+        nf4 = sum(b / 2 + math.ceil(b / 64) + 4 * math.ceil(b / 16384) for b in linears)  # bench.nf4_bytes
+        rest = half * n - (2 * sum(linears) - nf4 if cfg.base_quantization else 0) + 12 * adapters
+        grads, gathered = 4 * adapters, (2 * max(linears) if cfg.base_quantization else 0)  # NF4: one dequantized
+        rolled = gathered
+    else:  # FSDP2: fp32 shards and AdamW's moments; a block and the root gathered in the compute dtype, its gradient
+        rest, grads = 12 * n / world, 4 * n / world  # reduce-scattered in fp32
+        gathered = 2 * (2 * block + root) + 4 * block if world > 1 else 0
+        rolled = 2 * (2 * block + root) if world > 1 else 0
+    update = rest + grads + inputs + gathered + work
+    rollout = rest + inputs + rolled + 13 * tokens(min(cfg.rollout_batch_size, G))
+    vae = 3.12 * GIB * cfg.reward_batch_size / 4 * (cfg.resolution / 720) ** 2 * (half / 2)
+    resident = half * VAE["flux"] if real_models or sizes["vae_channels"][0] == 128 else 0  # FLUX.1-dev's VAE
+    encoders, rewards, guards = 0, [], []
+    if real_models:
+        encoders = half * TEXT_ENCODERS
+        rewards = [4 * REWARDS[r] for r in cfg.rewards if r in REWARDS]
+        guards = [4 * REWARDS[r] for r in cfg.guard_rewards if r in REWARDS]
+    if not cfg.offload_text_encoders:
+        resident, encoders = resident + encoders, 0
+    resident += 0 if cfg.reward_offload else sum(rewards)
+    one = max(rewards, default=0) if cfg.reward_offload else 0
+    at_rest = rest + inputs
+    return {"start-up": at_rest + resident + encoders, "rollout": rollout + resident,
+            "rewards": at_rest + resident + vae + one, "update": update + resident,
+            "evaluation": at_rest + resident + vae + max([one, *guards])}
+
+
+def host_bytes(cfg, n, world, ranks_per_node):
+    """Host RAM per node at start-up: rank 0 reads the transformer (fp32 master weights; LoRA, NF4 and evaluate.py:
+    the compute dtype) and each rank holds its text encoders while it encodes, its offloaded models after."""
+    master = 2 if cfg.lora_rank else 4
+    fsdp = world > 1 and cfg.parallel == "fsdp" and not cfg.lora_rank
+    loads = 1 if fsdp else ranks_per_node  # FSDP: rank 0 alone reads the weights; DDP: every rank does
+    return loads * master * n + ranks_per_node * 2 * TEXT_ENCODERS
+
+
+def fits(cfg, sizes, config, world, capacity, real_models, offers, rank=0):
+    """(ok, message): whether the predicted peak per rank fits capacity bytes (rank 0 prints it), else one line naming
+    the offers that do: {description: (cfg, world)}, in order."""
+    phases = gpu_phases(cfg, sizes, config, world, real_models)
+    top = max(phases, key=phases.get)
+    if phases[top] <= capacity:
+        if rank == 0:
+            print(f"memory: ~{phases[top] / GIB:.1f} GiB a rank predicted ({top}) of this GPU's {capacity / GIB:.1f}")
+        return True, ""
+    fitting = [name for name, (c, w) in offers.items()
+               if max(gpu_phases(c, sizes, config, w, real_models).values()) <= capacity]
+    what = (f"LoRA r={cfg.lora_rank}" + (" on a 4-bit base" if cfg.base_quantization else "") if cfg.lora_rank
+            else "full fine-tuning") + f" over {world} rank(s)"
+    return False, (f"one {capacity / 1e9:.0f} GB GPU cannot hold {what} (needs ~{phases[top] / GIB:.1f} GiB a rank at "
+                   f"its {top}); use {' or '.join(fitting) if fitting else 'more GPUs (torchrun)'}, or "
+                   "--memory_check=false to try anyway")
