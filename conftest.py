@@ -90,7 +90,8 @@ def update_gradients(parse, method, batch, *args):
 def assert_same_figures(ours, recorded):
     """Equal up to round-off that another CPU's kernels may add (a ratio flipping across the clip edge included)."""
     for (loss, reward, clip), (loss0, reward0, clip0) in zip(ours, recorded, strict=True):
-        assert loss == pytest.approx(loss0, rel=1e-3) and reward == pytest.approx(reward0, rel=1e-5)
+        # a loss at theta = theta_old (the SDE baseline's) is a sum of round-off: compared at round-off's scale
+        assert loss == pytest.approx(loss0, rel=1e-3, abs=5e-8) and reward == pytest.approx(reward0, rel=1e-5)
         assert clip == pytest.approx(clip0, abs=2.1 / 192)  # 192 ratios per iteration
 
 

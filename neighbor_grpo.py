@@ -1043,13 +1043,13 @@ def device_memory(device):  # bytes; None on a CPU (nothing to check)
 
 
 def check_memory(cfg, device, world, rank):
-    """This GPU against the predicted peak per rank (preflight.py), before any weight loads: a recipe that cannot fit
-    stops in one line naming one that does."""
+    """Before any weight loads: a recipe predicted not to fit this GPU (preflight.py) stops, naming one that does."""
     capacity, sizes = device_memory(device), model_sizes(cfg.model_path)
     if capacity and cfg.memory_check:
         offers = {f"--preset={p}": (dataclasses.replace(cfg, **PRESETS[p]), 1) for p in ("flux-dev-lora", "flux-dev-24gb")}
         offers["torchrun over 8 GPUs"] = (dataclasses.replace(cfg, **PRESETS["flux-dev"]), 8)
-        require([fits(cfg, sizes, transformer_config(**sizes), world, capacity, sizes is FLUX_DEV, offers, rank)])
+        require([fits(cfg, sizes, transformer_config(**sizes), world, capacity, sizes is FLUX_DEV, offers, rank,
+                      int(os.environ.get("LOCAL_WORLD_SIZE", 1)))])
 
 
 def starting_model(transformer, cfg, device, world, dtype):

@@ -112,14 +112,16 @@ def host_bytes(cfg, n, world, ranks_per_node):
     return loads * master * n + ranks_per_node * 2 * TEXT_ENCODERS
 
 
-def fits(cfg, sizes, config, world, capacity, real_models, offers, rank=0):
-    """(ok, message): whether the predicted peak per rank fits capacity bytes (rank 0 prints it), else one line naming
-    the offers that do: {description: (cfg, world)}, in order."""
+def fits(cfg, sizes, config, world, capacity, real_models, offers, rank=0, ranks_per_node=1):
+    """(ok, message): whether the predicted peak per rank fits capacity bytes (rank 0 prints it, and the host RAM a
+    node needs), else one line naming the offers that do: {description: (cfg, world)}, in order."""
     phases = gpu_phases(cfg, sizes, config, world, real_models)
     top = max(phases, key=phases.get)
     if phases[top] <= capacity:
         if rank == 0:
-            print(f"memory: ~{phases[top] / GIB:.1f} GiB a rank predicted ({top}) of this GPU's {capacity / GIB:.1f}")
+            host = host_bytes(cfg, transformer_sizes(config)["n"], world, ranks_per_node)
+            print(f"memory: ~{phases[top] / GIB:.1f} GiB a rank predicted ({top}) of this GPU's {capacity / GIB:.1f}; "
+                  f"host RAM ~{host / 1e9:.0f} GB a node at start-up (preflight.py)")
         return True, ""
     fitting = [name for name, (c, w) in offers.items()
                if max(gpu_phases(c, sizes, config, w, real_models).values()) <= capacity]
