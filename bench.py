@@ -49,6 +49,7 @@ import torch
 
 import flux
 import neighbor_grpo as ng
+import preflight
 import report
 import sde_grpo
 from rewards import build_imagereward, score
@@ -557,7 +558,26 @@ def other_models(cfg, sizes):
                          clip_flops(config) * 1e-12))
         elif name == "imagereward":
             rows.append(("ImageReward (BLIP ViT-L + BERT-base)", imagereward_parameters(), 4, role, float("nan")))
+        elif name == "hpsv3":
+            rows.append(("HPSv3 (Qwen2-VL-7B in bf16 + its head)", hpsv3_parameters(), 2, role, float("nan")))
     return rows
+
+
+QWEN2_VL_7B = dict(  # Qwen/Qwen2-VL-7B-Instruct's config.json, its vocabulary with HPSv3's reward token added
+    text_config=dict(vocab_size=151658, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                     num_attention_heads=28, num_key_value_heads=4, rope_scaling=dict(type="mrope",
+                                                                                     mrope_section=[16, 24, 24])),
+    vision_config=dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4))
+
+
+def hpsv3_parameters():
+    """HPSv3's backbone as rewards.hpsv3_reward holds it (Qwen2VLModel, no language-model head) and its head."""
+    from transformers import Qwen2VLConfig, Qwen2VLModel
+
+    from rewards import hpsv3_head
+
+    return parameter_count(lambda: torch.nn.ModuleList([Qwen2VLModel(Qwen2VLConfig(**QWEN2_VL_7B)),
+                                                        hpsv3_head(QWEN2_VL_7B["text_config"]["hidden_size"])]))
 
 
 def clip_flops(config):
@@ -641,9 +661,12 @@ def meta(opts, cfg):
         mem["Total"] += nf4[1] - nf4[0] + nf4[2]
     report_meta(cfg, opts, world, sizes, L, n_params, f_roll, f_step, f_vae, mem_roll, mem_update, mem_vae, others,
                 nf4)
+    ckpt = preflight.checkpoint_bytes(meta_transformer(cfg, sizes, dtype).parameters(), dtype.itemsize, cfg.lora_rank)
+    print(f"a checkpoint: {ckpt / 1e9:.1f} GB over all ranks (the trained weights and AdamW's moments in fp32, and the "
+          "export); the previous one stays on disk until the next is whole")
     if world > 1:
         ng.dist.destroy_process_group()
-    return dict(rollout_forward=f_roll, update_step=f_step, vae_decode=f_vae, rollout_memory=mem_roll,
+    return dict(rollout_forward=f_roll, checkpoint_bytes=ckpt, update_step=f_step, vae_decode=f_vae, rollout_memory=mem_roll,
                 update_memory=mem_update, vae_memory=mem_vae,
                 phases=memory_phases(cfg, mem_roll, mem_update, mem_vae["Total"], others))
 
@@ -806,8 +829,6 @@ def check_collectives(device):
 def doctor_recipes(device, capacity):
     """{name: cfg} to time: on a GPU full fine-tuning, LoRA and NF4 + LoRA at FLUX.1-dev's width with the most blocks
     the prediction fits in 85 % of its memory; on a CPU the tiny preset's three."""
-    import preflight
-
     common = dict(rewards=("jpeg_compressibility",), prompt_file="", eval_every=0, sample_every=0, iterations=2,
                   out_dir="runs/doctor", overwrite=True, guard_rewards=())
     if device.type != "cuda":  # a smoke test of the same code: smaller groups
@@ -833,8 +854,6 @@ def doctor_recipes(device, capacity):
 def time_recipe(cfg, device):
     """Build the run as training does, count one iteration's FLOPs (untimed), time the next; peak memory beside the
     prediction, seconds, TFLOP/s, the update's |log rho| at theta = theta_old."""
-    import preflight
-
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -853,8 +872,6 @@ def time_recipe(cfg, device):
 
 def doctor(opts, cfg):
     """What a first GPU can do (module docstring): doctor.json and doctor.md in --out, printed too."""
-    import preflight
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     capacity = ng.device_memory(device)
     name = torch.cuda.get_device_name(device) if capacity else "no GPU: the CPU (checks what it can)"

@@ -24,7 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import flux
 import neighbor_grpo as ng
+import preflight
 from rewards import jpeg
 
 
@@ -108,6 +110,7 @@ def evaluate_model(cfg):
     dtype, out, cfg = ng.compute_dtype(cfg), Path(cfg.out_dir), sampler(cfg)
     if (out / "eval.json").exists() and not cfg.overwrite:
         raise ng.ConfigError(f"out_dir={out}: already holds eval.json; pass --overwrite or another --out_dir")
+    check_memory(cfg, device, rank)
     prompts, reward_fns = ng.eval_setup(cfg, {}, device, cfg.eval_only_rewards, PRECISIONS.get(cfg.reward_precision))
     pipe = ng.load_pipeline(cfg, device, dtype, inference=True)  # read in the compute dtype: no fp32 copy on the host
     pipe.transformer.to(device, dtype).eval()  # nothing sharded: each rank samples its prompts with a full copy
@@ -122,6 +125,20 @@ def evaluate_model(cfg):
               f"{cfg.reward_precision} precision\n{(out / 'eval.md').read_text()}", end="")
     ng.barrier(world)
     return summary
+
+
+def check_memory(cfg, device, rank):
+    """The predicted peak per rank (preflight.evaluation_phases) against this GPU, before anything loads."""
+    capacity, sizes = ng.device_memory(device), flux.model_sizes(cfg.model_path)
+    phases = preflight.evaluation_phases(cfg, sizes, flux.transformer_config(**sizes), sizes is flux.FLUX_DEV,
+                                         ng.scorable(cfg.eval_only_rewards, cfg))
+    top = max(phases, key=phases.get)
+    if capacity and cfg.memory_check and phases[top] > capacity:
+        raise ng.ConfigError(f"one {capacity / 1e9:.0f} GB GPU cannot hold the evaluation (~{phases[top] / 2**30:.1f} "
+                             f"GiB at its {top}); lower --eval_batch_size or --reward_batch_size, score fewer judges "
+                             "(--eval_only_rewards=...), or --memory_check=false to try anyway")
+    if capacity and rank == 0:
+        print(f"memory: ~{phases[top] / 2**30:.1f} GiB a rank predicted ({top}) of this GPU's {capacity / 2**30:.1f}")
 
 
 def main(argv=None):

@@ -13,8 +13,14 @@ GIB = 2**30
 # parameters of the models beside the transformer, as bench.py --meta counts them from their configurations
 VAE = {"flux": 83_819_683}
 TEXT_ENCODERS = 123_060_480 + 4_762_310_656  # CLIP-L, T5-XXL encoder (FLUX.1-dev's)
-REWARDS = dict(hpsv2=986_109_441, pickscore=986_109_441, imagereward=447_045_889, clipscore=986_765_569,
-               aesthetic=427_616_513)  # fp32 towers (rewards.py holds none in bf16)
+REWARDS = dict(hpsv2=986_109_441, pickscore=986_109_441, imagereward=446_665_953, clipscore=986_714_881,
+               aesthetic=427_616_513, hpsv3=7_748_610_610)  # fp32 towers; HPSv3 in bf16, as it was trained
+REWARD_BYTES = dict(hpsv3=2)  # bytes a parameter where not 4
+
+
+def reward_bytes(name):
+    """Bytes of a reward model's weights on the GPU (0 for one without: a function, a remote judge)."""
+    return REWARD_BYTES.get(name, 4) * REWARDS.get(name, 0)
 
 
 def transformer_sizes(config, lora_rank=0, lora_targets=()):
@@ -91,8 +97,8 @@ def gpu_phases(cfg, sizes, config, world, real_models):
     encoders, rewards, guards = 0, [], []
     if real_models:
         encoders = half * TEXT_ENCODERS
-        rewards = [4 * REWARDS[r] for r in cfg.rewards if r in REWARDS]
-        guards = [4 * REWARDS[r] for r in cfg.guard_rewards if r in REWARDS]
+        rewards = [reward_bytes(r) for r in cfg.rewards if r in REWARDS]
+        guards = [reward_bytes(r) for r in cfg.guard_rewards if r in REWARDS]
     if not cfg.offload_text_encoders:
         resident, encoders = resident + encoders, 0
     resident += 0 if cfg.reward_offload else sum(rewards)
@@ -101,6 +107,19 @@ def gpu_phases(cfg, sizes, config, world, real_models):
     return {"start-up": at_rest + resident + encoders, "rollout": rollout + resident,
             "rewards": at_rest + resident + vae + one, "update": update + resident,
             "evaluation": at_rest + resident + vae + max([one, *guards])}
+
+
+def evaluation_phases(cfg, sizes, config, real_models, names):
+    """evaluate.py's predicted peak bytes per rank (cfg as it samples: its resolution): the transformer in the compute
+    dtype, the VAE and the judges in names (fp32 towers) throughout, beside the text encoders at start-up, the
+    sampler's forward, or the VAE's decode."""
+    n, half = transformer_sizes(config)["n"], 2 if cfg.mixed_precision == "bf16" else 4
+    L = (cfg.resolution // 2 ** (len(sizes["vae_channels"]) - 1) // 2) ** 2
+    held = half * n + (half * VAE["flux"] if real_models else 0) + sum(reward_bytes(r) for r in names)
+    forward = 13 * cfg.eval_batch_size * (L + cfg.max_sequence_length) * sizes["heads"] * sizes["head_dim"] * half
+    decode = 3.12 * GIB * cfg.reward_batch_size / 4 * (cfg.resolution / 720) ** 2 * (half / 2)
+    return {"start-up": held + (half * TEXT_ENCODERS if real_models else 0), "sampling": held + forward,
+            "decode and score": held + decode}
 
 
 def host_bytes(cfg, n, world, ranks_per_node):

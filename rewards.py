@@ -113,6 +113,8 @@ REWARD_WEIGHTS = {
     "clipscore_config": ("apple/DFN5B-CLIP-ViT-H-14-378", "open_clip_config.json"),
     "aesthetic": ("trl-lib/ddpo-aesthetic-predictor", "aesthetic-model.pth"),  # = sac+logos+ava1-l14-linearMSE.pth
     "aesthetic_clip": ("openai/clip-vit-large-patch14", None),
+    "hpsv3": ("MizzenAI/HPSv3", "HPSv3.safetensors"),  # the whole reward model, in transformers 4.45's key layout
+    "hpsv3_processor": ("Qwen/Qwen2-VL-7B-Instruct", None),  # its config, tokenizer, image processor, chat template
 }
 
 
@@ -148,7 +150,7 @@ def reward_weights(cfg, key, loader=None):
             if repo not in RENAMED:
                 raise
             return hf_hub_download(RENAMED[repo], filename)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a directory without the files transformers looks for
         raise RewardError(missing_weights(key, e)) from None
 
 
@@ -374,6 +376,97 @@ def aesthetic_scorer(clip, mlp, dtype):
     return aesthetic
 
 
+HPSV3_PIXELS = 256 * 28 * 28  # the package's min_pixels = max_pixels: every image becomes ~448 x 448, 256 tokens
+HPSV3_TOKEN = "<|Reward|>"  # the token whose hidden state the head reads
+
+
+def hpsv3_template():
+    """HPSv3's instruction ({text_prompt} for the caption) and the request ending in the reward token, read from the
+    hpsv3 package's source without importing it: the package pins transformers 4.45 and imports trl and deepspeed, so
+    it is installed without its dependencies (pip install --no-deps hpsv3==1.0.0, .ci/run) and only read."""
+    import ast
+
+    spec = importlib.util.find_spec("hpsv3")
+    if spec is None:
+        raise RewardError("rewards: hpsv3 needs its prompt template from the hpsv3 package: pip install --no-deps "
+                          "hpsv3==1.0.0 (its dependencies would replace this environment's transformers)")
+    source = Path(spec.submodule_search_locations[0]) / "dataset" / "data_collator_qwen.py"
+    found = {t.id: n.value.value for n in ast.parse(source.read_text()).body if isinstance(n, ast.Assign)
+             for t in n.targets if isinstance(t, ast.Name) and isinstance(n.value, ast.Constant)}
+    return found["INSTRUCTION"], found["prompt_with_special_token"]
+
+
+def hpsv3_head(hidden):
+    """HPSv3's RankNet head: hidden state -> (mu, sigma), fp32."""
+    return torch.nn.Sequential(torch.nn.Linear(hidden, 1024), torch.nn.ReLU(), torch.nn.Dropout(0.05),
+                               torch.nn.Linear(1024, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+
+
+def hpsv3_reward(cfg, device, dtype):
+    """HPSv3 (Ma et al. 2025): Qwen2-VL-7B through transformers' own classes with HPSv3's RankNet head, both from
+    HPSv3.safetensors; the backbone in bf16 as it was trained (fp32 when the compute dtype is), the head in fp32."""
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoProcessor, Qwen2VLModel
+
+    instruction, request = hpsv3_template()
+    processor = reward_weights(cfg, "hpsv3_processor", lambda p: AutoProcessor.from_pretrained(p, padding_side="right"))
+    config = reward_weights(cfg, "hpsv3_processor", AutoConfig.from_pretrained)
+    state = load_file(reward_weights(cfg, "hpsv3"))
+    processor.tokenizer.add_tokens([HPSV3_TOKEN], special_tokens=True)  # appended, as the package's add does
+    config.text_config.vocab_size = len(processor.tokenizer)  # the package resized the embeddings to it
+    with init_empty_weights(include_buffers=False):
+        model = Qwen2VLModel(config)
+    head = hpsv3_head(config.text_config.hidden_size)
+    held = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+    head.load_state_dict({k.removeprefix("rm_head."): v.float() for k, v in state.items() if k.startswith("rm_head.")})
+    model.load_state_dict(hpsv3_keys(state, held), assign=True)  # strict: every backbone tensor must be there
+    return hpsv3_scorer(model.to(device).eval(), head.to(device).eval(), processor, instruction, request)
+
+
+def hpsv3_keys(state, dtype):
+    """HPSv3.safetensors' backbone in transformers 5's Qwen2VLModel layout: model.* is the language model's, visual.*
+    the vision tower's; the unused language-model head is dropped."""
+    renamed = {}
+    for k, v in state.items():
+        if k.startswith("model."):
+            renamed["language_model." + k.removeprefix("model.")] = v.to(dtype)
+        elif k.startswith("visual."):
+            renamed[k] = v.to(dtype)
+    return renamed
+
+
+def hpsv3_scorer(model, head, processor, instruction, request):
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    reward_id = processor.tokenizer.convert_tokens_to_ids(HPSV3_TOKEN)
+
+    @torch.no_grad()
+    def hpsv3(images, prompts):
+        """HPSv3's preference mean mu (its head gives mu and sigma) at the reward token (about 10 for a good image)."""
+        device = next(model.parameters()).device
+        size = smart_resize(*images.shape[-2:], 28, HPSV3_PIXELS, HPSV3_PIXELS)  # as the package's PIL resize
+        x = images.float()
+        if tuple(size) != tuple(x.shape[-2:]):
+            x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+        messages = [[{"role": "user", "content": [{"type": "image"}, {
+            "type": "text", "text": instruction.format(text_prompt=prompt) + request}]}] for prompt in prompts]
+        batch = processor(text=processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                          images=list(x.cpu()), padding=True, return_tensors="pt",
+                          images_kwargs=dict(do_rescale=False, do_resize=False)).to(device)
+        ids = batch["input_ids"]
+        embeds = model.language_model.embed_tokens(ids)
+        image = model.visual(batch["pixel_values"].to(model.visual.dtype), grid_thw=batch["image_grid_thw"])
+        mask = (ids == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
+        embeds = embeds.masked_scatter(mask, image.pooler_output.to(embeds.dtype))
+        # positions 0, 1, ... on all three rope axes, as the package calls the language model (not Qwen2-VL's M-RoPE)
+        hidden = model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).last_hidden_state
+        return head(hidden[ids == reward_id].float())[:, 0]
+
+    hpsv3.models = (model, head)  # what placed() moves
+    return hpsv3
+
+
 UNIFIEDREWARD_QUESTION = (  # ours, asking for the three labelled lines of MixGRPO's "semantic" question
     "Below is a caption and an image generated from it. Consider how well the image shows what the caption describes "
     "(its objects, their attributes, counts and relations), whether it is free of glitches and distorted objects, and "
@@ -557,6 +650,7 @@ REWARDS = {
     "imagereward": imagereward_reward,
     "clipscore": clipscore_reward,
     "aesthetic": aesthetic_reward,
+    "hpsv3": hpsv3_reward,
     "unifiedreward": unifiedreward_reward,
     "jpeg_compressibility": lambda cfg, device, dtype: jpeg_compressibility,
     "jpeg_incompressibility": lambda cfg, device, dtype: jpeg_incompressibility,
@@ -632,6 +726,15 @@ def placed(fn, device):
             m.to(home)
 
 
+def scores_of(name, returned):
+    """A reward's return value as fp32 scores on the CPU, or one line naming the reward and what it returned."""
+    try:
+        return torch.as_tensor(returned).detach().float().cpu()
+    except (TypeError, ValueError, RuntimeError):
+        raise RewardError(f"reward {name!r} returned {str(returned)[:80]} ({type(returned).__name__}); a reward "
+                          "returns one number per image (a tensor or list of floats)") from None
+
+
 def score(reward_fns, images, prompts, device=None, batch_size=None):
     """Rewards [M, N] of N images for M reward functions, batch_size images a call (each reward on device while it
     scores, if given), checked for shape and finiteness (a judge that abstains may return NaN, which evaluation leaves
@@ -639,7 +742,7 @@ def score(reward_fns, images, prompts, device=None, batch_size=None):
     rows, n = [], batch_size or len(prompts)
     for name, fn in reward_fns.items():
         with placed(fn, device):
-            r = [torch.as_tensor(call_reward(name, fn, images[b: b + n], prompts[b: b + n])).detach().float().cpu()
+            r = [scores_of(name, call_reward(name, fn, images[b: b + n], prompts[b: b + n]))
                  for b in range(0, len(prompts), n)]
         r = torch.cat([x.reshape(-1) for x in r])
         if r.numel() != len(prompts):

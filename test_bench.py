@@ -93,7 +93,9 @@ def test_meta_runs_fsdp_over_fake_ranks_and_prints_every_phase(capsys):
                          "--update_batch_size=1"])  # the loop's 4 calls an optimizer step: each reduce-scatters
     out = capsys.readouterr().out
     assert "FSDP2 over 4 ranks" in out and "iteration, per prompt group" in out and "s per iteration per group" in out
-    assert "optimizer step: 1 group(s) x K=4 in 4 call(s)" in out
+    assert "optimizer step: 1 group(s) x K=4 in 4 call(s)" in out and "a checkpoint: " in out
+    n = sum(p.numel() for p in flux.build_random_flux(0, **flux.TINY).transformer.parameters())
+    assert result["checkpoint_bytes"] == 12 * n + 2 * n  # fp32 weights and AdamW's two moments; the bf16 export
     # gradients held between calls are sharded (without the sync they were the unsharded fp32 model, in Temp)
     assert result["update_memory"]["Sharded Param"] == pytest.approx(result["update_memory"]["Sharded Grad"])
     assert not ng.dist.is_initialized()  # the fake process group is gone
@@ -159,3 +161,17 @@ def test_the_doctor_runs_end_to_end_on_a_cpu_and_says_there_is_no_gpu(tmp_path, 
     assert json.loads((tmp_path / "doctor.json").read_text())["device"] == result["device"]
     assert "| NF4 + LoRA r=4 (tiny) | 4, 4, 2, 2 |" in (tmp_path / "doctor.md").read_text()
     assert not ng.dist.is_initialized()
+
+
+def test_the_preflights_model_sizes_are_the_ones_meta_counts():
+    """preflight.py's parameter counts of the models beside the transformer equal bench.py's, counted from the
+    models' configurations (ImageReward's, built for real, is left to the --meta runs)."""
+    import preflight
+
+    cfg = ng.parse_config(["--rewards=hpsv2,pickscore,hpsv3", "--guard_rewards=clipscore,aesthetic", "--prompt_file="])
+    rows = {label: n for label, n, *_ in bench.other_models(cfg, flux.FLUX_DEV)}
+    assert rows["VAE (AutoencoderKL)"] == preflight.VAE["flux"]
+    assert rows["CLIP-L text encoder"] + rows["T5-XXL encoder"] == preflight.TEXT_ENCODERS
+    for name in ("hpsv2", "pickscore", "hpsv3", "clipscore", "aesthetic"):
+        label = {"hpsv3": "HPSv3 (Qwen2-VL-7B in bf16 + its head)"}.get(name) or bench.CLIPS[name][0]
+        assert rows[label] == preflight.REWARDS[name], name

@@ -213,3 +213,24 @@ def test_evaluate_reads_the_transformer_in_the_compute_dtype(tmp_path, monkeypat
     evaluate.main([*EVAL_ARGS, f"--out_dir={tmp_path / 'eval'}", "--mixed_precision=bf16",
                    f"--transformer_path={tmp_path / 'run/transformer'}"])
     assert asked == [torch.bfloat16] and (tmp_path / "eval/eval.json").exists()
+
+
+def test_an_evaluation_that_cannot_fit_the_gpu_stops_in_one_line_before_anything_loads(tmp_path, capsys, monkeypatch):
+    """Table 1's protocol at 1024² holds the bf16 transformer, five fp32 judges and, at start-up, T5-XXL: ~46 GiB."""
+    monkeypatch.setattr(ng, "device_memory", lambda device: 40 * 10**9)
+    monkeypatch.setattr(ng, "load_pipeline", lambda *a, **k: pytest.fail("a model loaded"))
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main([f"--out_dir={tmp_path}"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert "one 40 GB GPU cannot hold the evaluation (~45.7 GiB at its start-up)" in err
+
+
+def test_hpsv3_is_an_evaluation_column(tmp_path):
+    from test_rewards import tiny_hpsv3
+
+    processor_dir, checkpoint, _, _ = tiny_hpsv3(tmp_path)
+    evaluate.main([*EVAL_ARGS, f"--out_dir={tmp_path / 'eval'}", "--eval_only_rewards=test_rewards:brightness,hpsv3",
+                   f"--reward_paths=hpsv3_processor={processor_dir},hpsv3={checkpoint}", "--eval_size=2"])
+    result = json.loads((tmp_path / "eval/eval.json").read_text())
+    assert math.isfinite(result["rewards"]["hpsv3"]["mean"]) and "hpsv3" in (tmp_path / "eval/eval.md").read_text()

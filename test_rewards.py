@@ -3,6 +3,7 @@ a fake server, the retry, custom rewards."""
 
 import importlib
 import json
+import math
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 import flux
 import neighbor_grpo as ng
 import rewards
-from conftest import Judge, tiny_cfg, to_pil, uint8_grid_images
+from conftest import Judge, read_log, tiny_cfg, to_pil, uint8_grid_images
 
 
 def brightness(images, prompts):
@@ -344,3 +345,142 @@ def test_an_offloaded_reward_is_on_the_device_only_while_it_scores_and_in_batche
         assert torch.allclose(scores, torch.stack([model(images.mean(dim=(2, 3))).squeeze(-1), brightness(images, [])]))
     rewards.score({"towers": towers}, images, list("abcde"))  # no device: left where it is
     assert moves == ["cuda:0", "cpu"]
+
+
+# ---------------------------------------------------------------------------- HPSv3
+
+
+QWEN2_CHAT = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% for content in message['content'] %}"
+              "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}"
+              "{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # Qwen2-VL's, for one image a turn
+
+
+def tiny_hpsv3(tmp_path):
+    """A tiny random Qwen2-VL processor and config directory (byte-level tokenizer, Qwen2-VL's special tokens and
+    chat template) and an HPSv3.safetensors of a random backbone and head in the package's transformers-4.45 key
+    layout (model.*, visual.*, lm_head.*, rm_head.*). Returns (processor dir, checkpoint, 5's model, head)."""
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import (Qwen2TokenizerFast, Qwen2VLConfig, Qwen2VLImageProcessor, Qwen2VLModel,
+                              Qwen2VLProcessor, Qwen2VLVideoProcessor)
+
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))},
+                                     merges=[]))
+    tokenizer.pre_tokenizer, tokenizer.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    fast = Qwen2TokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                              padding_side="right")
+    fast.add_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                     "<|image_pad|>", "<|video_pad|>"], special_tokens=True)
+    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=fast,
+                                 video_processor=Qwen2VLVideoProcessor(), chat_template=QWEN2_CHAT)
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, rope_scaling=dict(type="mrope",
+                                                                                         mrope_section=[2, 3, 3]),
+                         bos_token_id=None, eos_token_id=None),
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2),
+        image_token_id=fast.convert_tokens_to_ids("<|image_pad|>"))
+    processor.save_pretrained(tmp_path / "processor")
+    config.save_pretrained(tmp_path / "processor")
+    torch.manual_seed(0)
+    config.text_config.vocab_size = len(fast) + 1  # the package adds <|Reward|> and resizes the embeddings to it
+    model, head = Qwen2VLModel(config).eval(), rewards.hpsv3_head(32).eval()
+    for p in head.parameters():  # a head that spreads the scores
+        torch.nn.init.normal_(p, std=0.5)
+    old = {("model." + k.removeprefix("language_model.")) if k.startswith("language_model.") else k: v
+           for k, v in model.state_dict().items()}
+    old.update({f"rm_head.{k}": v for k, v in head.state_dict().items()}, **{"lm_head.weight": torch.randn(
+        len(fast) + 1, 32)})
+    save_file({k: v.contiguous() for k, v in old.items()}, tmp_path / "HPSv3.safetensors")
+    return tmp_path / "processor", tmp_path / "HPSv3.safetensors", model, head
+
+
+def hpsv3_the_packages_way(model, head, processor, images, prompts, mrope=False):
+    """HPSv3RewardInferencer.reward, transcribed: PIL images through qwen-vl-utils' resize (PIL bicubic to smart_resize
+    at 256 * 28 * 28 pixels), the processor on uint8 pixels, the instruction and request, then
+    Qwen2VLRewardModelBT.forward: here transformers' own Qwen2VLModel forward with the package's positions (0, 1, ...
+    on all three axes: it calls the language model without position ids), the head in fp32 at <|Reward|>."""
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    instruction, request = rewards.hpsv3_template()
+    pils = []
+    for image in images:
+        pil = to_pil(image)
+        h, w = smart_resize(pil.height, pil.width, 28, rewards.HPSV3_PIXELS, rewards.HPSV3_PIXELS)
+        pils.append(pil.resize((w, h), Image.BICUBIC))
+    messages = [[{"role": "user", "content": [{"type": "image", "image": pil}, {
+        "type": "text", "text": instruction.format(text_prompt=p) + request}]}] for pil, p in zip(pils, prompts)]
+    batch = processor(text=processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                      images=pils, padding=True, return_tensors="pt")
+    L = batch["input_ids"].shape[1]
+    positions = None if mrope else torch.arange(L).view(1, 1, L).expand(3, len(images), L)
+    with torch.no_grad():
+        hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+                       position_ids=positions, **({"mm_token_type_ids": batch["mm_token_type_ids"]} if mrope else {})
+                       ).last_hidden_state
+        reward = batch["input_ids"] == processor.tokenizer.convert_tokens_to_ids(rewards.HPSV3_TOKEN)
+        return head(hidden[reward].float())[:, 0]
+
+
+def test_hpsv3_adapter_matches_the_packages_own_scoring(tmp_path):
+    """Tensors in [0, 1], no file round trip, against the package's PIL path and forward on a tiny random Qwen2-VL
+    saved in HPSv3.safetensors' key layout, for prompts of different lengths (right padding); deterministic and
+    independent of the batch; Qwen2-VL's own M-RoPE positions would give other scores."""
+    from transformers import AutoProcessor
+
+    processor_dir, checkpoint, model, head = tiny_hpsv3(tmp_path)
+    cfg = tiny_cfg(None, f"--reward_paths=hpsv3_processor={processor_dir},hpsv3={checkpoint}")
+    reward = rewards.load_reward("hpsv3", cfg, "cpu", torch.float32)
+    images, prompts = uint8_grid_images(3, 448, 0), ["a red fox", "a cat asleep on a very long sofa", "tea"]
+    processor = AutoProcessor.from_pretrained(processor_dir, padding_side="right")
+    processor.tokenizer.add_tokens([rewards.HPSV3_TOKEN], special_tokens=True)
+    expected = hpsv3_the_packages_way(model, head, processor, images, prompts)
+    scores = reward(images, prompts)
+    assert torch.allclose(scores, expected, atol=1e-4) and scores.std() > 1e-3
+    assert torch.equal(reward(images, prompts), scores)
+    assert torch.allclose(torch.cat([reward(images[i:i + 1], prompts[i:i + 1]) for i in range(3)]), scores, atol=1e-4)
+    mrope = hpsv3_the_packages_way(model, head, processor, images, prompts, mrope=True)
+    assert (mrope - expected).abs().max() > 1e-3
+    small = uint8_grid_images(2, 64, 1)  # resized on tensors as PIL resizes: close, not equal
+    assert torch.allclose(reward(small, prompts[:2]), hpsv3_the_packages_way(model, head, processor, small,
+                                                                             prompts[:2]), atol=0.05)
+
+
+def test_hpsv3_is_a_guard_and_a_missing_checkpoint_says_what_to_download(tmp_path):
+    with pytest.raises(rewards.RewardError) as error:
+        rewards.load_reward("hpsv3", tiny_cfg(None, f"--reward_paths=hpsv3_processor={tmp_path}"), "cpu")
+    assert "huggingface-cli download" in str(error.value)
+    processor_dir, _, _, _ = tiny_hpsv3(tmp_path)
+    with pytest.raises(rewards.RewardError) as error:
+        rewards.load_reward("hpsv3", tiny_cfg(None, f"--reward_paths=hpsv3_processor={processor_dir}"), "cpu")
+    message = str(error.value)
+    assert "huggingface-cli download MizzenAI/HPSv3 HPSv3.safetensors" in message and "--reward_paths=hpsv3=" in message
+
+
+def strings(images, prompts):
+    return ["a"] * len(prompts)
+
+
+def test_a_reward_returning_strings_is_one_line_naming_it(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        ng.main(["--preset=tiny", "--rewards=test_rewards:strings", f"--out_dir={tmp_path}", "--iterations=1"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert "reward 'test_rewards:strings' returned ['a', 'a'" in err and "(list)" in err
+
+
+def test_hpsv3_trains_and_guards_a_tiny_run(tmp_path):
+    """--rewards=hpsv3 as the training reward of a tiny run, and as its guard scored at every evaluation."""
+    processor_dir, checkpoint, _, _ = tiny_hpsv3(tmp_path)
+    paths = f"--reward_paths=hpsv3_processor={processor_dir},hpsv3={checkpoint}"
+    common = ["--iterations=1", "--sample_every=0", "--eval_every=1", "--group_size=4", "--num_anchors=2",
+              "--num_steps=2", "--num_train_steps=1", paths]
+    ng.train(tiny_cfg(tmp_path / "guarded", *common, "--guard_rewards=hpsv3"))
+    ng.train(tiny_cfg(tmp_path / "trained", *common, "--rewards=hpsv3"))
+    guarded, trained = (read_log(tmp_path / name) for name in ("guarded", "trained"))
+    evaluations = [r for r in guarded if "eval/jpeg_compressibility" in r]
+    assert len(evaluations) == 2 and all(math.isfinite(r["eval/hpsv3"]) for r in evaluations)
+    assert "reward/hpsv3" in trained[0] and math.isfinite(trained[0]["loss"])

@@ -22,6 +22,7 @@ case "$RUN" in
   multi-25step)  ARGS=(--rollout_solver=euler --num_steps=25 --num_anchors=12 --num_train_steps=4) ;;  # DDIM 25, NFE_theta 4
   hps-8step)     ARGS=(--rewards=hpsv2) ;;                         # Table 2: HPSv2.1 only, p = 0.8
   hps-8step-p2)  ARGS=(--rewards=hpsv2 --adv_p=2) ;;               # Table 2/6: standard GRPO normalisation
+  hpsv3-8step)   ARGS=(--rewards=hpsv3) ;;                         # HPSv3 alone (Pref-GRPO's reward); 44.8 GiB a rank
   ablation-base) ARGS=(--rewards=hpsv2 --noise_sigma=0.5 --adv_p=2) ;;  # Tables 4-6 start from (sigma, B, p) = (0.5, 4, 2)
   dancegrpo)     ARGS=(); SCRIPT=sde_grpo.py ;;                    # Table 3's SDE baseline: 25 steps, all 12 samples, K=14
   lora-1gpu)     ARGS=(--preset=flux-dev-lora); GPUS=1; BATCH=${BATCH:-8} ;;  # LoRA r=64 on one GPU; BATCH=32 = paper's batch, 4x slower
