@@ -738,6 +738,7 @@ dist.all_reduce(loss)
 torch.save(dict(loss=loss, unsharded=unsharded, rewards=torch.cat([g.rewards for g in groups], 1),
                 grads={n.removeprefix("module."): full(p.grad) for n, p in run.model.named_parameters()}),
            f"{out}.rank{dist.get_rank()}.pt")
+dist.barrier()  # no rank tears the group down while another still talks to it
 dist.destroy_process_group()
 """
 
