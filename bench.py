@@ -38,6 +38,7 @@ import contextlib
 import csv
 import dataclasses
 import functools
+import gc
 import hashlib
 import json
 import math
@@ -50,18 +51,18 @@ import torch
 import flux
 import neighbor_grpo as ng
 import preflight
-import report
 import sde_grpo
+from report import clock
 from rewards import build_imagereward, score
 
 
 def timed(fn, device, repeats=3):
     """Seconds per call of fn, after one untimed call."""
     fn()
-    t0 = report.clock(device)
+    t0 = clock(device)
     for _ in range(repeats):
         fn()
-    return (report.clock(device) - t0) / repeats
+    return (clock(device) - t0) / repeats
 
 
 def parse(argv):
@@ -852,12 +853,14 @@ def doctor_recipes(device, capacity):
 
 
 def time_recipe(cfg, device):
-    """Build the run as training does, count one iteration's FLOPs (untimed), time the next; peak memory beside the
-    prediction, seconds, TFLOP/s, the update's |log rho| at theta = theta_old."""
+    """Build the run as training does, count one iteration's FLOPs (untimed), time the next; the peak memory of both
+    iterations beside the prediction, seconds, TFLOP/s, the update's |log rho| at theta = theta_old."""
+    gc.collect()  # the previous recipe's model and optimizer, before this one's peak is measured
     if device.type == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
     s = setup(cfg, "")
+    if device.type == "cuda":  # from here: a stand-in built on the GPU passes through fp32 before LoRA's cast
+        torch.cuda.reset_peak_memory_stats(device)
     flops = count_flops(lambda: one_iteration(s, cfg, 0))
     timings, _, stats = one_iteration(s, cfg, 1)
     sizes = flux.model_sizes(cfg.model_path)

@@ -79,8 +79,10 @@ def vae_config(latent_channels, vae_channels, vae_layers, vae_groups, **_):
 
 
 def build_random_flux(seed, *, layers, single_layers, heads, head_dim, rope, text_dim, pooled_dim, text_layers,
-                      latent_channels, vae_channels, vae_layers, vae_groups):
-    """A randomly initialised FluxPipeline of the given sizes: the classes of FLUX.1-dev, tokenizers built in memory."""
+                      latent_channels, vae_channels, vae_layers, vae_groups, init_device=None):
+    """A randomly initialised FluxPipeline of the given sizes: the classes of FLUX.1-dev, tokenizers built in memory.
+    init_device: the transformer is built there, its weights N(0, 0.02) (a 12 B-parameter default init takes minutes
+    on a CPU; bench.py's timings need no particular weights)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
@@ -101,8 +103,16 @@ def build_random_flux(seed, *, layers, single_layers, heads, head_dim, rope, tex
     text_encoder_2 = T5EncoderModel(T5Config(
         vocab_size=len(tokenizer_2), d_model=text_dim, d_ff=64, d_kv=16, num_layers=text_layers, num_heads=2,
         relative_attention_num_buckets=8))
-    transformer = FluxTransformer2DModel(**transformer_config(layers, single_layers, heads, head_dim, rope, text_dim,
-                                                              pooled_dim, latent_channels))
+    config = transformer_config(layers, single_layers, heads, head_dim, rope, text_dim, pooled_dim, latent_channels)
+    if init_device is None:
+        transformer = FluxTransformer2DModel(**config)
+    else:
+        with torch.device("meta"):
+            transformer = FluxTransformer2DModel(**config)
+        transformer.to_empty(device=init_device)
+        generator = torch.Generator(init_device).manual_seed(seed)
+        for p in transformer.parameters():
+            torch.nn.init.normal_(p.data, std=0.02, generator=generator)
     vae = AutoencoderKL(**vae_config(latent_channels, vae_channels, vae_layers, vae_groups))
     return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=vae,
                         text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
@@ -112,8 +122,8 @@ def build_random_flux(seed, *, layers, single_layers, heads, head_dim, rope, tex
 def load_pipeline(cfg, device, dtype, meta=False, inference=False):
     """FluxPipeline for cfg.model_path: VAE and text encoders on device in dtype, frozen; the transformer in fp32
     (the master weights; with LoRA or for inference, evaluate.py's, in dtype) on the CPU until parallelize() moves
-    it. meta=True (FSDP ranks but 0): the transformer's architecture alone, on the meta device; rank 0 sends the
-    weights."""
+    it (a random FLUX.1-dev-width stand-in is built on device). meta=True (FSDP ranks but 0): the transformer's
+    architecture alone, on the meta device; rank 0 sends the weights."""
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
     def load(fn, field, path, **kwargs):
@@ -136,7 +146,7 @@ def load_pipeline(cfg, device, dtype, meta=False, inference=False):
 
     master, sizes = dtype if cfg.lora_rank or inference else torch.float32, random_sizes(cfg.model_path)
     if sizes is not None:
-        pipe = build_random_flux(cfg.seed, **sizes)
+        pipe = build_random_flux(cfg.seed, **sizes, init_device=None if sizes is TINY else device)
         for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2) if sizes is not TINY else ():
             module.to(dtype)  # FLUX.1-dev-width stand-ins (bench.py): as from_pretrained(dtype=dtype) loads them
     else:

@@ -175,3 +175,18 @@ def test_the_preflights_model_sizes_are_the_ones_meta_counts():
     for name in ("hpsv2", "pickscore", "hpsv3", "clipscore", "aesthetic"):
         label = {"hpsv3": "HPSv3 (Qwen2-VL-7B in bf16 + its head)"}.get(name) or bench.CLIPS[name][0]
         assert rows[label] == preflight.REWARDS[name], name
+
+
+def test_random_stand_ins_built_on_their_device_are_seeded_and_finite():
+    """bench's FLUX.1-dev-width stand-ins skip the default init (minutes at 12 B parameters on a CPU): N(0, 0.02)
+    drawn on the device, the same for the same seed."""
+    weights = [torch.cat([p.flatten() for p in flux.build_random_flux(
+        seed, **flux.TINY, init_device=torch.device("cpu")).transformer.parameters()]) for seed in (0, 0, 1)]
+    assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
+    assert torch.isfinite(weights[0]).all() and weights[0].std().item() == pytest.approx(0.02, rel=0.05)
+
+
+def test_bench_times_a_real_iteration_beside_the_cost_model(capsys):
+    bench.main(["--preset=tiny", "--iters=1", "--warmup=0", "--batch1=false", "--group_size=4", "--num_anchors=2"])
+    out = capsys.readouterr().out
+    assert "unit costs: forward" in out and "s/iteration" in out and "update" in out
