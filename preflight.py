@@ -64,6 +64,12 @@ def damaged_files(state_dir):
             if not (Path(state_dir) / f).is_file() or (Path(state_dir) / f).stat().st_size < n]
 
 
+def decode_bytes(batch, resolution, half, sizes):
+    """The VAE decode's activation peak: 3.12 GiB for 4 images at 720² in bf16 through FLUX.1-dev's VAE (--meta),
+    in proportion to the images' pixels and the decoder's widest (full-resolution) channels."""
+    return 3.12 * GIB * batch / 4 * (resolution / 720) ** 2 * half / 2 * sizes["vae_channels"][0] / 128
+
+
 def gpu_phases(cfg, sizes, config, world, real_models):
     """Predicted peak bytes per rank of each phase (start-up, rollout, rewards, update, evaluation), as bench.py
     --meta's memory_phases measures them: the transformer's weights, gradients and AdamW state counted exactly; its
@@ -92,7 +98,7 @@ def gpu_phases(cfg, sizes, config, world, real_models):
         rolled = 2 * (2 * block + root) if world > 1 else 0
     update = rest + grads + inputs + gathered + work
     rollout = rest + inputs + rolled + 13 * tokens(min(cfg.rollout_batch_size, G))
-    vae = 3.12 * GIB * cfg.reward_batch_size / 4 * (cfg.resolution / 720) ** 2 * (half / 2)
+    vae = decode_bytes(cfg.reward_batch_size, cfg.resolution, half, sizes)
     resident = half * VAE["flux"] if real_models or sizes["vae_channels"][0] == 128 else 0  # FLUX.1-dev's VAE
     encoders, rewards, guards = 0, [], []
     if real_models:
@@ -117,7 +123,7 @@ def evaluation_phases(cfg, sizes, config, real_models, names):
     L = (cfg.resolution // 2 ** (len(sizes["vae_channels"]) - 1) // 2) ** 2
     held = half * n + (half * VAE["flux"] if real_models else 0) + sum(reward_bytes(r) for r in names)
     forward = 13 * cfg.eval_batch_size * (L + cfg.max_sequence_length) * sizes["heads"] * sizes["head_dim"] * half
-    decode = 3.12 * GIB * cfg.reward_batch_size / 4 * (cfg.resolution / 720) ** 2 * (half / 2)
+    decode = decode_bytes(cfg.reward_batch_size, cfg.resolution, half, sizes)
     return {"start-up": held + (half * TEXT_ENCODERS if real_models else 0), "sampling": held + forward,
             "decode and score": held + decode}
 

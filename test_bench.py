@@ -133,7 +133,7 @@ def test_meta_counts_the_nf4_base_from_bitsandbytes_format(capsys):
 
 @pytest.mark.parametrize("preset,world", [("flux-dev", 8), ("flux-dev-lora", 1), ("flux-dev-24gb", 1),
                                           ("tiny", 1), ("digits", 1)])
-def test_the_preflight_prediction_is_within_a_few_percent_of_meta_for_every_preset(preset, world):
+def test_the_preflight_prediction_follows_meta_for_every_preset(preset, world):
     """The largest phase's predicted peak per rank against bench.py --meta's measurement. The FLUX presets at FLUX.1-dev's
     width with 2 + 4 blocks, where the working set weighs most: within 15 % (at 19 + 38 blocks every FLUX recipe's
     phases agree to 0.3 %, docs/cost.md; --meta there takes minutes); the CPU presets within 25 %."""
