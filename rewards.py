@@ -1,8 +1,8 @@
 """
 Reward models for neighbor_grpo.py: each is fn(images [N, 3, H, W] in [0, 1], prompts list[str]) -> tensor [N],
-higher is better. The paper's three training rewards (HPSv2.1, PickScore, ImageReward), Table 1's out-of-domain
-judges (CLIP score, LAION aesthetic, the UnifiedReward VLM judge), toy rewards for CPU presets (JPEG sizes,
-brightness), the digits preset's reward and its two held-out judges, and any importable `module.path:function`.
+higher is better. The paper's three training rewards (HPSv2.1, PickScore, ImageReward), HPSv3, Table 1's
+out-of-domain judges (CLIP score, LAION aesthetic, the UnifiedReward VLM judge), toy rewards for CPU presets (JPEG
+sizes, brightness), the digits preset's reward and its two held-out judges, and any importable `module.path:function`.
 
     fn = load_reward("hpsv2", cfg, device, torch.bfloat16)   # cfg: any object with the reward fields of
     scores = score({"hpsv2": fn}, images, prompts)            # neighbor_grpo.Config (reward_paths, unifiedreward_*)
