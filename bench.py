@@ -15,9 +15,10 @@ whose unit costs are timed on the transformer alone; then (unless --batch1=false
 update_batch_size and at batch 1, for Neighbor GRPO and the SDE baseline, side by side. --flux_blocks=D,S swaps in a
 random model of FLUX.1-dev's width with D double and S single blocks (speed and memory do not depend on the weights).
 --meta: the transformer at the configured size on fake tensors (no memory, no weights, no GPU), through the
-project's own rollout forward and a whole optimizer step of the update (step_gradient, policy_update's calls): FLOPs per phase and per iteration, peak memory per rank by category
-(FSDP2 over --world_size=8 fake ranks, or one process with LoRA or DDP), the other models' sizes from their real
-configurations, and the seconds per iteration at --tflops=790 with the MFU the paper's time implies.
+project's own rollout forward and a whole optimizer step of the update (step_gradient, policy_update's calls): FLOPs
+per phase and per iteration, peak memory per rank by category (FSDP2 over --world_size=8 fake ranks, or one process
+with LoRA or DDP), the other models' sizes from their real configurations, and the seconds per iteration at
+--tflops=790 with the MFU the paper's time implies.
 --compare: Neighbor GRPO with the given config against the SDE baseline (sde_grpo.py) with DanceGRPO's setting on
 top of it, alternating iterations in one process, both sampled every --eval_every=N (5) iterations with the same
 ODE sampler, or with --seconds=S each trained for S seconds; writes compare.csv and compare.png to --out.
@@ -90,11 +91,11 @@ def setup(cfg, flux_blocks, method=ng.NEIGHBOR):
 
 
 def unit_costs(s, cfg):
-    """One batched no-grad forward (the rollout's unit) and one forward+backward of update_batch(cfg) transitions
-    (the update's unit)."""
+    """One batched no-grad forward (the rollout's unit) and one forward+backward of preflight.update_batch(cfg)
+    transitions (the update's unit)."""
     pipe, model, device, dtype = s.pipe, s.model, s.device, s.dtype
     cond = flux.encode_prompt(pipe, s.prompts[0], cfg, s.cache)
-    x = torch.randn(max(min(cfg.rollout_batch_size, cfg.group_size), update_batch(cfg)),
+    x = torch.randn(max(min(cfg.rollout_batch_size, cfg.group_size), preflight.update_batch(cfg)),
                     *flux.latent_shape(pipe, cfg.resolution), device=device)
 
     def forward():
@@ -102,7 +103,7 @@ def unit_costs(s, cfg):
             flux.velocity(pipe.transformer, x[: min(cfg.rollout_batch_size, cfg.group_size)], 0.5, cond, dtype)
 
     def forward_backward():
-        flux.velocity(model, x[: update_batch(cfg)], 0.5, cond, dtype).pow(2).mean().backward()
+        flux.velocity(model, x[: preflight.update_batch(cfg)], 0.5, cond, dtype).pow(2).mean().backward()
 
     t_fwd, t_fb = timed(forward, device), timed(forward_backward, device)
     s.optimizer.zero_grad(set_to_none=True)
@@ -134,7 +135,7 @@ def trained_per_group(cfg):
 def report(cfg, opts, totals, t_fwd, t_fb, s):
     G, T, K, n = cfg.group_size, cfg.num_steps, cfg.num_train_steps, cfg.groups_per_rank
     B = trained_per_group(cfg)
-    calls, ub = math.ceil(G / cfg.rollout_batch_size) * T * n, update_batch(cfg)
+    calls, ub = math.ceil(G / cfg.rollout_batch_size) * T * n, preflight.update_batch(cfg)
     update_calls = B * math.ceil(n * K / ub)  # an optimizer step per anchor, its n * K transitions in calls of ub
     ideal = dict(rollout=calls * t_fwd, update=update_calls * t_fb)
     rb = min(cfg.rollout_batch_size, G)
@@ -367,11 +368,6 @@ def count_flops(fn):
     return counter.get_total_flops()
 
 
-def meta_sizes(cfg):
-    """The sizes of cfg.model_path's transformer and VAE (flux.model_sizes)."""
-    return flux.model_sizes(cfg.model_path)
-
-
 def meta_transformer(cfg, sizes, dtype):
     """The transformer as load_pipeline() holds it, on the meta device: fp32 (LoRA: the base in dtype, fp32 adapters)."""
     from diffusers import FluxTransformer2DModel
@@ -432,11 +428,6 @@ def rollout_forward(model, cfg, group, grid, dtype):
     """The rollout's unit: one batched velocity call, rollout_batch_size candidates, no gradient."""
     with torch.no_grad():
         flux.velocity(model, group.states[: min(cfg.rollout_batch_size, cfg.group_size), 0], grid[0], group.cond, dtype)
-
-
-def update_batch(cfg):
-    """Transitions per transformer call in the update: update_batch_size, at most an optimizer step's (K per group)."""
-    return min(cfg.update_batch_size, cfg.groups_per_rank * cfg.num_train_steps)
 
 
 def update_calls(cfg):
@@ -624,7 +615,7 @@ def meta(opts, cfg):
 
         ng.dist.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
         mesh = init_device_mesh("cpu", (world,))
-    sizes, dtype = meta_sizes(cfg), ng.compute_dtype(cfg)
+    sizes, dtype = flux.model_sizes(cfg.model_path), ng.compute_dtype(cfg)
     vae_factor = 2 ** (len(sizes["vae_channels"]) - 1)
     L = (cfg.resolution // vae_factor // 2) ** 2
     grid = ng.time_grid(cfg.num_steps, L, flux.FLUX_SCHEDULER, cfg.shift)
@@ -642,7 +633,8 @@ def meta(opts, cfg):
         f_step = count_flops(lambda: update_step(run, cfg, groups))  # AdamW's state exists from the first anchor on
         optimizer.zero_grad(set_to_none=True)
         inputs = [t for g in groups for t in (g.states, g.old_next, g.cond.prompt_embeds)]
-        mem_roll = tracked_peak(model, optimizer, world, inputs, lambda: rollout_forward(model, cfg, group, grid, dtype))
+        roll = lambda: rollout_forward(model, cfg, group, grid, dtype)  # noqa: E731
+        mem_roll = tracked_peak(model, optimizer, world, inputs, roll)
         tracked = dataclasses.replace(cfg, kl_coef=0.0) if cfg.lora_rank else cfg  # MemTracker cannot follow a module
         mem_update = tracked_peak(model, optimizer, world, inputs, lambda: update_step(  # twice in a pass: LoRA's
             run, tracked, groups), frozen)  # reference (adapters off) left out
@@ -667,7 +659,8 @@ def meta(opts, cfg):
           "export); the previous one stays on disk until the next is whole")
     if world > 1:
         ng.dist.destroy_process_group()
-    return dict(rollout_forward=f_roll, checkpoint_bytes=ckpt, update_step=f_step, vae_decode=f_vae, rollout_memory=mem_roll,
+    return dict(rollout_forward=f_roll, checkpoint_bytes=ckpt, update_step=f_step, vae_decode=f_vae,
+                rollout_memory=mem_roll,
                 update_memory=mem_update, vae_memory=mem_vae,
                 phases=memory_phases(cfg, mem_roll, mem_update, mem_vae["Total"], others))
 
@@ -677,7 +670,7 @@ def report_meta(cfg, opts, world, sizes, L, n_params, f_roll, f_step, f_vae, mem
     G, B, T, K, rb = cfg.group_size, cfg.num_anchors, cfg.num_steps, cfg.num_train_steps, cfg.rollout_batch_size
     rb = min(rb, G)
     gib, tf = 2**-30, 1e-12
-    ub, n, calls = update_batch(cfg), cfg.groups_per_rank, update_calls(cfg)
+    ub, n, calls = preflight.update_batch(cfg), cfg.groups_per_rank, update_calls(cfg)
     rollout, update, decode = G / rb * T * f_roll, B * f_step / n, G / cfg.reward_batch_size * f_vae
     total = rollout + update + decode
     name = "FLUX.1-dev" if sizes is flux.FLUX_DEV else cfg.model_path
@@ -746,9 +739,9 @@ def memory_phases(cfg, mem_roll, mem_update, vae_peak, others):
 
 def nf4_bytes(model):
     """(bf16 bytes, NF4 bytes, the largest one's bf16 bytes) of the frozen nn.Linear weights that quantize_base turns
-    to NF4: 4 bits a weight, an 8-bit scale per block of 64 and, double quantized, an fp32 scale per 256 blocks."""
+    to NF4 (preflight.nf4_bytes)."""
     sizes = [m.weight.numel() for m in model.modules() if type(m) is torch.nn.Linear and not m.weight.requires_grad]
-    return 2 * sum(sizes), sum(n / 2 + math.ceil(n / 64) + 4 * math.ceil(n / 64 / 256) for n in sizes), 2 * max(sizes)
+    return 2 * sum(sizes), preflight.nf4_bytes(sizes), 2 * max(sizes)
 
 
 # -----------------------------------------------------------------------------
@@ -829,7 +822,7 @@ def check_collectives(device):
 
 def doctor_recipes(device, capacity):
     """{name: cfg} to time: on a GPU full fine-tuning, LoRA and NF4 + LoRA at FLUX.1-dev's width with the most blocks
-    the prediction fits in 85 % of its memory; on a CPU the tiny preset's three."""
+    the prediction (doctor_prediction) fits in 85 % of its memory; on a CPU the tiny preset's three."""
     common = dict(rewards=("jpeg_compressibility",), prompt_file="", eval_every=0, sample_every=0, iterations=2,
                   out_dir="runs/doctor", overwrite=True, guard_rewards=())
     if device.type != "cuda":  # a smoke test of the same code: smaller groups
@@ -845,11 +838,16 @@ def doctor_recipes(device, capacity):
         for blocks in DOCTOR_BLOCKS:
             cfg = ng.parse_config([f"--preset={preset}", f"--model_path=random:{blocks}", "--parallel=ddp"])
             cfg = dataclasses.replace(cfg, **common)
-            sizes = flux.model_sizes(cfg.model_path)
-            if max(preflight.gpu_phases(cfg, sizes, flux.transformer_config(**sizes), 1, False).values()) < 0.85 * capacity:
+            if doctor_prediction(cfg) < 0.85 * capacity:
                 recipes[f"{label}, {blocks} blocks"] = cfg
                 break
     return recipes
+
+
+def doctor_prediction(cfg):
+    """The predicted peak bytes of one process running cfg's random stand-in (preflight.gpu_phases)."""
+    sizes = flux.model_sizes(cfg.model_path)
+    return max(preflight.gpu_phases(cfg, sizes, flux.transformer_config(**sizes), 1, False).values())
 
 
 def time_recipe(cfg, device):
@@ -863,14 +861,13 @@ def time_recipe(cfg, device):
         torch.cuda.reset_peak_memory_stats(device)
     flops = count_flops(lambda: one_iteration(s, cfg, 0))
     timings, _, stats = one_iteration(s, cfg, 1)
-    sizes = flux.model_sizes(cfg.model_path)
-    predicted = max(preflight.gpu_phases(cfg, sizes, flux.transformer_config(**sizes), 1, False).values())
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     del s
     return {"GTBK": f"{cfg.group_size}, {cfg.num_steps}, {cfg.num_anchors}, {cfg.num_train_steps}",
             "s_per_iteration": timings["total"], "phases_s": timings, "tflop_per_iteration": flops * 1e-12,
-            "tflop_per_s": flops * 1e-12 / timings["total"], "first_anchor_abs_log_ratio":
-            stats["first_anchor_abs_log_ratio"], "peak_gib": peak and peak / 2**30, "predicted_gib": predicted / 2**30}
+            "tflop_per_s": flops * 1e-12 / timings["total"],
+            "first_anchor_abs_log_ratio": stats["first_anchor_abs_log_ratio"], "peak_gib": peak and peak / 2**30,
+            "predicted_gib": doctor_prediction(cfg) / 2**30}
 
 
 def doctor(opts, cfg):
@@ -879,11 +876,10 @@ def doctor(opts, cfg):
     capacity = ng.device_memory(device)
     name = torch.cuda.get_device_name(device) if capacity else "no GPU: the CPU (checks what it can)"
     peak = next((v for k, v in BF16_TFLOPS.items() if k in name), None)
+    checks = {"bf16 matmul": check_bf16, "attention (SDPA backends)": check_attention, "bitsandbytes NF4": check_nf4,
+              "collectives": check_collectives}
     result = {"device": name, "memory_gib": capacity and capacity / 2**30, "torch": torch.__version__,
-              "cuda": torch.version.cuda, "checks": {"bf16 matmul": checked(lambda: check_bf16(device)),
-                                                     "attention (SDPA backends)": checked(lambda: check_attention(device)),
-                                                     "bitsandbytes NF4": checked(lambda: check_nf4(device)),
-                                                     "collectives": checked(lambda: check_collectives(device))}}
+              "cuda": torch.version.cuda, "checks": {k: checked(lambda: check(device)) for k, check in checks.items()}}
     sizes = flux.FLUX_DEV
     config = flux.transformer_config(**sizes)
     result["presets"] = {}

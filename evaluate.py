@@ -130,14 +130,16 @@ def evaluate_model(cfg):
 def check_memory(cfg, device, rank):
     """The predicted peak per rank (preflight.evaluation_phases) against this GPU, before anything loads."""
     capacity, sizes = ng.device_memory(device), flux.model_sizes(cfg.model_path)
+    if not capacity:  # a CPU: nothing to check
+        return
     phases = preflight.evaluation_phases(cfg, sizes, flux.transformer_config(**sizes), sizes is flux.FLUX_DEV,
                                          ng.scorable(cfg.eval_only_rewards, cfg))
     top = max(phases, key=phases.get)
-    if capacity and cfg.memory_check and phases[top] > capacity:
+    if cfg.memory_check and phases[top] > capacity:
         raise ng.ConfigError(f"one {capacity / 1e9:.0f} GB GPU cannot hold the evaluation (~{phases[top] / 2**30:.1f} "
                              f"GiB at its {top}); lower --eval_batch_size or --reward_batch_size, score fewer judges "
                              "(--eval_only_rewards=...), or --memory_check=false to try anyway")
-    if capacity and rank == 0:
+    if rank == 0:
         print(f"memory: ~{phases[top] / 2**30:.1f} GiB a rank predicted ({top}) of this GPU's {capacity / 2**30:.1f}")
 
 

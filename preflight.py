@@ -1,8 +1,8 @@
 """
 Whether a run fits, known before any weight loads: the peak GPU memory per rank and host RAM per node of a recipe in
-closed form from the transformer's sizes and the config (bench.py --meta measures the same on fake tensors, and
-test_bench.py holds the two within a few percent for every preset), a checkpoint's bytes on disk, and whether a
-checkpoint's files are whole. Imports nothing of ours.
+closed form from the transformer's sizes and the config (bench.py --meta measures the same on fake tensors: 0.3 %
+apart at FLUX.1-dev's size, and test_bench.py holds them together for every preset), a checkpoint's bytes on disk,
+and whether a checkpoint's files are whole. Imports nothing of ours.
 """
 
 import math
@@ -38,6 +38,22 @@ def transformer_sizes(config, lora_rank=0, lora_targets=()):
                    if any(n == t or n.endswith("." + t) for t in lora_targets))
     return dict(n=count(model), block=max(blocks), root=count(model) - sum(blocks),
                 linears=[m.weight.numel() for _, m in linears], adapters=adapters)
+
+
+def nf4_bytes(sizes):
+    """Bytes of nn.Linear weights of these sizes in bitsandbytes' NF4 (flux.quantize_base): 4 bits a weight, an 8-bit
+    scale per block of 64 and, double quantized, an fp32 scale per 256 blocks."""
+    return sum(n / 2 + math.ceil(n / 64) + 4 * math.ceil(n / 64 / 256) for n in sizes)
+
+
+def update_batch(cfg):
+    """Transitions per transformer call in the update: update_batch_size, at most an optimizer step's (K per group)."""
+    return min(cfg.update_batch_size, cfg.groups_per_rank * cfg.num_train_steps)
+
+
+def image_tokens(cfg, sizes):
+    """Packed latent tokens of one image at cfg.resolution: the VAE's downsampling, then FLUX's 2x2 patches."""
+    return (cfg.resolution // 2 ** (len(sizes["vae_channels"]) - 1) // 2) ** 2
 
 
 def checkpoint_bytes(parameters, dtype_bytes, lora):
@@ -79,17 +95,16 @@ def gpu_phases(cfg, sizes, config, world, real_models):
     m = transformer_sizes(config, cfg.lora_rank, cfg.lora_targets)
     n, block, root, linears, adapters = m["n"], m["block"], m["root"], m["linears"], m["adapters"]
     D, half = sizes["heads"] * sizes["head_dim"], 2 if cfg.mixed_precision == "bf16" else 4
-    vae_side = cfg.resolution // 2 ** (len(sizes["vae_channels"]) - 1)
-    L, S, C, G, T = (vae_side // 2) ** 2, cfg.max_sequence_length, config["in_channels"], cfg.group_size, cfg.num_steps
+    L, S, C = image_tokens(cfg, sizes), cfg.max_sequence_length, config["in_channels"]
+    G, T = cfg.group_size, cfg.num_steps
     tokens = lambda batch: batch * (L + S) * D * half  # one hidden state of a batch  # noqa: E731
     blocks = sizes["layers"] + sizes["single_layers"]
     inputs = cfg.groups_per_rank * (4 * G * (2 * T + 1) * L * C + 4 * S * sizes["text_dim"])  # stored rollouts
-    ub = min(cfg.update_batch_size, cfg.groups_per_rank * cfg.num_train_steps)
+    ub = update_batch(cfg)
     # checkpointed: each block's input kept, one block's forward and backward live; else ~30 hidden states a block
     work = ((blocks + 30) if cfg.grad_checkpointing else 30 * blocks) * tokens(ub) + 0.27 * GIB * (D / 3072) ** 2
     if cfg.lora_rank:
-        nf4 = sum(b / 2 + math.ceil(b / 64) + 4 * math.ceil(b / 16384) for b in linears)  # bench.nf4_bytes
-        rest = half * n - (2 * sum(linears) - nf4 if cfg.base_quantization else 0) + 12 * adapters
+        rest = half * n - (2 * sum(linears) - nf4_bytes(linears) if cfg.base_quantization else 0) + 12 * adapters
         grads, gathered = 4 * adapters, (2 * max(linears) if cfg.base_quantization else 0)  # NF4: one dequantized
         rolled = gathered
     else:  # FSDP2: fp32 shards and AdamW's moments; a block and the root gathered in the compute dtype, its gradient
@@ -120,7 +135,7 @@ def evaluation_phases(cfg, sizes, config, real_models, names):
     dtype, the VAE and the judges in names (fp32 towers) throughout, beside the text encoders at start-up, the
     sampler's forward, or the VAE's decode."""
     n, half = transformer_sizes(config)["n"], 2 if cfg.mixed_precision == "bf16" else 4
-    L = (cfg.resolution // 2 ** (len(sizes["vae_channels"]) - 1) // 2) ** 2
+    L = image_tokens(cfg, sizes)
     held = half * n + (half * VAE["flux"] if real_models else 0) + sum(reward_bytes(r) for r in names)
     forward = 13 * cfg.eval_batch_size * (L + cfg.max_sequence_length) * sizes["heads"] * sizes["head_dim"] * half
     decode = decode_bytes(cfg.reward_batch_size, cfg.resolution, half, sizes)

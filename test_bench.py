@@ -29,7 +29,7 @@ def test_bench_compare_runs_both_methods_and_writes_the_curves(tmp_path, capsys)
 
 def tiny_meta(*args, world=1):
     cfg = ng.parse_config(["--preset=tiny", *args])
-    sizes, dtype = bench.meta_sizes(cfg), ng.compute_dtype(cfg)
+    sizes, dtype = flux.model_sizes(cfg.model_path), ng.compute_dtype(cfg)
     L = (cfg.resolution // 2 // 2) ** 2  # the tiny VAE halves, FLUX packs 2x2
     grid = ng.time_grid(cfg.num_steps, L, flux.FLUX_SCHEDULER)
     return cfg, sizes, dtype, grid, L
@@ -134,9 +134,9 @@ def test_meta_counts_the_nf4_base_from_bitsandbytes_format(capsys):
 @pytest.mark.parametrize("preset,world", [("flux-dev", 8), ("flux-dev-lora", 1), ("flux-dev-24gb", 1),
                                           ("tiny", 1), ("digits", 1)])
 def test_the_preflight_prediction_follows_meta_for_every_preset(preset, world):
-    """The largest phase's predicted peak per rank against bench.py --meta's measurement. The FLUX presets at FLUX.1-dev's
-    width with 2 + 4 blocks, where the working set weighs most: within 15 % (at 19 + 38 blocks every FLUX recipe's
-    phases agree to 0.3 %, docs/cost.md; --meta there takes minutes); the CPU presets within 25 %."""
+    """The largest phase's predicted peak per rank against bench.py --meta's measurement. The FLUX presets at
+    FLUX.1-dev's width with 2 + 4 blocks, where the working set weighs most: within 15 % (at 19 + 38 blocks every FLUX
+    recipe's phases agree to 0.3 %, docs/cost.md; --meta there takes minutes); the CPU presets within 25 %."""
     import preflight
 
     args = [f"--preset={preset}", "--prompt_file="] + (["--model_path=random:2,4"] if preset.startswith("flux") else [])
