@@ -1,8 +1,8 @@
 """
 Whether a run fits, known before any weight loads: the peak GPU memory per rank and host RAM per node of a recipe in
-closed form from the transformer's sizes and the config (bench.py --meta measures the same on fake tensors: 0.3 %
-apart at FLUX.1-dev's size, and test_bench.py holds them together for every preset), a checkpoint's bytes on disk,
-and whether a checkpoint's files are whole. Imports nothing of ours.
+closed form from the transformer's sizes and the config (bench.py --meta measures the same on fake tensors: the
+largest phase 1 % apart at FLUX.1-dev's size, and test_bench.py holds them together for every preset), a
+checkpoint's bytes on disk, and whether a checkpoint's files are whole. Imports nothing of ours.
 """
 
 import math
