@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 
 import flux
+import models
 import neighbor_grpo as ng
 import preflight
 import sde_grpo
@@ -370,12 +371,10 @@ def count_flops(fn):
 
 def meta_transformer(cfg, sizes, dtype):
     """The transformer as load_pipeline() holds it, on the meta device: fp32 (LoRA: the base in dtype, fp32 adapters)."""
-    from diffusers import FluxTransformer2DModel
-
     with torch.device("meta"):
-        model = FluxTransformer2DModel(**flux.transformer_config(**sizes))
+        model = models.family(cfg.model_path).meta_transformer(sizes)
         if cfg.lora_rank:
-            flux.add_lora(model, cfg, dtype)
+            models.add_lora(model, cfg, dtype)
     return model
 
 
@@ -384,6 +383,9 @@ def fake_parameters(model):
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
             module._parameters[name] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype), p.requires_grad)
+        for name, value in [*module.named_buffers(recurse=False), *vars(module).items()]:  # SD3's positions, RoPE's
+            if isinstance(value, torch.Tensor) and value.is_meta:  # frequencies: their values cost nothing
+                setattr(module, name, torch.zeros(value.shape, dtype=value.dtype))
     return model
 
 
@@ -410,24 +412,21 @@ def meta_reference(cfg, model, frozen, mesh, dtype):  # -> (the reference's cont
     return lambda: contextlib.nullcontext(frozen), frozen
 
 
-def meta_group(cfg, sizes, L):
-    """One prompt group as the update meets it: the conditioning FluxPipeline passes (max_sequence_length T5 tokens,
-    pooled CLIP, guidance, ids) and the stored rollout (states, pi_old's anchors, advantages), random values."""
-    from diffusers import FluxPipeline
-
-    G, T, S, side = cfg.group_size, cfg.num_steps, cfg.max_sequence_length, int(math.sqrt(L))
-    cond = flux.Condition(torch.randn(1, S, sizes["text_dim"]), torch.randn(1, sizes["pooled_dim"]),
-                          torch.zeros(S, 3), FluxPipeline._prepare_latent_image_ids(1, side, side, "cpu", torch.float32),
-                          torch.full([1], cfg.guidance_scale))
-    C = 4 * sizes["latent_channels"]
-    return ng.Group("", cond, torch.randn(G, T + 1, L, C), torch.randn(G, T, L, C), torch.zeros(1, G),
-                    torch.randn(G), [0], [list(range(cfg.num_train_steps))])
+def meta_group(cfg, sizes):
+    """One prompt group as the update meets it: the conditioning its pipeline passes (the family's meta_condition:
+    max_sequence_length text tokens, with CFG the negative prompt's) and the stored rollout (states, pi_old's anchors,
+    advantages), random values."""
+    fam, G, T = models.family(cfg.model_path), cfg.group_size, cfg.num_steps
+    x = fam.meta_shapes(cfg, sizes)[0]
+    return ng.Group("", fam.meta_condition(cfg, sizes), torch.randn(G, T + 1, *x), torch.randn(G, T, *x),
+                    torch.zeros(1, G), torch.randn(G), [0], [list(range(cfg.num_train_steps))])
 
 
 def rollout_forward(model, cfg, group, grid, dtype):
     """The rollout's unit: one batched velocity call, rollout_batch_size candidates, no gradient."""
     with torch.no_grad():
-        flux.velocity(model, group.states[: min(cfg.rollout_batch_size, cfg.group_size), 0], grid[0], group.cond, dtype)
+        models.velocity(model, group.states[: min(cfg.rollout_batch_size, cfg.group_size), 0], grid[0], group.cond,
+                        dtype)
 
 
 def update_calls(cfg):
@@ -527,21 +526,17 @@ def other_models(cfg, sizes):
     (on the GPU throughout), "start-up" (the text encoders while the prompts are encoded), "reward" (the training
     rewards: resident, or with reward_offload on the GPU one at a time while scoring), "guard" (the judges scored at
     evaluations: on the GPU one at a time while scoring)."""
-    from diffusers import AutoencoderKL
-    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPConfig, CLIPModel
 
-    half = 2 if cfg.mixed_precision == "bf16" else 4
-    rows = [("VAE (AutoencoderKL)", parameter_count(lambda: AutoencoderKL(**flux.vae_config(**sizes))), half,
-             "resident", 0.0)]
-    if sizes is not flux.FLUX_DEV:
+    fam, half = models.family(cfg.model_path), 2 if cfg.mixed_precision == "bf16" else 4
+    with torch.device("meta"):
+        vae = type(fam.meta_vae(sizes)).__name__
+    rows = [(f"VAE ({vae})", parameter_count(lambda: fam.meta_vae(sizes)), half, "resident", 0.0)]
+    encoders = fam.meta_text_encoders(sizes)
+    if not encoders:
         return rows
-    encoders = "start-up" if cfg.offload_text_encoders else "resident"
-    rows += [("CLIP-L text encoder", parameter_count(lambda: CLIPTextModel(CLIPTextConfig(
-                 vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                 num_attention_heads=12))), half, encoders, 0.0),
-             ("T5-XXL encoder", parameter_count(lambda: T5EncoderModel(T5Config(
-                 vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-                 feed_forward_proj="gated-gelu"))), half, encoders, 0.0)]
+    role = "start-up" if cfg.offload_text_encoders else "resident"
+    rows += [(label, parameter_count(build), half, role, 0.0) for label, build in encoders]
     for name in [*cfg.rewards, *ng.scorable(cfg.guard_rewards, cfg)]:  # reward towers: fp32 weights, autocast compute
         role = "reward" if name in cfg.rewards else "guard"
         if name in CLIPS:
@@ -605,7 +600,6 @@ def imagereward_parameters():
 
 def meta(opts, cfg):
     """FLOPs and peak memory per rank of every phase at the configured size, and what they predict."""
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     world, mesh = opts["world_size"] if cfg.parallel == "fsdp" and not cfg.lora_rank else 1, None
@@ -615,19 +609,19 @@ def meta(opts, cfg):
 
         ng.dist.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
         mesh = init_device_mesh("cpu", (world,))
-    sizes, dtype = flux.model_sizes(cfg.model_path), ng.compute_dtype(cfg)
-    vae_factor = 2 ** (len(sizes["vae_channels"]) - 1)
-    L = (cfg.resolution // vae_factor // 2) ** 2
-    grid = ng.time_grid(cfg.num_steps, L, flux.FLUX_SCHEDULER, cfg.shift)
+    fam = models.family(cfg.model_path)
+    sizes, dtype = fam.model_sizes(cfg.model_path), ng.compute_dtype(cfg)
+    _, vae_input, L = fam.meta_shapes(cfg, sizes)
+    grid = ng.time_grid(cfg.num_steps, L, fam.SCHEDULER, cfg.shift)
     meta_model = meta_transformer(cfg, sizes, dtype)
     frozen = meta_transformer(cfg, sizes, dtype).requires_grad_(False).to(dtype) if cfg.kl_coef and not cfg.lora_rank \
         else None
     with FakeTensorMode():
         with default_dtype(dtype):  # the VAE as loaded (in the compute dtype)
-            vae = AutoencoderKL(**flux.vae_config(**sizes))
+            vae = fam.meta_vae(sizes)
         model, optimizer = meta_training(cfg, meta_model, mesh, dtype)
         reference, frozen = meta_reference(cfg, model, frozen, mesh, dtype) if cfg.kl_coef else (None, None)
-        groups = [meta_group(cfg, sizes, L) for _ in range(cfg.groups_per_rank)]  # an optimizer step's, this rank's
+        groups = [meta_group(cfg, sizes) for _ in range(cfg.groups_per_rank)]  # an optimizer step's, this rank's
         group, run = groups[0], meta_run(model, optimizer, cfg, grid, dtype, reference)
         f_roll = count_flops(lambda: rollout_forward(model, cfg, group, grid, dtype))
         f_step = count_flops(lambda: update_step(run, cfg, groups))  # AdamW's state exists from the first anchor on
@@ -638,12 +632,11 @@ def meta(opts, cfg):
         tracked = dataclasses.replace(cfg, kl_coef=0.0) if cfg.lora_rank else cfg  # MemTracker cannot follow a module
         mem_update = tracked_peak(model, optimizer, world, inputs, lambda: update_step(  # twice in a pass: LoRA's
             run, tracked, groups), frozen)  # reference (adapters off) left out
-        latents = torch.randn(cfg.reward_batch_size, sizes["latent_channels"], cfg.resolution // vae_factor,
-                              cfg.resolution // vae_factor, dtype=dtype)
+        latents = torch.randn(cfg.reward_batch_size, *vae_input, dtype=dtype)
         with torch.no_grad():
             f_vae = count_flops(lambda: vae.decode(latents))
             mem_vae = tracked_peak(vae, None, 1, (latents,), lambda: vae.decode(latents))
-    n_params = parameter_count(lambda: FluxTransformer2DModel(**flux.transformer_config(**sizes)))
+    n_params = parameter_count(lambda: fam.meta_transformer(sizes))
     frozen_copy = (f"kl_coef's reference: the transformer frozen in {cfg.mixed_precision}, 1/{world}", n_params / world,
                    dtype.itemsize, "resident", 0.0)
     others = other_models(cfg, sizes) + [frozen_copy] * bool(frozen is not None and world > 1)  # one process: tracked
@@ -674,7 +667,9 @@ def report_meta(cfg, opts, world, sizes, L, n_params, f_roll, f_step, f_vae, mem
     rollout, update, decode = G / rb * T * f_roll, B * f_step / n, G / cfg.reward_batch_size * f_vae
     total = rollout + update + decode
     name = "FLUX.1-dev" if sizes is flux.FLUX_DEV else cfg.model_path
-    print(f"meta | {name}: {sizes['layers']} + {sizes['single_layers']} blocks, {n_params / 1e9:.3f} B parameters | "
+    with torch.device("meta"):
+        blocks = len(models.blocks(models.family(cfg.model_path).meta_transformer(sizes)))
+    print(f"meta | {name}: {blocks} blocks, {n_params / 1e9:.3f} B parameters | "
           f"{cfg.resolution}px = {L} image + {cfg.max_sequence_length} text tokens | {cfg.mixed_precision} | "
           f"{'LoRA r=' + str(cfg.lora_rank) if cfg.lora_rank else 'full fine-tuning'} | "
           f"{'FSDP2 over ' + str(world) + ' ranks' if world > 1 else 'one process'} | checkpointing "
@@ -792,11 +787,11 @@ def attention_error(q, k, v, backend, reference):
 
 
 def check_nf4(device):
-    """A FLUX-sized layer through flux.quantize_base on this device: bitsandbytes' kernels, against bf16."""
+    """A FLUX-sized layer through models.quantize_base on this device: bitsandbytes' kernels, against bf16."""
     layer = torch.nn.Sequential(torch.nn.Linear(3072, 3072))
     x = torch.randn(16, 3072)
     reference = layer.to(device, torch.bfloat16)(x.to(device, torch.bfloat16)).float()
-    flux.quantize_base(layer, torch.bfloat16, device)
+    models.quantize_base(layer, torch.bfloat16, device)
     with torch.no_grad():
         out = layer(x.to(device, torch.bfloat16)).float()
     return {"relative_error": ((out - reference).norm() / reference.norm()).item(), "expected": "about 0.1"}

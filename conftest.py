@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import flux
+import models
 import neighbor_grpo as ng
 
 
@@ -20,7 +21,7 @@ def tiny_cfg(tmp_path=None, *args):
 
 @pytest.fixture(scope="module")
 def tiny_pipe():
-    return flux.load_pipeline(tiny_cfg(), torch.device("cpu"), torch.float32)
+    return models.load_pipeline(tiny_cfg(), torch.device("cpu"), torch.float32)
 
 
 def read_log(out_dir):

@@ -11,7 +11,8 @@ paper's rows.
 follows MixGRPO's inference and evaluation scripts, which the paper says it follows: all 3200 HPDv2 benchmark prompts,
 1024x1024, 50 Euler steps of FluxPipeline's schedule, guidance 3.5, each image through a JPEG at PIL's default
 quality 75 before scoring, HPSv2.1 under fp16 autocast and the other models in fp32, UnifiedReward's alignment line
-with unparseable answers left out; "train" (the default for tiny and digits) is the periodic evaluation's sampler.
+with unparseable answers left out; "train" (the default for tiny, digits and the SD3.5 and Qwen-Image presets) is the
+periodic evaluation's sampler at the preset's own settings.
 Any field set on the command line wins over the protocol's, and every neighbor_grpo Config field applies.
 Writes out_dir/eval.json (per-prompt scores), eval.md and eval.png.
 """
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import flux
+import models
 import neighbor_grpo as ng
 import preflight
 from rewards import jpeg
@@ -69,7 +70,8 @@ def parse_config(argv):
     tiny and digits presets)."""
     preset = ([a.partition("=")[2] for a in argv if a.startswith("--preset=")] or ["flux-dev"])[-1]
     chosen = [a.partition("=")[2] for a in argv if a.startswith("--eval_protocol=")]
-    protocol = (chosen or ["train" if preset in CPU_PRESETS else "mixgrpo"])[-1]
+    flux = models.family(ng.PRESETS.get(preset, {}).get("model_path", ng.Config.model_path)).NAME == "FLUX"
+    protocol = (chosen or ["train" if preset in CPU_PRESETS or not flux else "mixgrpo"])[-1]  # MixGRPO's is FLUX's
     if protocol not in PROTOCOLS:
         raise ng.ConfigError(f"--eval_protocol={protocol}: use one of {', '.join(PROTOCOLS)}")
     presets = {name: {**p, **PROTOCOLS[protocol], "eval_protocol": protocol} for name, p in ng.PRESETS.items()}
@@ -129,10 +131,11 @@ def evaluate_model(cfg):
 
 def check_memory(cfg, device, rank):
     """The predicted peak per rank (preflight.evaluation_phases) against this GPU, before anything loads."""
-    capacity, sizes = ng.device_memory(device), flux.model_sizes(cfg.model_path)
-    if not capacity:  # a CPU: nothing to check
+    capacity, fam = ng.device_memory(device), models.family(cfg.model_path)
+    if not capacity or fam.NAME != "FLUX":  # a CPU: nothing to check; preflight.py's closed form is FLUX's
         return
-    phases = preflight.evaluation_phases(cfg, sizes, flux.transformer_config(**sizes), sizes is flux.FLUX_DEV,
+    sizes = fam.model_sizes(cfg.model_path)
+    phases = preflight.evaluation_phases(cfg, sizes, fam.transformer_config(**sizes), sizes is fam.FLUX_DEV,
                                          ng.scorable(cfg.eval_only_rewards, cfg))
     top = max(phases, key=phases.get)
     if cfg.memory_check and phases[top] > capacity:

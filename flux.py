@@ -1,28 +1,21 @@
 """
-FLUX.1-dev through diffusers, as neighbor_grpo.py uses it: the FluxPipeline (transformer, VAE, CLIP and T5 text
-encoders) loaded from the hub or a directory, on the meta device for FSDP ranks, with LoRA adapters (peft), or built
-at random sizes for CPU presets and benchmarks; the conditioning FluxPipeline passes, the velocity call, decoding,
-and export in diffusers' formats. Of the project it imports only rewards.tokenizer_is_empty.
+FLUX.1 through diffusers, as neighbor_grpo.py uses it (the family models.py describes): the FluxPipeline's sizes
+(FLUX.1-dev's, or random ones for CPU presets and benchmarks), the conditioning FluxPipeline passes (T5 embeddings,
+pooled CLIP, embedded guidance, RoPE ids), the noise it draws and packs, its time grid's inputs, the velocity call,
+decoding. Loading, LoRA, NF4 and export are models.py's. FLUX.1-schnell and FLUX.1-Krea-dev load by model_path.
 """
 
-import contextlib
 import json
 import logging
-import string
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from rewards import tokenizer_is_empty
+from models import clip_tokenizer, random_weights, t5_tokenizer, t5_xxl
 
-# bitsandbytes (which diffusers imports when it is installed) warns on every CPU that an optional hub kernel is absent
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-
-
-class ModelError(ValueError):
-    """A model that cannot load as configured: the message names the field and the fix."""
+NAME, REPO = "FLUX", "black-forest-labs/FLUX.1-dev"
+PIPELINE, TRANSFORMER = "FluxPipeline", "FluxTransformer2DModel"
 
 
 TINY = dict(  # a FLUX-architecture model small enough for a CPU
@@ -81,22 +74,13 @@ def vae_config(latent_channels, vae_channels, vae_layers, vae_groups, **_):
 def build_random_flux(seed, *, layers, single_layers, heads, head_dim, rope, text_dim, pooled_dim, text_layers,
                       latent_channels, vae_channels, vae_layers, vae_groups, init_device=None):
     """A randomly initialised FluxPipeline of the given sizes: the classes of FLUX.1-dev, tokenizers built in memory.
-    init_device: the transformer is built there, its weights N(0, 0.02) (a 12 B-parameter default init takes minutes
-    on a CPU; bench.py's timings need no particular weights)."""
+    init_device: the transformer is built there, its weights N(0, 0.02) (models.random_weights)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
-    # character-level tokens: long prompts are truncated (CLIP at 77 as in FLUX), which is fine for random models
-    logging.getLogger("diffusers.pipelines.flux.pipeline_flux").setLevel(logging.ERROR)
-    chars = list(string.ascii_lowercase + string.digits + ",.!?'-")
-    clip_vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}  # character-level BPE vocabulary
-    for c in chars:
-        clip_vocab[c], clip_vocab[c + "</w>"] = len(clip_vocab), len(clip_vocab) + 1
-    tokenizer = CLIPTokenizer(vocab=clip_vocab, merges=[], model_max_length=77)
-    t5_vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]  # unigram vocabulary
-    t5_vocab += [(c, -2.0) for c in chars] + [("\u2581" + c, -2.5) for c in chars]
-    tokenizer_2 = T5Tokenizer(vocab=t5_vocab, extra_ids=0)
+    logging.getLogger("diffusers.pipelines.flux.pipeline_flux").setLevel(logging.ERROR)  # CLIP truncates at 77
+    tokenizer, tokenizer_2 = clip_tokenizer(), t5_tokenizer()
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=pooled_dim, intermediate_size=64, num_hidden_layers=text_layers,
         num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1))
@@ -109,127 +93,31 @@ def build_random_flux(seed, *, layers, single_layers, heads, head_dim, rope, tex
     else:
         with torch.device("meta"):
             transformer = FluxTransformer2DModel(**config)
-        transformer.to_empty(device=init_device)
-        generator = torch.Generator(init_device).manual_seed(seed)
-        for p in transformer.parameters():
-            torch.nn.init.normal_(p.data, std=0.02, generator=generator)
+        random_weights(transformer, seed, init_device)
     vae = AutoencoderKL(**vae_config(latent_channels, vae_channels, vae_layers, vae_groups))
     return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=vae,
                         text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
                         tokenizer_2=tokenizer_2, transformer=transformer)
 
 
-def load_pipeline(cfg, device, dtype, meta=False, inference=False):
-    """FluxPipeline for cfg.model_path: VAE and text encoders on device in dtype, frozen; the transformer in fp32
-    (the master weights; with LoRA or for inference, evaluate.py's, in dtype) on the CPU until parallelize() moves
-    it (a random FLUX.1-dev-width stand-in is built on device). meta=True (FSDP ranks but 0): the transformer's
-    architecture alone, on the meta device; rank 0 sends the weights."""
-    from diffusers import FluxPipeline, FluxTransformer2DModel
-
-    def load(fn, field, path, **kwargs):
-        fix = ("pass a trained transformer's directory (a run's out_dir/transformer)" if field == "transformer_path"
-               else "download black-forest-labs/FLUX.1-dev (huggingface-cli download) and pass its directory")
-        if not Path(path).exists() and (path.count("/") != 1 or path.startswith((".", "/", "~"))):  # not a hub id
-            raise ModelError(f"{field}={path}: no such directory; {fix}")
-        try:
-            return fn(path, **kwargs)
-        except (OSError, ValueError) as e:
-            raise ModelError(f"{field}={path}: cannot load FLUX ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                             f"{fix}") from None
-
-    def load_transformer(field, path, **kwargs):
-        if meta:
-            config = load(FluxTransformer2DModel.load_config, field, path, **kwargs)
-            with torch.device("meta"):
-                return FluxTransformer2DModel.from_config(config)
-        return load(FluxTransformer2DModel.from_pretrained, field, path, dtype=master, **kwargs)
-
-    master, sizes = dtype if cfg.lora_rank or inference else torch.float32, random_sizes(cfg.model_path)
-    if sizes is not None:
-        pipe = build_random_flux(cfg.seed, **sizes, init_device=None if sizes is TINY else device)
-        for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2) if sizes is not TINY else ():
-            module.to(dtype)  # FLUX.1-dev-width stand-ins (bench.py): as from_pretrained(dtype=dtype) loads them
-    else:
-        transformer = None if cfg.transformer_path else load_transformer("model_path", cfg.model_path,
-                                                                          subfolder="transformer")
-        pipe = load(FluxPipeline.from_pretrained, "model_path", cfg.model_path, transformer=transformer, dtype=dtype)
-        for name in ("tokenizer", "tokenizer_2"):
-            if tokenizer_is_empty(getattr(pipe, name)):
-                raise ModelError(
-                    f"model_path={cfg.model_path}: {name} ({type(getattr(pipe, name)).__name__}) loaded with no "
-                    f"vocabulary; {name}/ lacks tokenizer.json (or vocab.json + merges.txt, spiece.model): download "
-                    "black-forest-labs/FLUX.1-dev completely (huggingface-cli download) and pass its directory")
-    if cfg.transformer_path:
-        pipe.transformer = load_transformer("transformer_path", cfg.transformer_path)
-    if cfg.base_quantization:
-        quantize_base(pipe.transformer, dtype, device)
-    if cfg.lora_rank:
-        add_lora(pipe.transformer, cfg, dtype)
-    pipe.set_progress_bar_config(disable=True)
-    for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
-        module.to(device).requires_grad_(False).eval()
+def random_pipeline(model_path, seed, device, dtype):
+    """A random FluxPipeline for "tiny" or "random:D,S" (bench.py's FLUX.1-dev-width stand-in, its text encoders and
+    VAE in dtype as from_pretrained(dtype=dtype) loads them); None for a model to load."""
+    sizes = random_sizes(model_path)
+    if sizes is None:
+        return None
+    pipe = build_random_flux(seed, **sizes, init_device=None if sizes is TINY else device)
+    for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2) if sizes is not TINY else ():
+        module.to(dtype)
     return pipe
 
 
-def quantize_base(transformer, dtype, device):
-    """QLoRA's frozen base (base_quantization="nf4"): every nn.Linear of the transformer becomes a bitsandbytes
-    Linear4bit holding 4-bit NormalFloat weights in blocks of 64 with double-quantized scales (0.52 bytes a weight
-    instead of bf16's 2), computing in dtype; each is quantized as it moves to device, so the full-precision weights
-    never reach it. This is the swap diffusers' BitsAndBytesConfig loader makes, which refuses to run without a GPU."""
-    import bitsandbytes as bnb
-
-    class Linear4bit(bnb.nn.Linear4bit):
-        """Returns dtype, as nn.Linear does under autocast: bitsandbytes' returns its input's dtype, and FLUX's
-        LayerNorms hand it fp32, which would double every activation after a quantized layer."""
-
-        def forward(self, x):
-            return super().forward(x.to(self.compute_dtype))
-
-    transformer.requires_grad_(False).to(dtype)  # a random model is fp32; from_pretrained loads it in dtype already
-    for parent in list(transformer.modules()):
-        for name, linear in list(parent.named_children()):
-            if type(linear) is torch.nn.Linear:
-                nf4 = Linear4bit(linear.in_features, linear.out_features, linear.bias is not None, dtype,
-                                 compress_statistics=True, quant_type="nf4", device="meta")
-                nf4.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, compress_statistics=True,
-                                               quant_type="nf4")
-                if linear.bias is not None:
-                    nf4.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
-                setattr(parent, name, nf4.to(device))
+def is_family_path(model_path):
+    return random_sizes(model_path) is not None or model_path == REPO
 
 
-def add_lora(transformer, cfg, dtype):
-    """peft LoRA through diffusers' adapter API: the base frozen in the compute dtype (bf16: 24 GB for FLUX.1-dev
-    instead of 48 GB fp32 plus gradients and AdamW), the adapters in fp32; B = 0 makes them start as a no-op."""
-    from diffusers import FluxPipeline
-    from peft import LoraConfig
-    from peft.utils import set_peft_model_state_dict
-
-    transformer.requires_grad_(False)
-    if transformer.dtype != dtype:  # a random model; from_pretrained already loaded the base in dtype
-        transformer.to(dtype)
-    try:
-        transformer.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights=True,
-                                           target_modules=list(cfg.lora_targets)))
-    except ValueError as e:
-        raise ModelError(f"lora_targets={','.join(cfg.lora_targets)}: {str(e).splitlines()[0][:200]}") from None
-    for p in transformer.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    if cfg.lora_path:
-        if not Path(cfg.lora_path).is_dir():
-            raise ModelError(f"lora_path={cfg.lora_path}: no such directory; pass out_dir/lora of a LoRA run")
-        try:
-            state = FluxPipeline.lora_state_dict(cfg.lora_path)
-            state = {k.removeprefix("transformer."): v for k, v in state.items() if k.startswith("transformer.")}
-            unexpected = set_peft_model_state_dict(transformer, state).unexpected_keys
-        except (OSError, ValueError, RuntimeError) as e:
-            raise ModelError(f"lora_path={cfg.lora_path}: cannot load the adapter at lora_rank={cfg.lora_rank} "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); pass out_dir/lora of a LoRA run "
-                              "and the --lora_rank and --lora_targets it was trained with") from None
-        if unexpected or not state:
-            raise ModelError(f"lora_path={cfg.lora_path}: the adapter does not fit lora_targets="
-                              f"{','.join(cfg.lora_targets)} ({len(state)} tensors, unexpected {unexpected[:2]})")
+def blocks(transformer):
+    return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
 
 
 @dataclass
@@ -306,50 +194,57 @@ def decode_images(pipe, x, resolution):
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
-def export_transformer(model, path, rank, dtype):
-    """The full transformer as safetensors + config.json, loadable by FluxTransformer2DModel.from_pretrained."""
-    from huggingface_hub import save_torch_state_dict
-
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        save_torch_state_dict({k: v.to(dtype) for k, v in state.items()}, path, max_shard_size="10GB",
-                              filename_pattern="diffusion_pytorch_model{suffix}.safetensors")
-        getattr(model, "module", model).save_config(path)
+def draw_noise(pipe, n, resolution, gen):
+    """n standard normal latents drawn in FluxPipeline's unpacked shape, then packed to [n, L, C]."""
+    channels = pipe.transformer.config.in_channels // 4
+    side = 2 * packed_side(pipe, resolution)
+    noise = torch.randn(n, channels, side, side, generator=gen)
+    return pipe._pack_latents(noise, n, channels, side, side)
 
 
-def export_lora(model, path, rank):
-    """The adapter as FluxPipeline.save_lora_weights writes it, with its LoraConfig (alpha included), so that
-    FluxPipeline.load_lora_weights(path) reproduces the trained model."""
+def schedule(pipe, resolution, num_steps):
+    """(image tokens, the grid's last nonzero time): FluxPipeline passes sigmas = linspace(1, 1 / T, T) (0: that)."""
+    return latent_shape(pipe, resolution)[0], 0.0
+
+
+# bench.py --meta's pieces at the true size (fake tensors: shapes, no memory)
+SCHEDULER = FLUX_SCHEDULER
+
+
+def meta_transformer(sizes):
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(**transformer_config(**sizes))
+
+
+def meta_vae(sizes):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**vae_config(**sizes))
+
+
+def meta_shapes(cfg, sizes):
+    """(a sample's latents [L, C], the VAE's input for one image, image tokens)."""
+    side = cfg.resolution // 2 ** (len(sizes["vae_channels"]) - 1)
+    return ((side // 2) ** 2, 4 * sizes["latent_channels"]), (sizes["latent_channels"], side, side), (side // 2) ** 2
+
+
+def meta_condition(cfg, sizes):
+    """One prompt's conditioning as FluxPipeline passes it (max_sequence_length T5 tokens), random values."""
     from diffusers import FluxPipeline
-    from peft.utils import get_peft_model_state_dict
 
-    transformer = getattr(model, "module", model)  # DDP wraps it
-    if rank == 0:
-        layers = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(transformer).items()}
-        FluxPipeline.save_lora_weights(path, transformer_lora_layers=layers,
-                                       transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
+    S, side = cfg.max_sequence_length, cfg.resolution // 2 ** len(sizes["vae_channels"])
+    return Condition(torch.randn(1, S, sizes["text_dim"]), torch.randn(1, sizes["pooled_dim"]), torch.zeros(S, 3),
+                     FluxPipeline._prepare_latent_image_ids(1, side, side, "cpu", torch.float32),
+                     torch.full([1], cfg.guidance_scale))
 
 
-def export_model(model, path, rank, dtype, lora=False, merged=False):
-    """path/transformer (diffusers format) or, with LoRA, path/lora (the adapter alone); with merged (the end of a LoRA
-    run), also path/transformer with the adapter merged into the base, in place."""
-    if not lora:
-        return export_transformer(model, path / "transformer", rank, dtype)
-    export_lora(model, path / "lora", rank)
-    if merged:
-        transformer = getattr(model, "module", model)  # DDP wraps it
-        transformer.fuse_lora()
-        transformer.unload_lora()
-        export_transformer(transformer, path / "transformer", rank, dtype)
+def meta_text_encoders(sizes):
+    """(label, builder) of FLUX.1-dev's text encoders (CLIP-L, T5-XXL); none for random sizes."""
+    from transformers import CLIPTextConfig, CLIPTextModel, T5EncoderModel
 
-
-@contextlib.contextmanager
-def adapters_off(model):
-    """The same transformer with its LoRA adapters switched off (the base model), at no memory; back on after."""
-    transformer = getattr(model, "module", model)  # DDP wraps it
-    transformer.disable_adapters()
-    try:
-        yield transformer
-    finally:
-        transformer.enable_adapters()
+    if sizes is not FLUX_DEV:
+        return []
+    return [("CLIP-L text encoder", lambda: CLIPTextModel(CLIPTextConfig(
+                vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12))),
+            ("T5-XXL encoder", lambda: T5EncoderModel(t5_xxl()))]

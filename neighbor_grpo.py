@@ -1,5 +1,6 @@
 """
-Neighbor GRPO: contrastive ODE policy optimisation for FLUX (He et al., CVPR 2026, arXiv 2511.16955).
+Neighbor GRPO: contrastive ODE policy optimisation for FLUX (He et al., CVPR 2026, arXiv 2511.16955), and for
+SD3.5 and Qwen-Image through the same loop.
 
     python neighbor_grpo.py --preset=tiny            # a random tiny FLUX-architecture model on CPU, ~1 minute
     python neighbor_grpo.py --preset=digits          # a pretrained 16x16 digits model, guarded, ~4 minutes
@@ -12,8 +13,8 @@ Neighbor GRPO: contrastive ODE policy optimisation for FLUX (He et al., CVPR 202
 Any Config field can be set as --field=value. The file reads top to bottom like the algorithm: config -> distributed
 set-up -> time grid and solvers -> prompt groups and their noise neighbourhood -> advantages -> surrogate and
 objective -> the policy update and one iteration -> evaluation -> the guard against reward hacking -> checkpoints ->
-the loop -> main ("eq. N", "Alg. 1": the paper's). Beside it: flux.py (FLUX: loading, LoRA, NF4, the velocity),
-rewards.py, report.py (what a run writes), preflight.py (whether it fits), sde_grpo.py, evaluate.py (Table 1).
+the loop -> main ("eq. N", "Alg. 1": the paper's). Beside it: models.py (loading, LoRA, NF4; each model family's
+module: flux.py, sd3.py, qwen_image.py), rewards.py, report.py (what a run writes), preflight.py (whether it fits), sde_grpo.py, evaluate.py (Table 1).
 """
 
 import contextlib
@@ -46,13 +47,14 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from flux import (FLUX_DEV, Condition, ModelError, adapters_off, decode_images, encode_prompt, export_model,
-                  latent_shape, load_pipeline, model_sizes, packed_side, stack_conditions, transformer_config, velocity)
-from preflight import checkpoint_bytes, damaged_files, fits
+from models import (ModelError, adapters_off, blocks, decode_images, draw_noise, encode_prompt, export_model,
+                    load_pipeline, memory_fits, presets as family_presets, schedule, stack_conditions, text_encoders,
+                    velocity)
+from preflight import checkpoint_bytes, damaged_files
 from report import RunLog, Stopwatch, progress, save_grid, write_evaluation
 from rewards import RewardError, load_reward, reward_config_problems, score
 
-# diffusers' FLUX blocks return slices; nothing downstream writes into them in place (the FSDP tests check gradients)
+# diffusers' blocks return slices; nothing downstream writes into them in place (the FSDP tests check gradients)
 warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DCP in a world of one: intended
 
@@ -66,12 +68,13 @@ ROOT = Path(__file__).resolve().parent
 @dataclass
 class Config:
     # model
-    model_path: str = "black-forest-labs/FLUX.1-dev"  # hub id or local dir; "tiny" / "random:D,S": random (README)
+    model_path: str = "black-forest-labs/FLUX.1-dev"  # hub id or local dir (FLUX, SD3.5, Qwen-Image); random: README
     resolution: int = 720  # image side in pixels (DanceGRPO/MixGRPO protocol)
-    guidance_scale: float = 3.5  # FLUX.1-dev embedded guidance, as FluxPipeline
-    max_sequence_length: int = 512  # T5 tokens per prompt (FluxPipeline default)
+    guidance_scale: float = 3.5  # FLUX.1-dev: embedded guidance; SD3.5, Qwen-Image: true CFG's scale (1 = none)
+    negative_prompt: str = ""  # classifier-free guidance's unconditional prompt (SD3.5, Qwen-Image pipelines: "")
+    max_sequence_length: int = 512  # T5 (Qwen-Image: Qwen2.5-VL) tokens per prompt (FluxPipeline default)
     transformer_path: str = ""  # a trained transformer (diffusers format) to start from or evaluate; "" = model_path's
-    offload_text_encoders: bool = True  # encode this rank's prompts up front, then move CLIP and T5 to the CPU
+    offload_text_encoders: bool = True  # encode this rank's prompts up front, then move the text encoders to the CPU
     prompt_file: str = "hpdv2"  # "hpdv2" = HPDv2's train split (data/hpdv2/prepare.py), a text file, "" = examples
     prompt_draw: str = "subset"  # a seeded subset, each prompt once (the paper); "uniform": each group draws anew
     # neighbourhood rollout (Sec. 3.3)
@@ -79,7 +82,7 @@ class Config:
     noise_sigma: float = 0.3  # sigma, strength of the initial-noise perturbation (eq. 7, Table 4)
     num_steps: int = 8  # T rollout steps (Table 1: 8-step DPM++)
     rollout_solver: str = "dpm++2m"  # "dpm++2m" or "euler" (= DDIM, eta=0); the train solver is Euler (Sec. 3.4.3)
-    shift: float = 0.0  # static time shift (DanceGRPO: 3.0); 0 = FluxPipeline's resolution-dependent shift
+    shift: float = 0.0  # static time shift (DanceGRPO: 3.0); 0 = the pipeline's own (FLUX: resolution-dependent)
     rollout_batch_size: int = 12  # candidates per transformer call during the rollout
     # policy update (Sec. 3.4, Alg. 1)
     num_anchors: int = 4  # B anchors per group (Table 5)
@@ -171,6 +174,7 @@ PRESETS = {
         groups_per_rank=2, device="cpu", mixed_precision="fp32", parallel="ddp", grad_checkpointing=False,
         out_dir="runs/digits", sample_every=50, num_samples=10, ckpt_every=0),
 }
+PRESETS.update(family_presets(PRESETS))  # sd3.py's, qwen_image.py's (models.py)
 SOLVERS, OLD_ANCHORS, DISTANCES = ("euler", "dpm++2m"), ("train_solver", "rollout"), ("mean", "sum")
 PARALLEL, PROMPT_DRAWS = ("fsdp", "ddp"), ("subset", "uniform")
 
@@ -242,8 +246,8 @@ def validate(cfg):
         (cfg.distance in DISTANCES, f"distance={cfg.distance}: use one of {', '.join(DISTANCES)}"),
         (cfg.prompt_draw in PROMPT_DRAWS, f"prompt_draw={cfg.prompt_draw}: use one of {', '.join(PROMPT_DRAWS)}"),
         (cfg.shift >= 0, f"shift={cfg.shift}: must be >= 0 (0 = dynamic shift, DanceGRPO uses 3.0)"),
-        (not cfg.model_path.startswith("random:") or re.fullmatch(r"random:\d+,\d+", cfg.model_path),
-         f"model_path={cfg.model_path}: a random FLUX.1-dev-width model is random:D,S (D double, S single blocks)"),
+        (not cfg.model_path.startswith("random") or re.fullmatch(r"random(:\d+,\d+|-sd3:\d+|-qwen-image:\d+)", cfg.model_path),
+         f"model_path={cfg.model_path}: random:D,S (FLUX.1-dev's width, D + S blocks), random-sd3:N, random-qwen-image:N"),
         (cfg.resolution > 0 and cfg.resolution % 16 == 0,
          f"resolution={cfg.resolution}: FLUX packs 2x2 latent patches, so use a positive multiple of 16"),
         (len(cfg.rewards) >= 1, "rewards: name at least one reward, e.g. --rewards=hpsv2"),
@@ -347,9 +351,9 @@ def parallelize(model, cfg, device, world, dtype):
 
 def shard(model, mesh, dtype):
     """FSDP2 on each transformer block, then on the root: compute in dtype, gradients reduced in fp32. The inputs go
-    in as DDP and FluxPipeline pass them (autocast picks each op's dtype): cast, the timestep and RoPE would be bf16."""
+    in as DDP and the pipelines pass them (autocast picks each op's dtype): cast, the timestep and RoPE would be bf16."""
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
-    for block in [*model.transformer_blocks, *model.single_transformer_blocks]:
+    for block in blocks(model):
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
 
@@ -393,27 +397,33 @@ def batches(items, n):
 # Time grid and solvers. Rectified flow: x_t = (1 - t) x0 + t eps, v = eps - x0, data prediction x0 = x - t v.
 
 
-def time_grid(num_steps, seq_len, scheduler_config, shift=0.0):
-    """t_0 = 1 > ... > t_T = 0: exactly FluxPipeline's sigmas for T steps (a static shift replaces the dynamic one)."""
-    t = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64)
-    if shift > 0:
-        t = shift * t / (1 + (shift - 1) * t)
+def time_grid(num_steps, seq_len, scheduler_config, shift=0.0, t_min=0.0):
+    """t_0 = 1 > ... > t_T = 0: exactly the pipeline's sigmas for T steps, from linspace(1, t_min or 1 / T, T) (a
+    static shift replaces a dynamic one; SD3's scheduler shifts statically, Qwen-Image's stretches to shift_terminal)."""
+    c = scheduler_config
+    t = torch.linspace(1.0, t_min or 1.0 / num_steps, num_steps, dtype=torch.float64)
+    if shift > 0 or not c.get("use_dynamic_shifting", True):
+        s = shift or c["shift"]
+        t = s * t / (1 + (s - 1) * t)
     else:  # diffusers' calculate_shift: mu grows linearly with the image sequence length
-        c = scheduler_config
         slope = (c["max_shift"] - c["base_shift"]) / (c["max_image_seq_len"] - c["base_image_seq_len"])
         mu = c["base_shift"] + slope * (seq_len - c["base_image_seq_len"])
-        t = math.exp(mu) / (math.exp(mu) + (1 / t - 1))
+        e = math.exp(mu) if c.get("time_shift_type", "exponential") == "exponential" else mu
+        t = e / (e + (1 / t - 1))
+    if c.get("shift_terminal"):
+        t = 1 - (1 - t) * (1 - c["shift_terminal"]) / (1 - t[-1])
     return torch.cat([t, t.new_zeros(1)]).tolist()
 
 
-def pipeline_grid(pipe, cfg, num_steps):
-    """time_grid for this pipeline's scheduler at cfg's resolution and shift."""
-    return time_grid(num_steps, latent_shape(pipe, cfg.resolution)[0], pipe.scheduler.config, cfg.shift)
+def pipeline_grid(pipe, cfg, num_steps, shift=None):
+    """time_grid for this pipeline's scheduler at cfg's resolution and shift (eval_grid: the pipeline's own, no training
+    shift, eval_steps steps, the same for any method)."""
+    seq_len, t_min = schedule(pipe, cfg.resolution, num_steps)
+    return time_grid(num_steps, seq_len, pipe.scheduler.config, cfg.shift if shift is None else shift, t_min)
 
 
 def eval_grid(pipe, cfg):
-    """The evaluation sampler's grid: FluxPipeline's own (no training shift), eval_steps steps, the same for any method."""
-    return time_grid(cfg.eval_steps or cfg.num_steps, latent_shape(pipe, cfg.resolution)[0], pipe.scheduler.config)
+    return pipeline_grid(pipe, cfg, cfg.eval_steps or cfg.num_steps, shift=0.0)
 
 
 def euler_step(x, v, t, t_next):
@@ -519,14 +529,6 @@ def perturbed_noise(base, delta, sigma):
     return math.sqrt(1 - sigma**2) * base + sigma * delta
 
 
-def draw_noise(pipe, n, resolution, gen, device):
-    """n standard normal latents drawn in FluxPipeline's unpacked shape, then packed to [n, L, C]."""
-    channels = pipe.transformer.config.in_channels // 4
-    side = 2 * packed_side(pipe, resolution)
-    noise = torch.randn(n, channels, side, side, generator=gen)
-    return pipe._pack_latents(noise, n, channels, side, side).to(device)
-
-
 def neighbourhood_noise(pipe, cfg, gen, size, sigma, device):
     """size initial noises around one base noise drawn from gen (eq. 7); sigma = 0, size = 1: the base itself."""
     base = draw_noise(pipe, 1, cfg.resolution, gen, device)
@@ -537,7 +539,7 @@ def neighbourhood_rollout(pipe, cond, cfg, grid, gen, size, sigma, dtype):
     """size ODE trajectories from a neighbourhood of one base noise (eq. 7), with theta_old: the states
     [size, T + 1, L, C] and the TrainSolver's prediction from each [size, T, L, C]. With sigma = 0 and size = 1 this
     is plain deterministic ODE sampling, the inference sampler."""
-    x1 = neighbourhood_noise(pipe, cfg, gen, size, sigma, cond.img_ids.device)
+    x1 = neighbourhood_noise(pipe, cfg, gen, size, sigma, pipe.vae.device)
     v_fn = lambda x, t: velocity(pipe.transformer, x, t, cond, dtype)  # noqa: E731
     parts = [rollout(v_fn, x, grid, cfg.rollout_solver) for x in x1.split(cfg.rollout_batch_size)]
     return torch.cat([states for states, _ in parts]), torch.cat([train_next for _, train_next in parts])
@@ -635,7 +637,7 @@ def prediction_distance(terms, v, v_ref, grid):
     """kl_coef's pull toward the model the run started from: per transition, the squared distance (mean over latent
     elements) between theta's and the reference's one-step DDIM predictions from X[j, k], dt^2 |v - v_ref|^2; the
     KL of two Gaussian policies of one variance is proportional to it (docs/decisions.md). [n]"""
-    dt = torch.tensor([grid[k + 1] - grid[k] for _, _, k in terms], device=v.device).view(-1, 1, 1)
+    dt = torch.tensor([grid[k + 1] - grid[k] for _, _, k in terms], device=v.device).view(-1, *[1] * (v.dim() - 1))
     return (dt * (v - v_ref)).pow(2).flatten(1).mean(1)
 
 
@@ -648,7 +650,7 @@ class Group:
     """One prompt's neighbourhood: the stored rollout, rewards, advantages, and the anchors and transitions trained."""
 
     prompt: str
-    cond: Condition
+    cond: typing.Any  # the family's Condition (flux.Condition, ...)
     states: torch.Tensor  # X [G, T + 1, L, C], theta_old's rollout
     old_next: torch.Tensor  # pi_old's anchor for each (j, k) [G, T, L, C] (old_anchor)
     rewards: torch.Tensor  # [M, G]
@@ -989,7 +991,7 @@ class Run:
     world: int
     device: torch.device
     dtype: torch.dtype
-    pipe: typing.Any  # FluxPipeline
+    pipe: typing.Any  # the family's diffusers pipeline
     model: torch.nn.Module  # the transformer, parallelised
     optimizer: torch.optim.Optimizer
     method: Method  # NEIGHBOR, or a baseline's hook
@@ -1044,12 +1046,11 @@ def device_memory(device):  # bytes; None on a CPU (nothing to check)
 
 def check_memory(cfg, device, world, rank):
     """Before any weight loads: a recipe predicted not to fit this GPU (preflight.py) stops, naming one that does."""
-    capacity, sizes = device_memory(device), model_sizes(cfg.model_path)
+    capacity = device_memory(device)
     if capacity and cfg.memory_check:
         offers = {f"--preset={p}": (dataclasses.replace(cfg, **PRESETS[p]), 1) for p in ("flux-dev-lora", "flux-dev-24gb")}
         offers["torchrun over 8 GPUs"] = (dataclasses.replace(cfg, **PRESETS["flux-dev"]), 8)
-        require([fits(cfg, sizes, transformer_config(**sizes), world, capacity, sizes is FLUX_DEV, offers, rank,
-                      int(os.environ.get("LOCAL_WORLD_SIZE", 1)))])
+        require([memory_fits(cfg, world, capacity, offers, rank, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))])
 
 
 def starting_model(transformer, cfg, device, world, dtype):
@@ -1065,9 +1066,8 @@ def encode_prompts(pipe, prompts, cfg, cache, rank=0):
     """Fill the prompt-embedding cache, then move the idle text encoders (T5-XXL: 9.5 GB) off the GPU."""
     for prompt in progress(dict.fromkeys(prompts), "encoding prompts", rank):
         encode_prompt(pipe, prompt, cfg, cache)
-    if cfg.offload_text_encoders:
-        pipe.text_encoder.to("cpu")
-        pipe.text_encoder_2.to("cpu")
+    for encoder in text_encoders(pipe) if cfg.offload_text_encoders else ():
+        encoder.to("cpu")
 
 
 def periodic(run, cfg, it, log, guard_state):

@@ -14,6 +14,7 @@ Every neighbor_grpo Config field applies (--field=value), plus sde_eta and sde_s
 import dataclasses
 import functools
 import math
+import typing
 from dataclasses import dataclass
 
 import torch
@@ -83,7 +84,8 @@ def sde_rollout(v_fn, x, grid, eta, gen):
 
 def sde_group_rollout(pipe, cond, cfg, grid, gen, dtype):
     """A group: G SDE trajectories from one shared initial noise (DanceGRPO's init_same_noise)."""
-    x1 = ng.draw_noise(pipe, 1, cfg.resolution, gen, cond.img_ids.device).expand(cfg.group_size, -1, -1)
+    x1 = ng.draw_noise(pipe, 1, cfg.resolution, gen, pipe.vae.device)
+    x1 = x1.expand(cfg.group_size, *x1.shape[1:])
     v_fn = lambda x, t: ng.velocity(pipe.transformer, x, t, cond, dtype)  # noqa: E731
     parts = [sde_rollout(v_fn, x, grid, cfg.sde_eta, gen) for x in x1.split(cfg.rollout_batch_size)]
     return torch.cat([states for states, _ in parts]), torch.cat([log_probs for _, log_probs in parts])
@@ -112,7 +114,7 @@ class SDEGroup:
     the samples trained (every one, each its own anchor) with their transitions."""
 
     prompt: str
-    cond: ng.Condition
+    cond: typing.Any  # the family's Condition
     states: torch.Tensor  # [G, T + 1, L, C]
     logp_old: torch.Tensor  # [G, T - 1]
     rewards: torch.Tensor  # [M, G]

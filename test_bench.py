@@ -8,6 +8,7 @@ import torch
 
 import bench
 import flux
+import models
 import neighbor_grpo as ng
 
 
@@ -43,13 +44,13 @@ def test_fake_tensor_flops_equal_the_counter_on_real_tensors_for_the_same_calls(
     for p in real_model.parameters():
         torch.nn.init.normal_(p, std=0.02)
     real_model.enable_gradient_checkpointing()
-    group = bench.meta_group(cfg, sizes, L)
+    group = bench.meta_group(cfg, sizes)
     real_run = bench.meta_run(real_model, torch.optim.SGD(real_model.parameters()), cfg, grid, dtype)
     real = [bench.count_flops(lambda: bench.rollout_forward(real_model, cfg, group, grid, dtype)),
             bench.count_flops(lambda: bench.update_step(real_run, cfg, [group]))]
     with FakeTensorMode():
         model, optimizer = bench.meta_training(cfg, bench.meta_transformer(cfg, sizes, dtype), None, dtype)
-        fake_group = bench.meta_group(cfg, sizes, L)
+        fake_group = bench.meta_group(cfg, sizes)
         run = bench.meta_run(model, torch.optim.SGD(model.parameters()), cfg, grid, dtype)
         fake = [bench.count_flops(lambda: bench.rollout_forward(model, cfg, fake_group, grid, dtype)),
                 bench.count_flops(lambda: bench.update_step(run, cfg, [fake_group]))]
@@ -64,7 +65,7 @@ def memory_categories(*args):
     meta_model = bench.meta_transformer(cfg, sizes, dtype)
     with FakeTensorMode():
         model, optimizer = bench.meta_training(cfg, meta_model, None, dtype)
-        group, run = bench.meta_group(cfg, sizes, L), bench.meta_run(model, optimizer, cfg, grid, dtype)
+        group, run = bench.meta_group(cfg, sizes), bench.meta_run(model, optimizer, cfg, grid, dtype)
         bench.update_step(run, cfg, [group])
         optimizer.zero_grad(set_to_none=True)
         peak = bench.tracked_peak(model, optimizer, 1, (group.states,), lambda: bench.update_step(run, cfg, [group]))
@@ -114,7 +115,7 @@ def test_meta_counts_the_nf4_base_from_bitsandbytes_format(capsys):
     import bitsandbytes as bnb
 
     cfg = ng.parse_config(["--preset=tiny", "--lora_rank=4", "--base_quantization=nf4"])
-    pipe = flux.load_pipeline(cfg, torch.device("cpu"), torch.float32)
+    pipe = models.load_pipeline(cfg, torch.device("cpu"), torch.float32)
     stored = 0
     for m in pipe.transformer.modules():
         if isinstance(m, bnb.nn.Linear4bit):

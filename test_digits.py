@@ -8,6 +8,7 @@ import torch
 
 import evaluate
 import flux
+import models
 import neighbor_grpo as ng
 import rewards
 from conftest import read_log
@@ -25,7 +26,7 @@ def test_digits_prepare_writes_a_pipeline_the_preset_loads(tmp_path):
     assert {"model_index.json", "transformer", "vae", "classifier.pt", "prompts.txt", "eval_prompts.txt"} <= {
         p.name for p in tmp_path.iterdir()}
     cfg = ng.parse_config(["--preset=digits", f"--model_path={tmp_path}"])
-    pipe = flux.load_pipeline(cfg, torch.device("cpu"), torch.float32)
+    pipe = models.load_pipeline(cfg, torch.device("cpu"), torch.float32)
     assert flux.latent_shape(pipe, cfg.resolution) == (16, 16)
     assert len(ng.load_prompts(str(tmp_path / "prompts.txt"))) == 40
 

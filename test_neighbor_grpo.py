@@ -15,6 +15,7 @@ import torch
 
 import evaluate
 import flux
+import models
 import neighbor_grpo as ng
 from conftest import (FLUX_SCHEDULER, assert_same_figures, exported, fixed_tiny_run, launch, max_abs_diff, read_log,
                       tiny_cfg, update_gradients)
@@ -513,7 +514,7 @@ def test_nf4_base_velocity_is_within_16_percent_of_the_bf16_bases_on_the_digits_
     for name, quantization, dtype in (("fp32", "", torch.float32), ("bf16", "", torch.bfloat16),
                                       ("nf4", "nf4", torch.bfloat16)):
         cfg = ng.parse_config(["--preset=digits", "--lora_rank=4", f"--base_quantization={quantization}"])
-        pipe = flux.load_pipeline(cfg, torch.device("cpu"), dtype)
+        pipe = models.load_pipeline(cfg, torch.device("cpu"), dtype)
         cond = flux.encode_prompt(pipe, "a handwritten digit 3, three", cfg, {})
         x = torch.randn(6, *flux.latent_shape(pipe, cfg.resolution), generator=torch.Generator().manual_seed(0))
         for m in pipe.transformer.modules():
@@ -818,13 +819,13 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, lora):
 
 def test_an_interrupted_save_leaves_the_last_checkpoint_loadable(tmp_path, monkeypatch):
     ng.train(tiny_cfg(tmp_path, "--iterations=1", "--sample_every=0", "--eval_every=0"))
-    real_export = flux.export_transformer
+    real_export = models.export_transformer
 
     def crash_after_partial_write(model, path, rank, dtype):
         real_export(model, path, rank, dtype)
         raise KeyboardInterrupt("killed mid-save")
 
-    monkeypatch.setattr(flux, "export_transformer", crash_after_partial_write)
+    monkeypatch.setattr(models, "export_transformer", crash_after_partial_write)
     with pytest.raises(KeyboardInterrupt):
         ng.train(tiny_cfg(tmp_path, "--iterations=2", "--sample_every=0", "--eval_every=0", "--resume"))
     root = tmp_path / "checkpoints"
@@ -860,7 +861,7 @@ def test_exported_transformer_loads_into_diffusers_and_matches_the_trained_model
 def test_lora_starts_as_a_no_op_and_trains_only_the_adapter(tmp_path):
     cfg = tiny_cfg(tmp_path, *LORA, "--iterations=2", "--sample_every=0", "--eval_every=0")
     base = flux.build_random_flux(cfg.seed, **flux.TINY)
-    pipe = flux.load_pipeline(cfg, torch.device("cpu"), torch.float32)
+    pipe = models.load_pipeline(cfg, torch.device("cpu"), torch.float32)
     cond = flux.encode_prompt(pipe, "a cat", cfg, {})
     x = torch.randn(2, *flux.latent_shape(pipe, cfg.resolution), generator=torch.Generator().manual_seed(21))
     with torch.no_grad():
@@ -912,15 +913,15 @@ def test_model_path_loads_a_pipeline_directory_with_from_pretrained(tmp_path):
     flux.build_random_flux(0, **flux.TINY).save_pretrained(tmp_path / "pipe")
     ng.train(tiny_cfg(tmp_path / "run", f"--model_path={tmp_path / 'pipe'}", "--iterations=1", "--sample_every=0"))
     assert read_log(tmp_path / "run")[0]["iter"] == 0
-    with pytest.raises(flux.ModelError, match="model_path"):
+    with pytest.raises(models.ModelError, match="model_path"):
         ng.train(tiny_cfg(tmp_path / "bad", f"--model_path={tmp_path / 'missing'}"))
 
 
 def test_model_path_with_missing_tokenizer_files_is_an_error(tmp_path):
     flux.build_random_flux(0, **flux.TINY).save_pretrained(tmp_path / "pipe")
     (tmp_path / "pipe/tokenizer_2/tokenizer.json").unlink()
-    with pytest.raises(flux.ModelError, match="model_path=.*tokenizer_2 .T5Tokenizer. loaded with no vocabulary"):
-        flux.load_pipeline(tiny_cfg(None, f"--model_path={tmp_path / 'pipe'}"), torch.device("cpu"), torch.float32)
+    with pytest.raises(models.ModelError, match="model_path=.*tokenizer_2 .T5Tokenizer. loaded with no vocabulary"):
+        models.load_pipeline(tiny_cfg(None, f"--model_path={tmp_path / 'pipe'}"), torch.device("cpu"), torch.float32)
 
 
 # ---------------------------------------------------------------------------- prompts and evaluation
@@ -1056,8 +1057,9 @@ def test_non_finite_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoin
 
 
 @pytest.mark.parametrize("module,allowed", [("rewards", set()), ("report", set()), ("preflight", set()),
-                                            ("flux", {"rewards"}),
-                                            ("neighbor_grpo", {"flux", "rewards", "report", "preflight"})])
+                                            ("models", {"rewards", "preflight"}), ("flux", {"models"}),
+                                            ("sd3", {"models"}), ("qwen_image", {"models"}),
+                                            ("neighbor_grpo", {"models", "rewards", "report", "preflight"})])
 def test_each_file_imports_only_the_files_below_it(module, allowed):
     import ast
 
@@ -1102,14 +1104,14 @@ def test_too_little_disk_for_a_checkpoint_is_one_line_and_the_last_checkpoint_su
 
 
 def test_a_transformer_path_that_does_not_exist_says_so(tmp_path):
-    with pytest.raises(flux.ModelError, match="transformer_path=.*: no such directory; pass a trained transformer"):
-        flux.load_pipeline(tiny_cfg(None, f"--transformer_path={tmp_path}/nowhere/transformer"), torch.device("cpu"),
+    with pytest.raises(models.ModelError, match="transformer_path=.*: no such directory; pass a trained transformer"):
+        models.load_pipeline(tiny_cfg(None, f"--transformer_path={tmp_path}/nowhere/transformer"), torch.device("cpu"),
                            torch.float32)
 
 
 def test_a_recipe_that_cannot_fit_the_gpu_stops_in_one_line_before_any_model_loads(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(ng, "device_memory", lambda device: 80 * 10**9)  # one 80 GB GPU
-    monkeypatch.setattr(flux, "load_pipeline", lambda *a, **k: pytest.fail("a model loaded"))
+    monkeypatch.setattr(models, "load_pipeline", lambda *a, **k: pytest.fail("a model loaded"))
     monkeypatch.setattr(ng, "load_pipeline", lambda *a, **k: pytest.fail("a model loaded"))
     with pytest.raises(SystemExit) as exit_info:
         ng.main(["--preset=flux-dev", f"--out_dir={tmp_path}"])

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import flux
+import models
 import neighbor_grpo as ng
 import rewards
 from conftest import Judge, read_log, tiny_cfg, to_pil, uint8_grid_images

@@ -27,6 +27,9 @@ case "$RUN" in
   dancegrpo)     ARGS=(); SCRIPT=sde_grpo.py ;;                    # Table 3's SDE baseline: 25 steps, all 12 samples, K=14
   lora-1gpu)     ARGS=(--preset=flux-dev-lora); GPUS=1; BATCH=${BATCH:-8} ;;  # LoRA r=64 on one GPU; BATCH=32 = paper's batch, 4x slower
   qlora-24gb)    ARGS=(--preset=flux-dev-24gb); GPUS=1; BATCH=${BATCH:-8} ;;  # LoRA r=64 on a 4-bit base: one 24 GB GPU
+  sd35-medium)   ARGS=(--preset=sd3.5-medium) ;;                  # SD3.5 Medium, Flow-GRPO's 512² 10 steps CFG 4.5, full FT
+  sd35-lora)     ARGS=(--preset=sd3.5-medium-lora); GPUS=1; BATCH=${BATCH:-8} ;;  # SD3.5 Medium, LoRA r=32, one GPU
+  qwen-image-lora) ARGS=(--preset=qwen-image-lora); GPUS=1; BATCH=${BATCH:-8} ;;  # Qwen-Image, LoRA r=64, one 80 GB GPU
   *) echo "unknown run '$RUN'"; exit 2 ;;
 esac
 BATCH=${BATCH:-32}  # prompt groups per iteration (paper: 32; ablations: 16)

@@ -8,7 +8,7 @@ handwritten digits (1797 images of 8x8, shipped inside the package), and the cla
     python data/digits/prepare.py --only=judges   # refit the held-out judges alone (seconds), the model untouched
 
 Writes a diffusers FluxPipeline directory (transformer/, vae/, text_encoder/, ..., model_index.json) that
-`flux.load_pipeline` loads like FLUX.1-dev, classifier.pt (the digit_alignment reward), judges.pt (two held-out
+`models.load_pipeline` loads like FLUX.1-dev, classifier.pt (the digit_alignment reward), judges.pt (two held-out
 judges the preset evaluates but never trains on: digit_cnn_alignment, a CNN on the 16x16 images, and digit_realism,
 how close a sample is to real digits of any class), prompts.txt and eval_prompts.txt.
 """
@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-import flux  # noqa: E402
+import flux
+import models  # noqa: E402
 import neighbor_grpo as ng  # noqa: E402
 import rewards  # noqa: E402
 

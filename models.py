@@ -1,0 +1,358 @@
+"""
+The model families neighbor_grpo.py trains and what they share. A family is one module of the same few functions
+(flux.py: FLUX.1; sd3.py: Stable Diffusion 3.5; qwen_image.py: Qwen-Image); which one a model_path is comes from its
+model_index.json (a random preset's name, a known hub id). The loop calls the functions at the bottom of this file,
+each forwarded to the family of the pipeline, transformer or condition it is given, so neighbor_grpo.py names none.
+
+A family module defines (flux.py is the one to copy):
+    NAME, REPO                 its name in messages, the hub repository to download
+    PIPELINE, TRANSFORMER      its diffusers classes
+    random_pipeline(model_path, seed, device, dtype)   a random pipeline for a random preset's name, else None
+    model_sizes(model_path)    the sizes bench.py --meta builds from (a local config.json, a known hub id's)
+    encode_prompt(pipe, prompt, cfg, cache) -> Condition (everything but x and t the transformer gets, one prompt)
+    stack_conditions(conds)    one Condition for a batch of prompts
+    draw_noise(pipe, n, resolution, gen)   initial latents drawn as its pipeline's prepare_latents draws them
+    schedule(pipe, resolution, num_steps)  (image tokens for a dynamic shift, the time its pipeline's grid ends at)
+    velocity(transformer, x, t, cond, dtype)   v_theta as its pipeline calls it (classifier-free guidance included)
+    decode_images(pipe, x, resolution)   latents -> images in [0, 1]
+    blocks(transformer)        the blocks FSDP2 shards one by one
+Shared here: loading with one-line errors, a 4-bit base (bitsandbytes), LoRA (peft through diffusers), export in
+diffusers' formats. Of the project it imports only rewards.tokenizer_is_empty and preflight (memory, FLUX's).
+"""
+
+import contextlib
+import importlib
+import json
+import logging
+import string
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from rewards import tokenizer_is_empty
+
+# bitsandbytes (which diffusers imports when it is installed) warns on every CPU that an optional hub kernel is absent
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+FAMILIES = ("flux", "sd3", "qwen_image")  # a new family: its module's name here
+
+
+class ModelError(ValueError):
+    """A model that cannot load as configured: the message names the field and the fix."""
+
+
+def module(name):
+    return importlib.import_module(name)
+
+
+def presets(base):
+    """Every family's recipes (its module's PRESETS); one naming a "base" preset starts from that one of base."""
+    out = {}
+    for name in FAMILIES:
+        for preset, fields in getattr(module(name), "PRESETS", {}).items():
+            out[preset] = {**base.get(fields.get("base"), {}), **{k: v for k, v in fields.items() if k != "base"}}
+    return out
+
+
+def hub_config(model_path):
+    """model_path's model_index.json: a local pipeline's, or a hub id's already in the Hugging Face cache; else None."""
+    local = Path(model_path) / "model_index.json"
+    if local.is_file():
+        return json.loads(local.read_text())
+    if model_path.count("/") == 1 and not model_path.startswith((".", "/", "~")):
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model_path, "model_index.json")
+        if isinstance(cached, str):
+            return json.loads(Path(cached).read_text())
+    return None
+
+
+def family(obj):
+    """The family module of a model_path (its model_index.json's pipeline class, a random preset's name, a known hub
+    id; any other: FLUX, as FLUX.1-schnell and FLUX.1-Krea-dev are), or of a pipeline, transformer or condition."""
+    if isinstance(obj, str):
+        config = hub_config(obj)
+        for name in FAMILIES:
+            fam = module(name)
+            if config and config.get("_class_name") == fam.PIPELINE or not config and fam.is_family_path(obj):
+                return fam
+        if config:
+            raise ModelError(f"model_path={obj}: a {config.get('_class_name')}; the families trained here are "
+                             f"{', '.join(module(n).PIPELINE for n in FAMILIES)} (models.py)")
+        return module("flux")
+    obj = getattr(obj, "module", obj)  # DDP wraps the transformer
+    for cls in type(obj).__mro__:  # FSDP2 subclasses the transformer's class
+        for name in FAMILIES:
+            fam = module(name)
+            if cls.__name__ in (fam.PIPELINE, fam.TRANSFORMER) or cls is fam.Condition:
+                return fam
+    raise ModelError(f"{type(obj).__name__}: not a model of {', '.join(FAMILIES)}")
+
+
+# -----------------------------------------------------------------------------
+# Random models' tokenizers, built in memory (character level: long prompts are truncated, fine for random models)
+
+CHARS = list(string.ascii_lowercase + string.digits + ",.!?'-")
+
+
+def clip_tokenizer(max_length=77):
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}  # character-level BPE vocabulary
+    for c in CHARS:
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def t5_tokenizer():
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]  # unigram vocabulary
+    vocab += [(c, -2.0) for c in CHARS] + [("\u2581" + c, -2.5) for c in CHARS]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def t5_xxl():
+    """transformers' T5Config of google/t5-v1_1-xxl's encoder, FLUX.1-dev's and SD3.5's third text encoder."""
+    from transformers import T5Config
+
+    return T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                    feed_forward_proj="gated-gelu")
+
+
+def random_weights(model, seed, device):
+    """model (built on the meta device) allocated on device with N(0, 0.02) weights: a default init of billions of
+    parameters takes minutes on a CPU, and bench.py's timings need no particular weights."""
+    model.to_empty(device=device)
+    generator = torch.Generator(device).manual_seed(seed)
+    for p in model.parameters():
+        torch.nn.init.normal_(p.data, std=0.02, generator=generator)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# Loading
+
+
+def load_pipeline(cfg, device, dtype, meta=False, inference=False):
+    """The family's pipeline for cfg.model_path: VAE and text encoders on device in dtype, frozen; the transformer in
+    fp32 (the master weights; with LoRA or for inference, evaluate.py's, in dtype) on the CPU until parallelize() moves
+    it (a random full-width stand-in is built on device). meta=True (FSDP ranks but 0): the transformer's
+    architecture alone, on the meta device; rank 0 sends the weights."""
+    import diffusers
+
+    fam = family(cfg.model_path)
+    pipeline_class, transformer_class = getattr(diffusers, fam.PIPELINE), getattr(diffusers, fam.TRANSFORMER)
+
+    def load(fn, field, path, **kwargs):
+        fix = ("pass a trained transformer's directory (a run's out_dir/transformer)" if field == "transformer_path"
+               else f"download {fam.REPO} (huggingface-cli download) and pass its directory")
+        if not Path(path).exists() and (path.count("/") != 1 or path.startswith((".", "/", "~"))):  # not a hub id
+            raise ModelError(f"{field}={path}: no such directory; {fix}")
+        try:
+            return fn(path, **kwargs)
+        except (OSError, ValueError) as e:
+            raise ModelError(f"{field}={path}: cannot load {fam.NAME} ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200]}); {fix}") from None
+
+    def load_transformer(field, path, **kwargs):
+        if meta:
+            config = load(transformer_class.load_config, field, path, **kwargs)
+            with torch.device("meta"):
+                return transformer_class.from_config(config)
+        return load(transformer_class.from_pretrained, field, path, dtype=master, **kwargs)
+
+    master = dtype if cfg.lora_rank or inference else torch.float32
+    pipe = fam.random_pipeline(cfg.model_path, cfg.seed, device, dtype)
+    if pipe is None:
+        transformer = None if cfg.transformer_path else load_transformer("model_path", cfg.model_path,
+                                                                          subfolder="transformer")
+        pipe = load(pipeline_class.from_pretrained, "model_path", cfg.model_path, transformer=transformer, dtype=dtype)
+        for name in [n for n in pipe.components if n.startswith("tokenizer")]:
+            if tokenizer_is_empty(getattr(pipe, name)):
+                raise ModelError(
+                    f"model_path={cfg.model_path}: {name} ({type(getattr(pipe, name)).__name__}) loaded with no "
+                    f"vocabulary; {name}/ lacks tokenizer.json (or vocab.json + merges.txt, spiece.model): download "
+                    f"{fam.REPO} completely (huggingface-cli download) and pass its directory")
+    if cfg.transformer_path:
+        pipe.transformer = load_transformer("transformer_path", cfg.transformer_path)
+    if cfg.base_quantization:
+        quantize_base(pipe.transformer, dtype, device)
+    if cfg.lora_rank:
+        add_lora(pipe.transformer, cfg, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    for m in (pipe.vae, *text_encoders(pipe)):
+        m.to(device).requires_grad_(False).eval()
+    return pipe
+
+
+def text_encoders(pipe):
+    """The pipeline's text encoders (FLUX: CLIP and T5; SD3: two CLIPs and T5; Qwen-Image: Qwen2.5-VL)."""
+    return [m for n, m in pipe.components.items() if n.startswith("text_encoder") and m is not None]
+
+
+def quantize_base(transformer, dtype, device):
+    """QLoRA's frozen base (base_quantization="nf4"): every nn.Linear of the transformer becomes a bitsandbytes
+    Linear4bit holding 4-bit NormalFloat weights in blocks of 64 with double-quantized scales (0.52 bytes a weight
+    instead of bf16's 2), computing in dtype; each is quantized as it moves to device, so the full-precision weights
+    never reach it. This is the swap diffusers' BitsAndBytesConfig loader makes, which refuses to run without a GPU."""
+    import bitsandbytes as bnb
+
+    class Linear4bit(bnb.nn.Linear4bit):
+        """Returns dtype, as nn.Linear does under autocast: bitsandbytes' returns its input's dtype, and FLUX's
+        LayerNorms hand it fp32, which would double every activation after a quantized layer."""
+
+        def forward(self, x):
+            return super().forward(x.to(self.compute_dtype))
+
+    transformer.requires_grad_(False).to(dtype)  # a random model is fp32; from_pretrained loads it in dtype already
+    for parent in list(transformer.modules()):
+        for name, linear in list(parent.named_children()):
+            if type(linear) is torch.nn.Linear:
+                nf4 = Linear4bit(linear.in_features, linear.out_features, linear.bias is not None, dtype,
+                                 compress_statistics=True, quant_type="nf4", device="meta")
+                nf4.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, compress_statistics=True,
+                                               quant_type="nf4")
+                if linear.bias is not None:
+                    nf4.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
+                setattr(parent, name, nf4.to(device))
+
+
+def pipeline_class(transformer):
+    import diffusers
+
+    return getattr(diffusers, family(transformer).PIPELINE)
+
+
+def add_lora(transformer, cfg, dtype):
+    """peft LoRA through diffusers' adapter API: the base frozen in the compute dtype (bf16: 24 GB for FLUX.1-dev
+    instead of 48 GB fp32 plus gradients and AdamW), the adapters in fp32; B = 0 makes them start as a no-op."""
+    from peft import LoraConfig
+    from peft.utils import set_peft_model_state_dict
+
+    transformer.requires_grad_(False)
+    if transformer.dtype != dtype:  # a random model; from_pretrained already loaded the base in dtype
+        transformer.to(dtype)
+    try:
+        transformer.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights=True,
+                                           target_modules=list(cfg.lora_targets)))
+    except ValueError as e:
+        raise ModelError(f"lora_targets={','.join(cfg.lora_targets)}: {str(e).splitlines()[0][:200]}") from None
+    for p in transformer.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    if cfg.lora_path:
+        if not Path(cfg.lora_path).is_dir():
+            raise ModelError(f"lora_path={cfg.lora_path}: no such directory; pass out_dir/lora of a LoRA run")
+        try:
+            state = pipeline_class(transformer).lora_state_dict(cfg.lora_path)
+            state = {k.removeprefix("transformer."): v for k, v in state.items() if k.startswith("transformer.")}
+            unexpected = set_peft_model_state_dict(transformer, state).unexpected_keys
+        except (OSError, ValueError, RuntimeError) as e:
+            raise ModelError(f"lora_path={cfg.lora_path}: cannot load the adapter at lora_rank={cfg.lora_rank} "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); pass out_dir/lora of a LoRA run "
+                              "and the --lora_rank and --lora_targets it was trained with") from None
+        if unexpected or not state:
+            raise ModelError(f"lora_path={cfg.lora_path}: the adapter does not fit lora_targets="
+                              f"{','.join(cfg.lora_targets)} ({len(state)} tensors, unexpected {unexpected[:2]})")
+
+
+# -----------------------------------------------------------------------------
+# Export, in diffusers' formats
+
+
+def export_transformer(model, path, rank, dtype):
+    """The full transformer as safetensors + config.json, loadable by its class's from_pretrained."""
+    from huggingface_hub import save_torch_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        save_torch_state_dict({k: v.to(dtype) for k, v in state.items()}, path, max_shard_size="10GB",
+                              filename_pattern="diffusion_pytorch_model{suffix}.safetensors")
+        getattr(model, "module", model).save_config(path)
+
+
+def export_lora(model, path, rank):
+    """The adapter as the family pipeline's save_lora_weights writes it, with its LoraConfig (alpha included), so that
+    its load_lora_weights(path) reproduces the trained model."""
+    from peft.utils import get_peft_model_state_dict
+
+    transformer = getattr(model, "module", model)  # DDP wraps it
+    if rank == 0:
+        layers = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(transformer).items()}
+        pipeline_class(transformer).save_lora_weights(
+            path, transformer_lora_layers=layers,
+            transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
+
+
+def export_model(model, path, rank, dtype, lora=False, merged=False):
+    """path/transformer (diffusers format) or, with LoRA, path/lora (the adapter alone); with merged (the end of a LoRA
+    run), also path/transformer with the adapter merged into the base, in place."""
+    if not lora:
+        return export_transformer(model, path / "transformer", rank, dtype)
+    export_lora(model, path / "lora", rank)
+    if merged:
+        transformer = getattr(model, "module", model)  # DDP wraps it
+        transformer.fuse_lora()
+        transformer.unload_lora()
+        export_transformer(transformer, path / "transformer", rank, dtype)
+
+
+@contextlib.contextmanager
+def adapters_off(model):
+    """The same transformer with its LoRA adapters switched off (the base model), at no memory; back on after."""
+    transformer = getattr(model, "module", model)  # DDP wraps it
+    transformer.disable_adapters()
+    try:
+        yield transformer
+    finally:
+        transformer.enable_adapters()
+
+
+# -----------------------------------------------------------------------------
+# What the loop calls, forwarded to the family
+
+
+def encode_prompt(pipe, prompt, cfg, cache):
+    return family(pipe).encode_prompt(pipe, prompt, cfg, cache)
+
+
+def stack_conditions(conds):
+    return family(conds[0]).stack_conditions(conds)
+
+
+def draw_noise(pipe, n, resolution, gen, device):
+    return family(pipe).draw_noise(pipe, n, resolution, gen).to(device)
+
+
+def schedule(pipe, resolution, num_steps):
+    return family(pipe).schedule(pipe, resolution, num_steps)
+
+
+def velocity(transformer, x, t, cond, dtype=torch.float32):
+    return family(cond).velocity(transformer, x, t, cond, dtype)
+
+
+def decode_images(pipe, x, resolution):
+    return family(pipe).decode_images(pipe, x, resolution)
+
+
+def blocks(transformer):
+    return family(transformer).blocks(transformer)
+
+
+def memory_fits(cfg, world, capacity, offers, rank, ranks_per_node):
+    """preflight.fits for FLUX (its closed form is FLUX's); other families: a line saying so, and go on."""
+    import preflight
+
+    fam = family(cfg.model_path)
+    if fam.NAME != "FLUX":
+        if rank == 0:
+            print(f"memory: preflight.py predicts FLUX only; python bench.py --meta prices {fam.NAME} recipes")
+        return True, ""
+    sizes = fam.model_sizes(cfg.model_path)
+    return preflight.fits(cfg, sizes, fam.transformer_config(**sizes), world, capacity, sizes is fam.FLUX_DEV, offers,
+                          rank, ranks_per_node)

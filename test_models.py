@@ -1,0 +1,192 @@
+"""The model families (models.py): SD3.5 and Qwen-Image through the same loop as FLUX, on tiny random pipelines."""
+
+import json
+
+import pytest
+import torch
+from conftest import launch, max_abs_diff, read_log
+
+import evaluate
+import models
+import neighbor_grpo as ng
+import qwen_image
+import sd3
+import sde_grpo
+
+FAMILIES = {"tiny-sd3": sd3, "tiny-qwen-image": qwen_image}
+PIPELINE_CALL = {"tiny-sd3": lambda cfg: dict(guidance_scale=cfg.guidance_scale),
+                 "tiny-qwen-image": lambda cfg: dict(true_cfg_scale=cfg.guidance_scale, negative_prompt="")}
+QUICK = ["--sample_every=0", "--eval_every=0", "--rewards=brightness"]
+LORA = ["--lora_rank=4", "--lora_alpha=8", "--lr=1e-2"]
+parametrize = pytest.mark.parametrize("preset", list(FAMILIES))
+
+
+def family_cfg(preset, *args):
+    return ng.parse_config([f"--preset={preset}", *args])
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family_pipe(request):
+    cfg = family_cfg(request.param)
+    return request.param, cfg, models.load_pipeline(cfg, torch.device("cpu"), torch.float32)
+
+
+def transformer_class(preset):
+    import diffusers
+
+    return getattr(diffusers, FAMILIES[preset].TRANSFORMER)
+
+
+def test_a_family_is_read_from_model_index_json_a_random_name_or_a_hub_id(tmp_path):
+    assert models.family("tiny") is models.family("black-forest-labs/FLUX.1-schnell") is models.module("flux")
+    assert models.family("tiny-sd3") is models.family("stabilityai/stable-diffusion-3.5-large") is sd3
+    assert models.family("random-qwen-image:2") is models.family("Qwen/Qwen-Image") is qwen_image
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    assert models.family(str(tmp_path)) is sd3
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+    with pytest.raises(models.ModelError, match="a WanPipeline; the families trained here are FluxPipeline, "):
+        models.family(str(tmp_path))
+
+
+@pytest.mark.parametrize("guidance", [1.0, 4.5])
+def test_deterministic_sampling_is_the_family_pipeline_with_its_guidance(family_pipe, guidance):
+    """sigma = 0, G = 1: the pipeline's own sampling (latents and decoded images), true CFG included."""
+    preset, cfg, pipe = family_pipe
+    cfg = family_cfg(preset, "--rollout_solver=euler", "--num_steps=4", f"--guidance_scale={guidance}")
+    cond = ng.encode_prompt(pipe, "a red apple", cfg, {})
+    grid = ng.pipeline_grid(pipe, cfg, cfg.num_steps)
+    x1 = ng.neighbourhood_noise(pipe, cfg, torch.Generator().manual_seed(3), 1, 0.0, "cpu")
+    states, _ = ng.neighbourhood_rollout(pipe, cond, cfg, grid, torch.Generator().manual_seed(3), 1, 0.0,
+                                         torch.float32)
+    call = dict(height=cfg.resolution, width=cfg.resolution, num_inference_steps=cfg.num_steps, latents=x1,
+                max_sequence_length=cfg.max_sequence_length, **PIPELINE_CALL[preset](cfg))
+    latents = pipe("a red apple", output_type="latent", **call).images
+    assert torch.allclose(states[:, -1], latents, atol=1e-5)
+    assert pipe.scheduler.sigmas.tolist() == pytest.approx(grid, abs=1e-6)  # the grid it stepped on
+    images = pipe("a red apple", output_type="pt", **call).images
+    assert torch.allclose(ng.decode_images(pipe, states[:, -1], cfg.resolution), images, atol=1e-5)
+
+
+def test_guidance_changes_the_velocity_and_stacked_prompts_keep_their_own(family_pipe):
+    preset, cfg, pipe = family_pipe
+    cache, x = {}, ng.neighbourhood_noise(pipe, cfg, torch.Generator().manual_seed(4), 2, 0.5, "cpu")
+    conds = [ng.encode_prompt(pipe, p, cfg, cache) for p in ("a cat", "a very long prompt about a red bicycle")]
+    with torch.no_grad():
+        alone = [ng.velocity(pipe.transformer, x[i: i + 1], 0.6, c) for i, c in enumerate(conds)]
+        stacked = ng.velocity(pipe.transformer, x, 0.6, ng.stack_conditions(conds))
+        unguided = ng.velocity(pipe.transformer, x[:1], 0.6, ng.encode_prompt(
+            pipe, "a cat", family_cfg(preset, "--guidance_scale=1"), {}))
+    assert torch.allclose(stacked, torch.cat(alone), atol=1e-5)
+    assert not torch.allclose(unguided, alone[0], atol=1e-3)
+
+
+def test_rho_is_one_at_theta_old_with_dpm_rollouts(family_pipe):
+    """pi_old's anchor (theta_old's DDIM step, from the guided velocity) is pi_theta's before any update."""
+    preset, cfg, pipe = family_pipe
+    cfg = family_cfg(preset, "--group_size=6", "--rollout_batch_size=6")
+    grid = ng.pipeline_grid(pipe, cfg, cfg.num_steps)
+    cond = ng.encode_prompt(pipe, "a red cube", cfg, {})
+    states, train_next = ng.neighbourhood_rollout(pipe, cond, cfg, grid, torch.Generator().manual_seed(7), 6, 0.3,
+                                                  torch.float32)
+    adv = ng.quasi_norm_advantages(torch.randn(6, generator=torch.Generator().manual_seed(8)), 0.8)
+    group = ng.Group("a red cube", cond, states, train_next, torch.zeros(1, 6), adv, [], [])
+    for j, k in [(0, 0), (1, 3), (5, 7)]:
+        terms = [(group, j, k)]
+        x, v = ng.transition_velocities(pipe.transformer, terms, grid, torch.float32)
+        assert ng.anchor_objective(terms, x, v, grid, cfg)[2] < 1e-6
+
+
+@parametrize
+def test_the_tiny_model_learns_a_reward_and_lr_zero_stays(tmp_path, preset):
+    means = {}
+    for lr, iterations in (("3e-3", 24), ("0", 4)):
+        ng.train(family_cfg(preset, f"--out_dir={tmp_path / lr}", f"--iterations={iterations}", f"--lr={lr}", *QUICK))
+        r = [rec["reward/brightness"] for rec in read_log(tmp_path / lr)]
+        means[lr] = (sum(r[:4]) / 4, sum(r[-4:]) / 4, r[0])
+    assert means["3e-3"][1] - means["3e-3"][0] > 0.02  # brighter images (the reward lies in [0, 1])
+    assert means["0"][2] == means["3e-3"][2]  # the same first rollout
+    start = models.load_pipeline(family_cfg(preset), torch.device("cpu"), torch.float32).transformer
+    frozen = transformer_class(preset).from_pretrained(tmp_path / "0/transformer")
+    assert max_abs_diff(dict(frozen.named_parameters()), dict(start.named_parameters())) == 0
+
+
+@parametrize
+def test_the_export_loads_with_from_pretrained_and_lora_with_load_lora_weights(tmp_path, preset):
+    cfg = family_cfg(preset)
+    x = ng.neighbourhood_noise(models.load_pipeline(cfg, torch.device("cpu"), torch.float32), cfg,
+                               torch.Generator().manual_seed(5), 2, 0.5, "cpu")
+    for name, args in (("full", []), ("lora", LORA)):
+        model = ng.train(family_cfg(preset, f"--out_dir={tmp_path / name}", "--iterations=2", *QUICK, *args))
+        pipe = models.load_pipeline(cfg, torch.device("cpu"), torch.float32)  # a fresh base
+        cond = ng.encode_prompt(pipe, "a cat", cfg, {})
+        with torch.no_grad():
+            base = ng.velocity(pipe.transformer, x, 0.7, cond)
+            if name == "full":
+                pipe.transformer = transformer_class(preset).from_pretrained(tmp_path / "full/transformer")
+            else:
+                pipe.load_lora_weights(tmp_path / "lora/lora")
+            trained = ng.velocity(model, x, 0.7, cond)
+            assert torch.allclose(ng.velocity(pipe.transformer, x, 0.7, cond), trained, atol=1e-6)
+            assert not torch.allclose(base, trained, atol=1e-5)  # it did train
+
+
+@parametrize
+def test_two_fsdp_ranks_equal_one_process(tmp_path, preset):
+    from test_neighbor_grpo import run_ranks
+
+    args = [f"--preset={preset}", "--iterations=2", "--sample_every=0", "--num_train_steps=2", "--rewards=brightness",
+            "--clip_range=1"]  # no ratio at the clip edge, where round-off would flip a term on or off
+    ranks = run_ranks(tmp_path, "fsdp", 2, *args, "--parallel=fsdp", "--grad_checkpointing=true",
+                      "--update_batch_size=1")
+    model = ng.train(ng.parse_config([*args, "--groups_per_rank=2", "--update_batch_size=1",
+                                      f"--out_dir={tmp_path / 'one'}"]))
+    one = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert max_abs_diff(ranks[0], ranks[1]) == 0
+    # the same updates as one process averaging both groups, to round-off times Adam's step: Adam divides the tiny
+    # model's near-zero gradients by their own size, so their round-off moves a weight by up to a tenth of lr (1e-3)
+    assert max_abs_diff(ranks[0], one) < 2e-4
+
+
+@parametrize
+def test_a_saved_pipeline_trains_by_model_path_and_a_missing_weight_names_the_repository(tmp_path, preset, capsys):
+    pipe = models.load_pipeline(family_cfg(preset), torch.device("cpu"), torch.float32)
+    pipe.save_pretrained(tmp_path / "pipe")
+    ng.train(family_cfg(preset, f"--model_path={tmp_path / 'pipe'}", f"--out_dir={tmp_path / 'run'}",
+                        "--iterations=1", *QUICK))
+    assert read_log(tmp_path / "run")[0]["iter"] == 0
+    for weights in (tmp_path / "pipe/transformer").glob("*.safetensors"):
+        weights.unlink()
+    with pytest.raises(SystemExit):
+        ng.main([f"--preset={preset}", f"--model_path={tmp_path / 'pipe'}", f"--out_dir={tmp_path / 'bad'}"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]  # beside diffusers'
+    assert len(errors) == 1 and f"download {FAMILIES[preset].REPO}" in errors[0] and "model_path=" in errors[0]
+
+
+@parametrize
+def test_the_baseline_kl_evaluation_and_guard_run_for_every_family(tmp_path, preset):
+    ng.train(sde_grpo.parse_config([f"--preset={preset}", f"--out_dir={tmp_path / 'sde'}", "--iterations=1",
+                                          *QUICK]), sde_grpo.SDE)
+    assert read_log(tmp_path / "sde")[0]["iter"] == 0
+    ng.train(family_cfg(preset, f"--out_dir={tmp_path / 'kl'}", "--iterations=2", "--kl_coef=1", *QUICK[:2],
+                        "--rewards=brightness", "--eval_every=1", "--eval_size=2",
+                        "--guard_rewards=jpeg_compressibility"))
+    assert "kl" in read_log(tmp_path / "kl")[1] and (tmp_path / "kl/best/transformer").is_dir()
+    summary = evaluate.evaluate_model(evaluate.parse_config([f"--preset={preset}", f"--out_dir={tmp_path / 'eval'}",
+                                                             "--eval_only_rewards=brightness", "--eval_size=2"]))
+    assert 0 < summary["brightness"]["mean"] < 1
+
+
+@pytest.mark.parametrize("preset,width", [("sd3.5-medium", "random-sd3:2"), ("qwen-image", "random-qwen-image:2")])
+def test_bench_meta_prices_a_family_at_its_width_with_guidance_twice_the_forward(preset, width):
+    """--meta runs the family's own calls at its true width (2 blocks: at the true depth it takes minutes; README's
+    figures are those runs): true CFG doubles every velocity's FLOPs; the true-size transformer counted as released."""
+    import bench
+
+    args = [f"--preset={preset}", f"--model_path={width}", "--prompt_file=", "--meta", "--world_size=8"]
+    guided, plain = (bench.main([*args, f"--guidance_scale={s}"]) for s in (4.5, 1.0))
+    assert guided["rollout_forward"] == pytest.approx(2 * plain["rollout_forward"], rel=1e-6)
+    assert guided["update_step"] == pytest.approx(2 * plain["update_step"], rel=0.01)  # + the loss's few FLOPs
+    assert set(guided["phases"]) == {"start-up", "rollout", "rewards", "update", "evaluation"}
+    fam = models.family(width)
+    billions = bench.parameter_count(lambda: fam.meta_transformer(fam.model_sizes(fam.REPO))) / 1e9
+    assert billions == pytest.approx({"sd3.5-medium": 2.24, "qwen-image": 20.43}[preset], abs=0.01)
