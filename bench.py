@@ -95,16 +95,16 @@ def unit_costs(s, cfg):
     """One batched no-grad forward (the rollout's unit) and one forward+backward of preflight.update_batch(cfg)
     transitions (the update's unit)."""
     pipe, model, device, dtype = s.pipe, s.model, s.device, s.dtype
-    cond = flux.encode_prompt(pipe, s.prompts[0], cfg, s.cache)
-    x = torch.randn(max(min(cfg.rollout_batch_size, cfg.group_size), preflight.update_batch(cfg)),
-                    *flux.latent_shape(pipe, cfg.resolution), device=device)
+    cond = models.encode_prompt(pipe, s.prompts[0], cfg, s.cache)
+    x = ng.neighbourhood_noise(pipe, cfg, torch.Generator().manual_seed(0), max(min(
+        cfg.rollout_batch_size, cfg.group_size), preflight.update_batch(cfg)), 0.5, device)  # the family's latents
 
     def forward():
         with torch.no_grad():
-            flux.velocity(pipe.transformer, x[: min(cfg.rollout_batch_size, cfg.group_size)], 0.5, cond, dtype)
+            models.velocity(pipe.transformer, x[: min(cfg.rollout_batch_size, cfg.group_size)], 0.5, cond, dtype)
 
     def forward_backward():
-        flux.velocity(model, x[: preflight.update_batch(cfg)], 0.5, cond, dtype).pow(2).mean().backward()
+        models.velocity(model, x[: preflight.update_batch(cfg)], 0.5, cond, dtype).pow(2).mean().backward()
 
     t_fwd, t_fb = timed(forward, device), timed(forward_backward, device)
     s.optimizer.zero_grad(set_to_none=True)

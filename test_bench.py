@@ -187,7 +187,8 @@ def test_random_stand_ins_built_on_their_device_are_seeded_and_finite():
     assert torch.isfinite(weights[0]).all() and weights[0].std().item() == pytest.approx(0.02, rel=0.05)
 
 
-def test_bench_times_a_real_iteration_beside_the_cost_model(capsys):
-    bench.main(["--preset=tiny", "--iters=1", "--warmup=0", "--batch1=false", "--group_size=4", "--num_anchors=2"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-sd3", "tiny-qwen-image"])
+def test_bench_times_a_real_iteration_beside_the_cost_model(capsys, preset):
+    bench.main([f"--preset={preset}", "--iters=1", "--warmup=0", "--batch1=false", "--group_size=4", "--num_anchors=2"])
     out = capsys.readouterr().out
     assert "unit costs: forward" in out and "s/iteration" in out and "update" in out
