@@ -151,11 +151,15 @@ def load_pipeline(cfg, device, dtype, meta=False, inference=False):
                else f"download {fam.REPO} (huggingface-cli download) and pass its directory")
         if not Path(path).exists() and (path.count("/") != 1 or path.startswith((".", "/", "~"))):  # not a hub id
             raise ModelError(f"{field}={path}: no such directory; {fix}")
+        verbosity = diffusers.utils.logging.get_verbosity()
+        diffusers.utils.logging.set_verbosity(logging.CRITICAL)  # a missing file is said once, below, not as its log
         try:
             return fn(path, **kwargs)
         except (OSError, ValueError) as e:
             raise ModelError(f"{field}={path}: cannot load {fam.NAME} ({type(e).__name__}: "
                              f"{str(e).splitlines()[0][:200]}); {fix}") from None
+        finally:
+            diffusers.utils.logging.set_verbosity(verbosity)
 
     def load_transformer(field, path, **kwargs):
         if meta:
