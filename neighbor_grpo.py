@@ -13,8 +13,8 @@ SD3.5 and Qwen-Image through the same loop.
 Any Config field can be set as --field=value. The file reads top to bottom like the algorithm: config -> distributed
 set-up -> time grid and solvers -> prompt groups and their noise neighbourhood -> advantages -> surrogate and
 objective -> the policy update and one iteration -> evaluation -> the guard against reward hacking -> checkpoints ->
-the loop -> main ("eq. N", "Alg. 1": the paper's). Beside it: models.py (loading, LoRA, NF4; each model family's
-module: flux.py, sd3.py, qwen_image.py), rewards.py, report.py (what a run writes), preflight.py (whether it fits), sde_grpo.py, evaluate.py (Table 1).
+the loop -> main ("eq. N", "Alg. 1": the paper's). Beside it: models.py (loading, LoRA, NF4; a family a module:
+flux.py, sd3.py, qwen_image.py), rewards.py, report.py, preflight.py (whether it fits), sde_grpo.py, evaluate.py.
 """
 
 import contextlib
