@@ -645,8 +645,8 @@ def meta(opts, cfg):
         mem["Parameter"] += nf4[1] - nf4[0]
         mem["Temp"] = mem.get("Temp", 0) + nf4[2]
         mem["Total"] += nf4[1] - nf4[0] + nf4[2]
-    report_meta(cfg, opts, world, sizes, L, n_params, f_roll, f_step, f_vae, mem_roll, mem_update, mem_vae, others,
-                nf4)
+    report_meta(cfg, opts, world, sizes, len(models.blocks(model)), L, n_params, f_roll, f_step, f_vae, mem_roll,
+                mem_update, mem_vae, others, nf4)
     ckpt = preflight.checkpoint_bytes(meta_transformer(cfg, sizes, dtype).parameters(), dtype.itemsize, cfg.lora_rank)
     print(f"a checkpoint: {ckpt / 1e9:.1f} GB over all ranks (the trained weights and AdamW's moments in fp32, and the "
           "export); the previous one stays on disk until the next is whole")
@@ -658,8 +658,8 @@ def meta(opts, cfg):
                 phases=memory_phases(cfg, mem_roll, mem_update, mem_vae["Total"], others))
 
 
-def report_meta(cfg, opts, world, sizes, L, n_params, f_roll, f_step, f_vae, mem_roll, mem_update, mem_vae, others,
-                nf4=None):
+def report_meta(cfg, opts, world, sizes, blocks, L, n_params, f_roll, f_step, f_vae, mem_roll, mem_update, mem_vae,
+                others, nf4=None):
     G, B, T, K, rb = cfg.group_size, cfg.num_anchors, cfg.num_steps, cfg.num_train_steps, cfg.rollout_batch_size
     rb = min(rb, G)
     gib, tf = 2**-30, 1e-12
@@ -667,8 +667,6 @@ def report_meta(cfg, opts, world, sizes, L, n_params, f_roll, f_step, f_vae, mem
     rollout, update, decode = G / rb * T * f_roll, B * f_step / n, G / cfg.reward_batch_size * f_vae
     total = rollout + update + decode
     name = "FLUX.1-dev" if sizes is flux.FLUX_DEV else cfg.model_path
-    with torch.device("meta"):
-        blocks = len(models.blocks(models.family(cfg.model_path).meta_transformer(sizes)))
     print(f"meta | {name}: {blocks} blocks, {n_params / 1e9:.3f} B parameters | "
           f"{cfg.resolution}px = {L} image + {cfg.max_sequence_length} text tokens | {cfg.mixed_precision} | "
           f"{'LoRA r=' + str(cfg.lora_rank) if cfg.lora_rank else 'full fine-tuning'} | "

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from models import clip_tokenizer, random_weights, t5_tokenizer, t5_xxl
+from models import clip_tokenizer, random_model, t5_tokenizer, t5_xxl
 
 NAME, REPO = "FLUX", "black-forest-labs/FLUX.1-dev"
 PIPELINE, TRANSFORMER = "FluxPipeline", "FluxTransformer2DModel"
@@ -74,7 +74,7 @@ def vae_config(latent_channels, vae_channels, vae_layers, vae_groups, **_):
 def build_random_flux(seed, *, layers, single_layers, heads, head_dim, rope, text_dim, pooled_dim, text_layers,
                       latent_channels, vae_channels, vae_layers, vae_groups, init_device=None):
     """A randomly initialised FluxPipeline of the given sizes: the classes of FLUX.1-dev, tokenizers built in memory.
-    init_device: the transformer is built there, its weights N(0, 0.02) (models.random_weights)."""
+    init_device: the transformer is built there, its weights N(0, 0.02) (models.random_model)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -88,12 +88,7 @@ def build_random_flux(seed, *, layers, single_layers, heads, head_dim, rope, tex
         vocab_size=len(tokenizer_2), d_model=text_dim, d_ff=64, d_kv=16, num_layers=text_layers, num_heads=2,
         relative_attention_num_buckets=8))
     config = transformer_config(layers, single_layers, heads, head_dim, rope, text_dim, pooled_dim, latent_channels)
-    if init_device is None:
-        transformer = FluxTransformer2DModel(**config)
-    else:
-        with torch.device("meta"):
-            transformer = FluxTransformer2DModel(**config)
-        random_weights(transformer, seed, init_device)
+    transformer = random_model(lambda: FluxTransformer2DModel(**config), seed, init_device)
     vae = AutoencoderKL(**vae_config(latent_channels, vae_channels, vae_layers, vae_groups))
     return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=vae,
                         text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,

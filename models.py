@@ -21,6 +21,7 @@ diffusers' formats. Of the project it imports only rewards.tokenizer_is_empty an
 """
 
 import contextlib
+import functools
 import importlib
 import json
 import logging
@@ -55,6 +56,16 @@ def presets(base):
     return out
 
 
+def local_configs(model_path, *names):
+    """{name: its config.json less diffusers' _keys} of a local pipeline's subfolders, or None if it has no transformer
+    config (a hub id: not downloaded)."""
+    root = Path(model_path)
+    if not (root / "transformer" / "config.json").is_file():
+        return None
+    return {n: {k: v for k, v in json.loads((root / n / "config.json").read_text()).items() if not k.startswith("_")}
+            for n in names}
+
+
 def hub_config(model_path):
     """model_path's model_index.json: a local pipeline's, or a hub id's already in the Hugging Face cache; else None."""
     local = Path(model_path) / "model_index.json"
@@ -82,13 +93,17 @@ def family(obj):
             raise ModelError(f"model_path={obj}: a {config.get('_class_name')}; the families trained here are "
                              f"{', '.join(module(n).PIPELINE for n in FAMILIES)} (models.py)")
         return module("flux")
-    obj = getattr(obj, "module", obj)  # DDP wraps the transformer
-    for cls in type(obj).__mro__:  # FSDP2 subclasses the transformer's class
+    return family_of_type(type(getattr(obj, "module", obj)))  # DDP wraps the transformer
+
+
+@functools.cache  # every velocity call asks: the answer is the type's
+def family_of_type(kind):
+    for cls in kind.__mro__:  # FSDP2 subclasses the transformer's class
         for name in FAMILIES:
             fam = module(name)
             if cls.__name__ in (fam.PIPELINE, fam.TRANSFORMER) or cls is fam.Condition:
                 return fam
-    raise ModelError(f"{type(obj).__name__}: not a model of {', '.join(FAMILIES)}")
+    raise ModelError(f"{kind.__name__}: not a model of {', '.join(FAMILIES)}")
 
 
 # -----------------------------------------------------------------------------
@@ -122,9 +137,14 @@ def t5_xxl():
                     feed_forward_proj="gated-gelu")
 
 
-def random_weights(model, seed, device):
-    """model (built on the meta device) allocated on device with N(0, 0.02) weights: a default init of billions of
-    parameters takes minutes on a CPU, and bench.py's timings need no particular weights."""
+def random_model(build, seed, device=None):
+    """build(): on the CPU with its default init (device None: the tiny models), or built on the meta device and
+    allocated on device with N(0, 0.02) weights: a default init of billions of parameters takes minutes on a CPU, and
+    bench.py's timings need no particular weights (the full-width stand-ins)."""
+    if device is None:
+        return build()
+    with torch.device("meta"):
+        model = build()
     model.to_empty(device=device)
     generator = torch.Generator(device).manual_seed(seed)
     for p in model.parameters():

@@ -6,13 +6,11 @@ per-channel latents mean and std; the scheduler's own dynamic shift stretched to
 classifier-free guidance with the pipeline's norm rescale.
 """
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from models import random_weights
+from models import local_configs, random_model
 
 NAME, REPO = "Qwen-Image", "Qwen/Qwen-Image"
 PIPELINE, TRANSFORMER = "QwenImagePipeline", "QwenImageTransformer2DModel"
@@ -71,14 +69,8 @@ def is_family_path(model_path):
 
 def model_sizes(model_path):
     """The transformer's, VAE's and text encoder's configs: a local pipeline's, else Qwen-Image's."""
-    sizes, root = random_sizes(model_path), Path(model_path)
-    if sizes is not None:
-        return sizes
-    if (root / "transformer" / "config.json").is_file():
-        read = lambda name: {k: v for k, v in json.loads((root / name / "config.json").read_text()).items()  # noqa
-                             if not k.startswith("_")}
-        return dict(transformer=read("transformer"), vae=read("vae"), text=TEXT)
-    return dict(transformer=TRANSFORMER_CONFIG, vae=VAE, text=TEXT)
+    local = local_configs(model_path, "transformer", "vae") or dict(transformer=TRANSFORMER_CONFIG, vae=VAE)
+    return random_sizes(model_path) or {**local, "text": TEXT}
 
 
 def byte_tokenizer(vocab_size):
@@ -108,12 +100,8 @@ def random_pipeline(model_path, seed, device, dtype):
     text = sizes["text"] if sizes is TINY else dict(  # the stand-in: Qwen2.5-VL's widths, one layer each
         text_config={**TEXT["text_config"], "num_hidden_layers": 1}, vision_config={**TEXT["vision_config"], "depth": 1})
     encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**text))
-    if sizes is TINY:
-        transformer = QwenImageTransformer2DModel(**sizes["transformer"])
-    else:
-        with torch.device("meta"):
-            transformer = QwenImageTransformer2DModel(**sizes["transformer"])
-        random_weights(transformer, seed, device)
+    transformer = random_model(lambda: QwenImageTransformer2DModel(**sizes["transformer"]), seed,
+                               None if sizes is TINY else device)
     pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), transformer=transformer,
                              vae=AutoencoderKLQwenImage(**sizes["vae"]), text_encoder=encoder,
                              tokenizer=byte_tokenizer(text["text_config"]["vocab_size"]))

@@ -5,14 +5,12 @@ embedding, the timestep on the 0-1000 scale, the VAE's scaling and shift, and tr
 transformer call on [unconditional; conditional], combined as the pipeline combines them.
 """
 
-import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from models import clip_tokenizer, random_weights, t5_tokenizer, t5_xxl
+from models import clip_tokenizer, local_configs, random_model, t5_tokenizer, t5_xxl
 
 NAME, REPO = "SD3.5", "stabilityai/stable-diffusion-3.5-medium"
 PIPELINE, TRANSFORMER = "StableDiffusion3Pipeline", "SD3Transformer2DModel"
@@ -69,14 +67,8 @@ def is_family_path(model_path):
 
 def model_sizes(model_path):
     """The transformer's and VAE's configs (a local pipeline's, a known hub id's, else Medium's) and the text widths."""
-    sizes, root = random_sizes(model_path), Path(model_path)
-    if sizes is not None:
-        return sizes
-    if (root / "transformer" / "config.json").is_file():
-        read = lambda name: {k: v for k, v in json.loads((root / name / "config.json").read_text()).items()  # noqa
-                             if not k.startswith("_")}
-        return dict(transformer=read("transformer"), vae=read("vae"), **TEXT)
-    return dict(transformer=HUB.get(model_path, MEDIUM), vae=VAE, **TEXT)
+    local = local_configs(model_path, "transformer", "vae") or dict(transformer=HUB.get(model_path, MEDIUM), vae=VAE)
+    return random_sizes(model_path) or {**local, **TEXT}
 
 
 def random_pipeline(model_path, seed, device, dtype):
@@ -95,12 +87,8 @@ def random_pipeline(model_path, seed, device, dtype):
         pad_token_id=1)) for width in sizes["clip"]]
     t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer()), d_model=sizes["text_dim"], d_ff=64, d_kv=16,
                                  num_layers=1, num_heads=2, relative_attention_num_buckets=8))
-    if sizes is TINY:
-        transformer = SD3Transformer2DModel(**sizes["transformer"])
-    else:  # the full-width stand-in (bench.py): built on device, its text encoders and VAE in dtype
-        with torch.device("meta"):
-            transformer = SD3Transformer2DModel(**sizes["transformer"])
-        random_weights(transformer, seed, device)
+    transformer = random_model(lambda: SD3Transformer2DModel(**sizes["transformer"]), seed,
+                               None if sizes is TINY else device)  # the full-width stand-in (bench.py) on device
     pipe = StableDiffusion3Pipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), vae=AutoencoderKL(**sizes["vae"]), transformer=transformer,
         text_encoder=clip[0], tokenizer=clip_tokenizer(), text_encoder_2=clip[1], tokenizer_2=clip_tokenizer(),
