@@ -337,6 +337,49 @@ def adapters_off(model):
 
 
 # -----------------------------------------------------------------------------
+# Kernels: attention and compilation, chosen once per process
+
+ATTENTION_BACKENDS = ("sdpa", "cudnn_forward", "cudnn")
+_NO_GRAD_ATTENTION = None  # SDPA backends, in order, for calls without gradient (rollout, evaluation); None: torch's
+
+
+def set_attention(backend):
+    """PyTorch's SDPA kernels for this process, set where the device is (before any model runs) so that gradient
+    checkpointing's recompute, which runs outside any context around the forward, meets the same kernel. cuDNN's
+    backward fails or is silently wrong on FLUX's blocks (docs/cost.md): off unless backend="cudnn" (a later PyTorch
+    may fix it). "cudnn_forward" runs cuDNN's forward, 1.6x flash's and as accurate, where nothing needs a gradient;
+    a shape cuDNN cannot run (the VAE's 512-wide heads) falls through to flash, memory-efficient, then math."""
+    global _NO_GRAD_ATTENTION
+    from torch.nn.attention import SDPBackend
+
+    torch.backends.cuda.enable_cudnn_sdp(backend == "cudnn")
+    for enable in (torch.backends.cuda.enable_flash_sdp, torch.backends.cuda.enable_mem_efficient_sdp,
+                   torch.backends.cuda.enable_math_sdp):
+        enable(True)
+    _NO_GRAD_ATTENTION = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                          SDPBackend.MATH] if backend == "cudnn_forward" else None
+
+
+def no_grad_attention():
+    """The context of a transformer call: cuDNN's forward first when set_attention chose it and no gradient is
+    recorded (then nothing is recomputed later, outside it)."""
+    from torch.nn.attention import sdpa_kernel
+
+    if _NO_GRAD_ATTENTION and not torch.is_grad_enabled():
+        return sdpa_kernel(_NO_GRAD_ATTENTION, set_priority=True)
+    return contextlib.nullcontext()
+
+
+def compile_blocks(model):
+    """torch.compile each transformer block (regional compilation): the blocks repeat, so each kind compiles once per
+    grad mode and batch shape, in the first iteration (about 1.5 minutes at FLUX.1-dev's size on an H200); gradient
+    checkpointing and FSDP2's hooks stay outside the compiled code. Same kernels for the rollout and the update, so
+    |log rho| at theta_old stays at round-off (docs/cost.md)."""
+    for block in blocks(model):
+        block.compile()
+
+
+# -----------------------------------------------------------------------------
 # What the loop calls, forwarded to the family
 
 
@@ -357,7 +400,8 @@ def schedule(pipe, resolution, num_steps):
 
 
 def velocity(transformer, x, t, cond, dtype=torch.float32):
-    return family(cond).velocity(transformer, x, t, cond, dtype)
+    with no_grad_attention():
+        return family(cond).velocity(transformer, x, t, cond, dtype)
 
 
 def decode_images(pipe, x, resolution):

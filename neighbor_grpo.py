@@ -47,9 +47,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from models import (ModelError, adapters_off, blocks, decode_images, draw_noise, encode_prompt, export_model,
-                    load_pipeline, memory_fits, presets as family_presets, schedule, stack_conditions, text_encoders,
-                    velocity)
+from models import (ATTENTION_BACKENDS, ModelError, adapters_off, blocks, compile_blocks, decode_images, draw_noise,
+                    encode_prompt, export_model, load_pipeline, memory_fits, presets as family_presets, schedule,
+                    set_attention, stack_conditions, text_encoders, velocity)
 from preflight import checkpoint_bytes, damaged_files
 from report import RunLog, Stopwatch, progress, save_grid, write_evaluation
 from rewards import RewardError, load_reward, reward_config_problems, score
@@ -141,6 +141,8 @@ class Config:
     dist_timeout: int = 3600  # seconds a rank waits in a collective: rank 0's first 24 GB download (docs/cluster.md)
     memory_check: bool = True  # refuse, before loading, a recipe predicted not to fit this GPU (preflight.py)
     grad_checkpointing: bool = True  # recompute each transformer block in the backward pass
+    compile: bool = False  # torch.compile each transformer block; the first iteration pays ~1.5 min (docs/cost.md)
+    attention_backend: str = "cudnn_forward"  # "sdpa" (flash, mem-efficient), + cuDNN's no-grad forward, "cudnn" (docs)
     out_dir: str = "runs/neighbor_grpo"  # log.jsonl, sample grids and checkpoints go here
     overwrite: bool = False  # allow a new run in an out_dir that already holds one
     resume: bool = False  # continue the run in out_dir from its latest checkpoint
@@ -155,8 +157,9 @@ DIGITS_DIR = ROOT / "data" / "digits"  # written by data/digits/prepare.py, comm
 DIGIT_JUDGES = ("digit_alignment", "digit_cnn_alignment", "digit_realism")  # the reward, then two held-out judges
 PRESETS = {
     "flux-dev": {},  # the defaults are the paper's best 8-step setting
-    "flux-dev-lora": dict(  # the paper's 8-step setting on one GPU: LoRA at the LoRA scripts' lr
-        lora_rank=64, lora_alpha=128.0, lr=3e-4, parallel="ddp", out_dir="runs/flux_dev_lora"),
+    "flux-dev-lora": dict(  # the paper's 8-step setting on one 80 GB GPU: LoRA at the LoRA scripts' lr, compiled
+        lora_rank=64, lora_alpha=128.0, lr=3e-4, parallel="ddp", out_dir="runs/flux_dev_lora", compile=True,
+        grad_checkpointing=False, update_batch_size=2),  # 10.0 s/iter on an H200; 48 GB: --grad_checkpointing=true
     "flux-dev-24gb": dict(  # the paper's 8-step setting on one 24 GB GPU: LoRA on a 4-bit base (docs/cost.md)
         lora_rank=64, lora_alpha=128.0, lr=3e-4, parallel="ddp", base_quantization="nf4", reward_offload=True,
         out_dir="runs/flux_dev_24gb"),
@@ -259,6 +262,8 @@ def validate(cfg):
         (cfg.iterations >= 0, f"iterations={cfg.iterations}: must be >= 0"),
         (cfg.mixed_precision in ("bf16", "fp32"), f"mixed_precision={cfg.mixed_precision}: use bf16 or fp32"),
         (cfg.parallel in PARALLEL, f"parallel={cfg.parallel}: use fsdp (sharded) or ddp (replicated)"),
+        (cfg.attention_backend in ATTENTION_BACKENDS,
+         f"attention_backend={cfg.attention_backend}: use one of {', '.join(ATTENTION_BACKENDS)} (docs/cost.md)"),
         (cfg.ckpt_every >= 0, f"ckpt_every={cfg.ckpt_every}: must be >= 0 (0 = only at the end)"),
         (cfg.dist_timeout > 0, f"dist_timeout={cfg.dist_timeout}: must be > 0 seconds; use 3600"),
         (cfg.max_skipped_steps >= 1, f"max_skipped_steps={cfg.max_skipped_steps}: must be >= 1; use 8"),
@@ -315,13 +320,15 @@ def require(checks):
 
 
 def setup_distributed(cfg):
-    """(rank, world size, device): NCCL on GPU, gloo on CPU; a plain `python neighbor_grpo.py` is a world of one."""
+    """(rank, world size, device): NCCL on GPU, gloo on CPU; a plain `python neighbor_grpo.py` is a world of one. The
+    GPU is made current and its attention kernels chosen here, before any model runs (models.set_attention)."""
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    if device.type == "cuda":  # torchrun's local rank, else the device given (--device=cuda:1)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", device.index or 0)))
+        torch.cuda.set_device(device)
+    set_attention(cfg.attention_backend)
     if "RANK" not in os.environ:
         return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=cfg.dist_timeout))
@@ -337,10 +344,13 @@ def parallelize(model, cfg, device, world, dtype):
     its shard: no rank but 0 ever holds a full copy (load_pipeline(meta=True) builds theirs without weights)."""
     if cfg.grad_checkpointing:
         model.enable_gradient_checkpointing()
+    if cfg.compile:
+        compile_blocks(model)
     if world == 1:
         return model.to(device)
-    if cfg.parallel == "ddp":
-        return DDP(model.to(device), device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.parallel == "ddp":  # buffers (RoPE tables, SD3's 453 MB pos_embed) never change: not re-sent every step
+        return DDP(model.to(device), device_ids=[device.index] if device.type == "cuda" else None,
+                   broadcast_buffers=False, gradient_as_bucket_view=True)
     full = model.state_dict() if dist.get_rank() == 0 else {}  # rank 0's CPU tensors: the only full copy
     model.to("meta")
     shard(model, init_device_mesh(device.type, (world,)), dtype)
@@ -1028,7 +1038,7 @@ def build(cfg, method=NEIGHBOR):
     model.train()
     reference = functools.partial(adapters_off, model) if cfg.lora_rank else lambda: contextlib.nullcontext(frozen)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,  # or the adapters
-                                  weight_decay=cfg.weight_decay)
+                                  weight_decay=cfg.weight_decay, fused=device.type == "cuda")  # no fp32 temporary
     start, guard_state = restore(model, optimizer, cfg, resume_from, rank, world) if resume_from else (0, {})
     group_ids = range(rank * cfg.groups_per_rank, (rank + 1) * cfg.groups_per_rank)
     cache = {}
