@@ -139,11 +139,13 @@ def check_memory(cfg, device, rank):
                                          ng.scorable(cfg.eval_only_rewards, cfg))
     top = max(phases, key=phases.get)
     if cfg.memory_check and phases[top] > capacity:
-        raise ng.ConfigError(f"one {capacity / 1e9:.0f} GB GPU cannot hold the evaluation (~{phases[top] / 2**30:.1f} "
-                             f"GiB at its {top}); lower --eval_batch_size or --reward_batch_size, score fewer judges "
-                             "(--eval_only_rewards=...), or --memory_check=false to try anyway")
+        raise ng.ConfigError(f"this GPU's {capacity / 2**30:.1f} GiB usable cannot hold the evaluation "
+                             f"(~{phases[top] / 2**30:.1f} GiB at its {top}); lower --eval_batch_size or "
+                             "--reward_batch_size, score fewer judges (--eval_only_rewards=...), or "
+                             "--memory_check=false to try anyway")
     if rank == 0:
-        print(f"memory: ~{phases[top] / 2**30:.1f} GiB a rank predicted ({top}) of this GPU's {capacity / 2**30:.1f}")
+        print(f"memory: ~{phases[top] / 2**30:.1f} GiB a rank predicted ({top}) of this GPU's {capacity / 2**30:.1f} "
+              "usable")
 
 
 def main(argv=None):

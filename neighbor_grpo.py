@@ -50,7 +50,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from models import (ATTENTION_BACKENDS, ModelError, adapters_off, blocks, compile_blocks, decode_images, draw_noise,
                     encode_prompt, export_model, load_pipeline, memory_fits, presets as family_presets, schedule,
                     set_attention, stack_conditions, text_encoders, velocity)
-from preflight import checkpoint_bytes, damaged_files
+from preflight import checkpoint_bytes, damaged_files, usable_memory
 from report import RunLog, Stopwatch, progress, save_grid, write_evaluation
 from rewards import RewardError, load_reward, reward_config_problems, score
 
@@ -1050,15 +1050,16 @@ def build(cfg, method=NEIGHBOR):
                eval_grid(pipe, cfg), start, guard_state, reference, group_ids, cache)
 
 
-def device_memory(device):  # bytes; None on a CPU (nothing to check)
-    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+def device_memory(device):  # bytes this process can use (preflight.usable_memory); None on a CPU (nothing to check)
+    return usable_memory(*torch.cuda.mem_get_info(device)) if device.type == "cuda" else None
 
 
 def check_memory(cfg, device, world, rank):
     """Before any weight loads: a recipe predicted not to fit this GPU (preflight.py) stops, naming one that does."""
     capacity = device_memory(device)
     if capacity and cfg.memory_check:
-        offers = {f"--preset={p}": (dataclasses.replace(cfg, **PRESETS[p]), 1) for p in ("flux-dev-lora", "flux-dev-24gb")}
+        offers = {"--grad_checkpointing=true": (dataclasses.replace(cfg, grad_checkpointing=True), world), **{
+            f"--preset={p}": (dataclasses.replace(cfg, **PRESETS[p]), 1) for p in ("flux-dev-lora", "flux-dev-24gb")}}
         offers["torchrun over 8 GPUs"] = (dataclasses.replace(cfg, **PRESETS["flux-dev"]), 8)
         require([memory_fits(cfg, world, capacity, offers, rank, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))])
 

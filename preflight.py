@@ -46,6 +46,17 @@ def nf4_bytes(sizes):
     return sum(n / 2 + math.ceil(n / 64) + 4 * math.ceil(n / 64 / 256) for n in sizes)
 
 
+ADAMW_STEP = dict(fused=0, foreach=4)  # bytes a trained parameter AdamW's step allocates on top of its state (H200)
+MARGIN = (1.5 * GIB, 0.02)  # a GPU's memory PyTorch's allocator does not count: NCCL, cuBLAS/cuDNN workspaces, slack
+
+
+def usable_memory(free, total):
+    """The bytes a process can plan for (free, total: torch.cuda.mem_get_info): the free memory less MARGIN, for
+    what max_memory_allocated does not see (NCCL's buffers, cuBLAS's and cuDNN's workspaces, the caching allocator's
+    fragmentation), 1.5 GiB and 2 % of the card."""
+    return free - MARGIN[0] - MARGIN[1] * total
+
+
 def update_batch(cfg):
     """Transitions per transformer call in the update: update_batch_size, at most an optimizer step's (K per group)."""
     return min(cfg.update_batch_size, cfg.groups_per_rank * cfg.num_train_steps)
@@ -86,12 +97,13 @@ def decode_bytes(batch, resolution, half, sizes):
     return 3.12 * GIB * batch / 4 * (resolution / 720) ** 2 * half / 2 * sizes["vae_channels"][0] / 128
 
 
-def gpu_phases(cfg, sizes, config, world, real_models):
+def gpu_phases(cfg, sizes, config, world, real_models, adamw="fused"):
     """Predicted peak bytes per rank of each phase (start-up, rollout, rewards, update, evaluation), as bench.py
     --meta's memory_phases measures them: the transformer's weights, gradients and AdamW state counted exactly; its
     working set in closed form (the forms, and how close they come to --meta, in docs/cost.md); and the other models
     on the GPU then. sizes: flux.py's; config: FluxTransformer2DModel's; real_models: FLUX.1-dev's text encoders and
-    the named rewards are counted (random models: their VAE alone)."""
+    the named rewards are counted (random models: their VAE alone). adamw: the step's implementation (the loop's on a
+    GPU: fused; foreach allocates an fp32 temporary of every trained parameter)."""
     m = transformer_sizes(config, cfg.lora_rank, cfg.lora_targets)
     n, block, root, linears, adapters = m["n"], m["block"], m["root"], m["linears"], m["adapters"]
     D, half = sizes["heads"] * sizes["head_dim"], 2 if cfg.mixed_precision == "bf16" else 4
@@ -101,17 +113,20 @@ def gpu_phases(cfg, sizes, config, world, real_models):
     blocks = sizes["layers"] + sizes["single_layers"]
     inputs = cfg.groups_per_rank * (4 * G * (2 * T + 1) * L * C + 4 * S * sizes["text_dim"])  # stored rollouts
     ub = update_batch(cfg)
-    # checkpointed: each block's input kept, one block's forward and backward live; else ~30 hidden states a block
-    work = ((blocks + 30) if cfg.grad_checkpointing else 30 * blocks) * tokens(ub) + 0.27 * GIB * (D / 3072) ** 2
+    # checkpointed: each block's input kept, one block's forward and backward live; else the hidden states a block
+    # keeps for its backward: 17 eager, 13 compiled (fused elementwise ops), as an H200 measured them at 720²
+    kept = (blocks + 30) if cfg.grad_checkpointing else (13 if cfg.compile else 17) * blocks
+    work = kept * tokens(ub) + 0.27 * GIB * (D / 3072) ** 2
     if cfg.lora_rank:
         rest = half * n - (2 * sum(linears) - nf4_bytes(linears) if cfg.base_quantization else 0) + 12 * adapters
         grads, gathered = 4 * adapters, (2 * max(linears) if cfg.base_quantization else 0)  # NF4: one dequantized
-        rolled = gathered
+        rolled, step = gathered, ADAMW_STEP[adamw] * adapters
     else:  # FSDP2: fp32 shards and AdamW's moments; a block and the root gathered in the compute dtype, its gradient
-        rest, grads = 12 * n / world, 4 * n / world  # reduce-scattered in fp32
-        gathered = 2 * (2 * block + root) + 4 * block if world > 1 else 0
-        rolled = 2 * (2 * block + root) if world > 1 else 0
-    update = rest + grads + inputs + gathered + work
+        shards = world if cfg.parallel == "fsdp" else 1  # reduce-scattered in fp32; DDP: a whole replica a rank
+        rest, grads, step = 12 * n / shards, 4 * n / shards, ADAMW_STEP[adamw] * n / shards
+        gathered = 2 * (2 * block + root) + 4 * block if shards > 1 else 0
+        rolled = 2 * (2 * block + root) if shards > 1 else 0
+    update = rest + grads + inputs + max(gathered + work, step)  # the step runs after the backward has let go
     rollout = rest + inputs + rolled + 13 * tokens(min(cfg.rollout_batch_size, G))
     vae = decode_bytes(cfg.reward_batch_size, cfg.resolution, half, sizes)
     resident = half * VAE["flux"] if real_models or sizes["vae_channels"][0] == 128 else 0  # FLUX.1-dev's VAE
@@ -160,13 +175,13 @@ def fits(cfg, sizes, config, world, capacity, real_models, offers, rank=0, ranks
     if phases[top] <= capacity:
         if rank == 0:
             host = host_bytes(cfg, transformer_sizes(config)["n"], world, ranks_per_node)
-            print(f"memory: ~{phases[top] / GIB:.1f} GiB a rank predicted ({top}) of this GPU's {capacity / GIB:.1f}; "
-                  f"host RAM ~{host / 1e9:.0f} GB a node at start-up (preflight.py)")
+            print(f"memory: ~{phases[top] / GIB:.1f} GiB a rank predicted ({top}) of this GPU's {capacity / GIB:.1f} "
+                  f"usable; host RAM ~{host / 1e9:.0f} GB a node at start-up (preflight.py)")
         return True, ""
     fitting = [name for name, (c, w) in offers.items()
                if max(gpu_phases(c, sizes, config, w, real_models).values()) <= capacity]
     what = (f"LoRA r={cfg.lora_rank}" + (" on a 4-bit base" if cfg.base_quantization else "") if cfg.lora_rank
             else "full fine-tuning") + f" over {world} rank(s)"
-    return False, (f"one {capacity / 1e9:.0f} GB GPU cannot hold {what} (needs ~{phases[top] / GIB:.1f} GiB a rank at "
-                   f"its {top}); use {' or '.join(fitting) if fitting else 'more GPUs (torchrun)'}, or "
+    return False, (f"this GPU's {capacity / GIB:.1f} GiB usable cannot hold {what} (needs ~{phases[top] / GIB:.1f} GiB "
+                   f"a rank at its {top}); use {' or '.join(fitting) if fitting else 'more GPUs (torchrun)'}, or "
                    "--memory_check=false to try anyway")

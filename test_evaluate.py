@@ -223,7 +223,7 @@ def test_an_evaluation_that_cannot_fit_the_gpu_stops_in_one_line_before_anything
         evaluate.main([f"--out_dir={tmp_path}"])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1
-    assert "one 40 GB GPU cannot hold the evaluation (~45.7 GiB at its start-up)" in err
+    assert "this GPU's 37.3 GiB usable cannot hold the evaluation (~45.7 GiB at its start-up)" in err
 
 
 def test_hpsv3_is_an_evaluation_column(tmp_path):

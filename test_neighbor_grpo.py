@@ -1117,10 +1117,65 @@ def test_a_recipe_that_cannot_fit_the_gpu_stops_in_one_line_before_any_model_loa
         ng.main(["--preset=flux-dev", f"--out_dir={tmp_path}"])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1
-    assert "one 80 GB GPU cannot hold full fine-tuning over 1 rank(s)" in err and "--preset=flux-dev-lora" in err
+    assert "this GPU's 74.5 GiB usable cannot hold full fine-tuning over 1 rank(s)" in err and "--preset=flux-dev-lora" in err
     assert "--memory_check=false" in err
     monkeypatch.setattr(ng, "device_memory", lambda device: 24 * 10**9)  # the 24 GB card: only the 4-bit recipe
     with pytest.raises(SystemExit):
         ng.main(["--preset=flux-dev-lora", f"--out_dir={tmp_path}"])
     err = capsys.readouterr().err.strip()
     assert "LoRA r=64 over 1 rank(s)" in err and "use --preset=flux-dev-24gb," in err  # the one that fits 24 GB
+
+
+# ---------------------------------------------------------------------------- kernels: attention and compilation
+
+
+@pytest.mark.parametrize("backend,cudnn_anywhere,cudnn_without_grad", [
+    ("sdpa", False, False), ("cudnn_forward", False, True), ("cudnn", True, True)])
+def test_the_attention_kernels_are_set_before_any_model_loads_and_cudnn_forward_only_runs_without_grad(
+        backend, cudnn_anywhere, cudnn_without_grad, tmp_path, monkeypatch):
+    """PyTorch's own SDPA flags (the setting itself): cuDNN's backend is off, or on, by the time the pipeline loads,
+    and inside the transformer's calls it is on exactly where the backend allows it: no gradient for cudnn_forward."""
+    torch.backends.cuda.enable_cudnn_sdp(not cudnn_anywhere)  # the opposite of what the run must set
+    loaded, calls = [], []
+    real_load, real_velocity = ng.load_pipeline, flux.velocity
+    monkeypatch.setattr(ng, "load_pipeline", lambda *a, **k: loaded.append(torch.backends.cuda.cudnn_sdp_enabled())
+                        or real_load(*a, **k))
+    monkeypatch.setattr(flux, "velocity", lambda *a, **k: calls.append((torch.is_grad_enabled(),
+                        torch.backends.cuda.cudnn_sdp_enabled())) or real_velocity(*a, **k))
+    cfg = tiny_cfg(tmp_path, f"--attention_backend={backend}", "--group_size=4", "--num_steps=2",
+                   "--num_train_steps=1", "--num_anchors=1", "--eval_every=0", "--sample_every=0")
+    try:
+        ng.train_iteration(ng.build(cfg), cfg, 0)
+        assert loaded == [cudnn_anywhere]
+        assert {cudnn for grad, cudnn in calls if not grad} == {cudnn_without_grad}  # the rollout
+        assert {cudnn for grad, cudnn in calls if grad} == {cudnn_anywhere}  # the update
+    finally:
+        models.set_attention("cudnn_forward")  # the default, for the tests after this one
+
+
+def lever_iteration(*args):
+    """One tiny iteration: the rollout's states, each optimizer step's gradient (SGD, so that anchors after the first
+    see rho != 1) and the first anchor's |log rho| at theta = theta_old."""
+    cfg = tiny_cfg(None, "--rewards=brightness", "--eval_every=0", "--sample_every=0", "--group_size=4",
+                   "--num_steps=3", "--num_train_steps=2", "--num_anchors=2", "--update_batch_size=2", *args)
+    run = ng.build(cfg)
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    run.optimizer = torch.optim.SGD(params, lr=1e-2)
+    steps = []
+    run.optimizer.register_step_pre_hook(lambda *_: steps.append([p.grad.clone() for p in params]))
+    groups, stats, _ = ng.train_iteration(run, cfg, 0)
+    return groups[0].states, steps, stats["first_anchor_abs_log_ratio"]
+
+
+def test_the_speed_levers_give_the_eager_rollout_and_gradients_within_round_off():
+    """compile (the transformer's blocks through inductor on this CPU) and the attention backends change kernels, not
+    the algorithm: the same rollout states and update gradients, and rho = 1 at theta_old to round-off."""
+    states, steps, log_ratio = lever_iteration("--compile=false", "--attention_backend=sdpa")
+    assert log_ratio < 1e-6
+    for lever in (["--attention_backend=cudnn_forward"], ["--compile=true", "--grad_checkpointing=true"]):
+        lever_states, lever_steps, lever_log_ratio = lever_iteration(*lever)
+        torch.testing.assert_close(lever_states, states, rtol=1e-4, atol=1e-5)
+        for grads, lever_grads in zip(steps, lever_steps, strict=True):  # each step's gradient, as one vector
+            g, h = torch.cat([g.flatten() for g in grads]), torch.cat([h.flatten() for h in lever_grads])
+            assert (h - g).norm() <= 1e-4 * g.norm()
+        assert lever_log_ratio < 1e-6

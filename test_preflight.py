@@ -1,0 +1,55 @@
+"""preflight.py against what a GPU measured: the peaks one H200 recorded (torch 2.11, random weights at FLUX.1-dev's
+width, 720², G=12 T=8 B=4 K=4; docs/cost.md), DDP's replica, AdamW's step, the memory a process can use."""
+
+import pytest
+
+import flux
+import neighbor_grpo as ng
+import preflight
+
+GIB = 2**30
+COMMON = ["--prompt_file=", "--rewards=jpeg_compressibility", "--guard_rewards=", "--eval_every=0"]
+LORA = ["--preset=flux-dev-lora", "--model_path=random:19,38"]
+FULL = ["--preset=flux-dev", "--model_path=random:4,8", "--parallel=ddp"]
+# (recipe, AdamW's implementation, the peak max_memory_allocated measured in GiB)
+MEASURED = [
+    (LORA + ["--compile=false", "--grad_checkpointing=true", "--update_batch_size=4"], "foreach", 28.7),
+    (LORA + ["--compile=true", "--grad_checkpointing=true", "--update_batch_size=4"], "foreach", 28.3),
+    (LORA + ["--compile=false", "--grad_checkpointing=false", "--update_batch_size=1"], "foreach", 37.8),
+    (LORA + ["--compile=false", "--grad_checkpointing=false", "--update_batch_size=2"], "foreach", 51.3),
+    (LORA + ["--compile=true", "--grad_checkpointing=false", "--update_batch_size=2"], "foreach", 45.7),
+    (LORA + ["--compile=true", "--grad_checkpointing=false", "--update_batch_size=4"], "foreach", 67.0),
+    (FULL, "foreach", 47.9),  # AdamW's foreach step: an fp32 temporary of every parameter on top
+]
+
+
+def predicted(args, world=1, adamw="fused"):
+    cfg = ng.parse_config(args + COMMON)
+    sizes = flux.model_sizes(cfg.model_path)
+    return preflight.gpu_phases(cfg, sizes, flux.transformer_config(**sizes), world, False, adamw)
+
+
+@pytest.mark.parametrize("args,adamw,peak", MEASURED)
+def test_the_prediction_is_never_below_a_peak_a_gpu_measured_and_within_10_percent(args, adamw, peak):
+    top = max(predicted(args, adamw=adamw).values()) / GIB
+    assert peak - 0.05 <= top <= 1.10 * peak  # the measurement is rounded to 0.1 GiB
+
+
+def test_ddp_full_fine_tuning_prices_a_replica_and_fsdp_a_shard():
+    n = preflight.transformer_sizes(flux.transformer_config(**flux.model_sizes("random:4,8")))["n"]
+    one, ddp = predicted(FULL), predicted(FULL, world=8)
+    fsdp = predicted(["--preset=flux-dev", "--model_path=random:4,8"], world=8)
+    assert ddp["start-up"] == one["start-up"] >= 12 * n  # fp32 weights and AdamW's moments on every rank
+    assert ddp["update"] >= 16 * n and fsdp["update"] < ddp["update"] / 3  # 8 shards, and each its activations
+
+
+def test_adamw_foreach_step_is_priced_as_the_fp32_temporary_it_allocates_and_fused_as_none():
+    n = preflight.transformer_sizes(flux.transformer_config(**flux.model_sizes("random:4,8")))["n"]
+    fused, foreach = predicted(FULL, adamw="fused"), predicted(FULL, adamw="foreach")
+    assert foreach["update"] == pytest.approx(fused["start-up"] + 4 * n + 4 * n, rel=1e-6)  # state, grads, temporary
+    assert fused["update"] < foreach["update"] and fused["rollout"] == foreach["rollout"]
+
+
+def test_the_usable_memory_is_the_free_memory_less_the_stated_margin():
+    assert preflight.usable_memory(80 * GIB, 80 * GIB) == pytest.approx(80 * GIB - 1.5 * GIB - 1.6 * GIB)
+    assert preflight.usable_memory(10 * GIB, 80 * GIB) < 10 * GIB - 1.5 * GIB  # another process's memory is not ours
