@@ -1,7 +1,7 @@
 """
 Where a Neighbor GRPO iteration's time and memory go, and the runs that compare settings.
 
-    python bench.py --doctor --out=runs/doctor                      # a first GPU: kernels, memory, timed iterations
+    python bench.py --doctor --out=runs/doctor                      # a first GPU: doctor.py
     python bench.py --preset=tiny                                   # a real iteration's phases beside the cost model
     python bench.py --preset=flux-dev --flux_blocks=2,4 --rewards=jpeg_compressibility --prompt_file=  # GPU, random
     torchrun --nproc_per_node=8 bench.py --preset=flux-dev --flux_blocks=19,38 ...   # FLUX.1-dev's width, per rank
@@ -26,12 +26,7 @@ ODE sampler, or with --seconds=S each trained for S seconds; writes compare.csv 
 and any judges) first -> last in sweep.md and over iterations (--x=wall_clock: seconds) in sweep.png, in --out;
 runs are kept under --runs (default --out/runs) and an identical finished run is reused. --sweep=method=neighbor,sde
 runs the SDE baseline for --sde_iterations. Here --eval_every is the runs' Config field.
---doctor: on whatever GPU it finds, with no download, in minutes: bf16 matmuls, each SDPA backend at FLUX's attention
-shape, bitsandbytes' NF4 kernels, an all-reduce (NCCL), every preset's predicted peak per rank against this GPU, and
-one timed iteration each of full fine-tuning, LoRA and NF4 + LoRA at FLUX.1-dev's width with the most blocks whose
-prediction fits (random weights, JPEG reward): s/iter, TFLOP (counted on the untimed iteration before), MFU, the
-peak memory beside the prediction, |log rho| at theta = theta_old; doctor.json and doctor.md in --out. On a CPU it
-says "no GPU" and runs the same checks and the tiny preset.
+--doctor: doctor.py (a new GPU's kernels, attention, gradients and timed recipes; --out, --budget, --blocks, --only).
 Every other --field=value is a neighbor_grpo Config field.
 """
 
@@ -39,7 +34,6 @@ import contextlib
 import csv
 import dataclasses
 import functools
-import gc
 import hashlib
 import json
 import math
@@ -70,11 +64,11 @@ def timed(fn, device, repeats=3):
 def parse(argv):
     opts, rest = dict(iters=3, warmup=1, flux_blocks="", compare=False, eval_every=5, seconds=0.0,
                       out="runs/compare", sweep="", seeds="0,1,2", sde_iterations=0, x="iteration", runs="", meta=False,
-                      world_size=8, tflops=790.0, batch1=True, doctor=False), []
+                      world_size=8, tflops=790.0, batch1=True), []
     sweeping = any(arg.startswith("--sweep=") for arg in argv)  # then --eval_every is the training runs' field
     for arg in argv:
         key, _, value = arg.removeprefix("--").partition("=")
-        if key in ("compare", "meta", "batch1", "doctor"):
+        if key in ("compare", "meta", "batch1"):
             opts[key] = value in ("", "1", "true")
         elif key in opts and not (sweeping and key == "eval_every"):
             opts[key] = type(opts[key])(value)
@@ -354,7 +348,8 @@ ATTENTION = {"_scaled_dot_product_flash_attention_for_cpu": "_scaled_dot_product
 
 
 def count_flops(fn):
-    """FLOPs of fn(): every matmul, convolution and attention, recomputation in the backward pass included."""
+    """FLOPs of fn(): every matmul, convolution and attention, recomputation in the backward pass included, and
+    bitsandbytes' 4-bit matmuls."""
     from torch.utils import flop_counter
 
     def as_registered(op):  # the counter's own formula for the GPU kernel, already taking tensors
@@ -363,10 +358,21 @@ def count_flops(fn):
         counted._get_raw = True
         return counted
 
-    mapping = {getattr(torch.ops.aten, cpu): as_registered(gpu) for cpu, gpu in ATTENTION.items()}
+    mapping = {getattr(torch.ops.aten, cpu): as_registered(gpu) for cpu, gpu in ATTENTION.items()} | nf4_matmuls()
     with flop_counter.FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         fn()
     return counter.get_total_flops()
+
+
+def nf4_matmuls():
+    """bitsandbytes' 4-bit matmul ops, each 2 M N K FLOPs as nn.Linear's: a Linear4bit's forward (CPU and CUDA) is one
+    op that dequantizes and multiplies inside, which the counter does not see into (its backward's matmul it does);
+    none unless bitsandbytes is loaded."""
+    if "bitsandbytes" not in sys.modules:
+        return {}
+    flops = lambda a, b, shape_b, *args, **kwargs: 2 * math.prod(a[:-1]) * shape_b[0] * shape_b[1]  # noqa: E731
+    ops = torch.ops.bitsandbytes
+    return {getattr(ops, name): flops for name in ("gemm_4bit", "gemv_4bit") if hasattr(ops, name)}
 
 
 def meta_transformer(cfg, sizes, dtype):
@@ -664,8 +670,7 @@ def report_meta(cfg, opts, world, sizes, blocks, L, n_params, f_roll, f_step, f_
     rb = min(rb, G)
     gib, tf = 2**-30, 1e-12
     ub, n, calls = preflight.update_batch(cfg), cfg.groups_per_rank, update_calls(cfg)
-    rollout, update, decode = G / rb * T * f_roll, B * f_step / n, G / cfg.reward_batch_size * f_vae
-    total = rollout + update + decode
+    rollout, update, decode, total = iteration_flops(cfg, f_roll, f_step, f_vae).values()
     name = "FLUX.1-dev" if sizes is flux.FLUX_DEV else cfg.model_path
     print(f"meta | {name}: {blocks} blocks, {n_params / 1e9:.3f} B parameters | "
           f"{cfg.resolution}px = {L} image + {cfg.max_sequence_length} text tokens | {cfg.mixed_precision} | "
@@ -713,6 +718,15 @@ def report_meta(cfg, opts, world, sizes, blocks, L, n_params, f_roll, f_step, f_
           "slack); measured on fake tensors, not yet on a GPU")
 
 
+def iteration_flops(cfg, f_roll, f_step, f_vae):
+    """An iteration's FLOPs per prompt group from its units (a rollout forward, an optimizer step of groups_per_rank
+    groups, a VAE decode): G / rollout_batch_size * T forwards, B optimizer steps, G / reward_batch_size decodes."""
+    G = cfg.group_size
+    rollout = G / min(cfg.rollout_batch_size, G) * cfg.num_steps * f_roll
+    update, decode = cfg.num_anchors * f_step / cfg.groups_per_rank, G / cfg.reward_batch_size * f_vae
+    return dict(rollout=rollout, update=update, decode=decode, total=rollout + update + decode)
+
+
 RESTING = ("Sharded Param", "Parameter", "OptState", "Optstate", "Buffer", "Inputs", "Other")  # outlive a phase
 
 
@@ -737,192 +751,15 @@ def nf4_bytes(model):
     return 2 * sum(sizes), preflight.nf4_bytes(sizes), 2 * max(sizes)
 
 
-# -----------------------------------------------------------------------------
-# --doctor: what a first GPU can do, in minutes, with no download: the kernels the recipes use, the predicted memory
-# of every preset on it, and real iterations at FLUX.1-dev's width (as many blocks as fit) with peak memory beside
-# the prediction, seconds, MFU and |log rho| at theta = theta_old.
-
-BF16_TFLOPS = {"H100": 989, "H200": 989, "H800": 989, "H20": 148, "A100": 312, "A800": 312, "L40S": 362, "L40": 181,
-               "A6000": 155, "4090": 165, "L4": 121, "A10": 125}  # dense bf16 peaks from the vendors' sheets
-DOCTOR_BLOCKS = ("19,38", "10,20", "6,12", "4,8", "2,4", "1,2")  # tried in order: the first the prediction fits
-
-
-def checked(fn):
-    """{"ok": True, **fn()} or {"ok": False, "error": its first line}."""
-    try:
-        return {"ok": True, **fn()}
-    except Exception as e:  # noqa: BLE001 - a failed check is a finding, not a crash
-        return {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
-
-
-def check_bf16(device):
-    a, b = (torch.randn(512, 512, generator=torch.Generator().manual_seed(i)).to(device) for i in (0, 1))
-    exact = a.double() @ b.double()
-    error = ((a.bfloat16() @ b.bfloat16()).double() - exact).norm() / exact.norm()
-    return {"relative_error": error.item(), "expected": "below 1e-2 (bf16 has 8 bits of mantissa)"}
-
-
-def check_attention(device):
-    """FLUX's attention shape in bf16 through each SDPA backend this device runs, against the math one."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    q, k, v = (torch.randn(1, 24, 1024, 128, device=device, dtype=torch.bfloat16) for _ in range(3))
-    with sdpa_kernel(SDPBackend.MATH):
-        reference = torch.nn.functional.scaled_dot_product_attention(q, k, v).float()
-    backends = {}
-    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
-        result = checked(lambda: attention_error(q, k, v, backend, reference))
-        backends[backend.name.lower()] = result.get("relative_error", "not available here")
-    return backends
-
-
-def attention_error(q, k, v, backend, reference):
-    from torch.nn.attention import sdpa_kernel
-
-    with sdpa_kernel(backend):
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v).float()
-    return {"relative_error": ((out - reference).norm() / reference.norm()).item()}
-
-
-def check_nf4(device):
-    """A FLUX-sized layer through models.quantize_base on this device: bitsandbytes' kernels, against bf16."""
-    layer = torch.nn.Sequential(torch.nn.Linear(3072, 3072))
-    x = torch.randn(16, 3072)
-    reference = layer.to(device, torch.bfloat16)(x.to(device, torch.bfloat16)).float()
-    models.quantize_base(layer, torch.bfloat16, device)
-    with torch.no_grad():
-        out = layer(x.to(device, torch.bfloat16)).float()
-    return {"relative_error": ((out - reference).norm() / reference.norm()).item(), "expected": "about 0.1"}
-
-
-def check_collectives(device):
-    """An all-reduce over this process's world (NCCL on a GPU, gloo on a CPU); one process forms a world of one."""
-    import tempfile
-
-    backend, own = ("nccl" if device.type == "cuda" else "gloo"), not ng.dist.is_initialized()
-    if own:
-        store = ng.dist.FileStore(tempfile.mktemp(), 1)
-        ng.dist.init_process_group(backend, store=store, rank=0, world_size=1)
-    try:
-        t = torch.ones(4, device=device)
-        ng.dist.all_reduce(t)
-        return {"backend": ng.dist.get_backend(), "world": ng.dist.get_world_size(),
-                "all_reduce": t[0].item() == ng.dist.get_world_size()}
-    finally:
-        if own:
-            ng.dist.destroy_process_group()
-
-
-def doctor_recipes(device, capacity):
-    """{name: cfg} to time: on a GPU full fine-tuning, LoRA and NF4 + LoRA at FLUX.1-dev's width with the most blocks
-    the prediction (doctor_prediction) fits in 85 % of its memory; on a CPU the tiny preset's three."""
-    common = dict(rewards=("jpeg_compressibility",), prompt_file="", eval_every=0, sample_every=0, iterations=2,
-                  out_dir="runs/doctor", overwrite=True, guard_rewards=())
-    if device.type != "cuda":  # a smoke test of the same code: smaller groups
-        tiny = ng.parse_config(["--preset=tiny", "--group_size=4", "--num_anchors=2", "--num_steps=4",
-                                "--num_train_steps=2"])
-        return {"full fine-tuning (tiny)": dataclasses.replace(tiny, **common),
-                "LoRA r=4 (tiny)": dataclasses.replace(tiny, **common, lora_rank=4, lora_alpha=8.0),
-                "NF4 + LoRA r=4 (tiny)": dataclasses.replace(tiny, **common, lora_rank=4, lora_alpha=8.0,
-                                                           base_quantization="nf4")}
-    recipes = {}
-    for label, preset in (("full fine-tuning", "flux-dev"), ("LoRA r=64", "flux-dev-lora"),
-                          ("NF4 + LoRA r=64", "flux-dev-24gb")):
-        for blocks in DOCTOR_BLOCKS:
-            cfg = ng.parse_config([f"--preset={preset}", f"--model_path=random:{blocks}", "--parallel=ddp"])
-            cfg = dataclasses.replace(cfg, **common)
-            if doctor_prediction(cfg) < 0.85 * capacity:
-                recipes[f"{label}, {blocks} blocks"] = cfg
-                break
-    return recipes
-
-
-def doctor_prediction(cfg):
-    """The predicted peak bytes of one process running cfg's random stand-in (preflight.gpu_phases)."""
-    sizes = flux.model_sizes(cfg.model_path)
-    return max(preflight.gpu_phases(cfg, sizes, flux.transformer_config(**sizes), 1, False).values())
-
-
-def time_recipe(cfg, device):
-    """Build the run as training does, count one iteration's FLOPs (untimed), time the next; the peak memory of both
-    iterations beside the prediction, seconds, TFLOP/s, the update's |log rho| at theta = theta_old."""
-    gc.collect()  # the previous recipe's model and optimizer, before this one's peak is measured
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    s = setup(cfg, "")
-    if device.type == "cuda":  # from here: a stand-in built on the GPU passes through fp32 before LoRA's cast
-        torch.cuda.reset_peak_memory_stats(device)
-    flops = count_flops(lambda: one_iteration(s, cfg, 0))
-    timings, _, stats = one_iteration(s, cfg, 1)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    del s
-    return {"GTBK": f"{cfg.group_size}, {cfg.num_steps}, {cfg.num_anchors}, {cfg.num_train_steps}",
-            "s_per_iteration": timings["total"], "phases_s": timings, "tflop_per_iteration": flops * 1e-12,
-            "tflop_per_s": flops * 1e-12 / timings["total"],
-            "first_anchor_abs_log_ratio": stats["first_anchor_abs_log_ratio"], "peak_gib": peak and peak / 2**30,
-            "predicted_gib": doctor_prediction(cfg) / 2**30}
-
-
-def doctor(opts, cfg):
-    """What a first GPU can do (module docstring): doctor.json and doctor.md in --out, printed too."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    capacity = ng.device_memory(device)
-    name = torch.cuda.get_device_name(device) if capacity else "no GPU: the CPU (checks what it can)"
-    peak = next((v for k, v in BF16_TFLOPS.items() if k in name), None)
-    checks = {"bf16 matmul": check_bf16, "attention (SDPA backends)": check_attention, "bitsandbytes NF4": check_nf4,
-              "collectives": check_collectives}
-    result = {"device": name, "memory_gib": capacity and capacity / 2**30, "torch": torch.__version__,
-              "cuda": torch.version.cuda, "checks": {k: checked(lambda: check(device)) for k, check in checks.items()}}
-    sizes = flux.FLUX_DEV
-    config = flux.transformer_config(**sizes)
-    result["presets"] = {}
-    for preset, world in (("flux-dev", 8), ("flux-dev", 32), ("flux-dev-lora", 1), ("flux-dev-24gb", 1)):
-        phases = preflight.gpu_phases(ng.parse_config([f"--preset={preset}"]), sizes, config, world, True)
-        need = max(phases.values()) / 2**30
-        result["presets"][f"{preset} over {world}"] = {"predicted_gib": need, "fits": None if capacity is None else
-                                                       need * 2**30 <= capacity}
-    result["runs"] = {label: checked(lambda: time_recipe(c, device)) for label, c in doctor_recipes(device, capacity or
-                                                                                                   0).items()}
-    for run in result["runs"].values():
-        if run["ok"] and peak:
-            run["mfu"] = run["tflop_per_s"] / peak
-    out = Path(opts["out"])
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "doctor.json").write_text(json.dumps(result, indent=1))
-    (out / "doctor.md").write_text(doctor_markdown(result))
-    print(doctor_markdown(result) + f"wrote {out / 'doctor.json'} and {out / 'doctor.md'}")
-    return result
-
-
-def doctor_markdown(result):
-    gib = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
-    lines = [f"# bench.py --doctor: {result['device']} ({gib(result['memory_gib'])} GiB), torch {result['torch']}, "
-             f"CUDA {result['cuda']}", "", "| check | result |", "| --- | --- |"]
-    for check, r in result["checks"].items():
-        found = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items() if k != "ok")
-        lines.append(f"| {check} | {'ok' if r['ok'] else 'FAILED'}: {found} |")
-    lines += ["", "| preset (ranks) | predicted peak per rank, GiB | fits this GPU |", "| --- | --- | --- |"]
-    lines += [f"| {k} | {v['predicted_gib']:.1f} | {'-' if v['fits'] is None else 'yes' if v['fits'] else 'no'} |"
-              for k, v in result["presets"].items()]
-    lines += ["", "| timed iteration | G, T, B, K | s/iter | TFLOP | MFU | peak GiB | predicted GiB | "
-              "first-anchor \\|log ρ\\| |", "| --- |" + " --- |" * 7]
-    for label, r in result["runs"].items():
-        if not r["ok"]:
-            lines.append(f"| {label} | FAILED: {r['error']} |" + " - |" * 6)
-            continue
-        mfu = f"{r['mfu']:.1%}" if "mfu" in r else "-"
-        lines.append(f"| {label} | {r['GTBK']} | {r['s_per_iteration']:.2f} | {r['tflop_per_iteration']:.3g} | {mfu} | "
-                     f"{gib(r['peak_gib'])} | {gib(r['predicted_gib'])} | {r['first_anchor_abs_log_ratio']:.2e} |")
-    return "\n".join(lines) + "\n"
-
-
 def main(argv):
+    if "--doctor" in argv:  # doctor.py's checks, by their first name
+        import doctor
+
+        return doctor.main([arg for arg in argv if arg != "--doctor"])
     return ng.main(argv, parse, lambda parsed: run(*parsed))
 
 
 def run(opts, cfg):
-    if opts["doctor"]:
-        return doctor(opts, cfg)
     if opts["meta"]:
         return meta(opts, cfg)
     if opts["sweep"]:
