@@ -753,8 +753,10 @@ def parse(argv):
         key, _, value = arg.removeprefix("--").partition("=")
         if key not in opts or not arg.startswith("--"):
             raise ng.ConfigError(f"{arg}: doctor.py takes --{', --'.join(opts)} (see its docstring)")
-        opts[key] = type(opts[key])(value) if key != "isolate" else value if value == "auto" else value in ("", "1",
-                                                                                                           "true")
+        if key == "isolate":  # auto: on a GPU
+            opts[key] = value if value == "auto" else value in ("", "1", "true")
+        else:
+            opts[key] = type(opts[key])(value)
     if opts["blocks"] not in DOCTOR_BLOCKS:
         raise ng.ConfigError(f"--blocks={opts['blocks']}: use one of {', '.join(DOCTOR_BLOCKS)}")
     unknown = set(filter(None, opts["only"].split(","))) - set(ORDER)
