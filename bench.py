@@ -376,22 +376,25 @@ def nf4_matmuls():
 
 
 def meta_transformer(cfg, sizes, dtype):
-    """The transformer as load_pipeline() holds it, on the meta device: fp32 (LoRA: the base in dtype, fp32 adapters)."""
-    with torch.device("meta"):
-        model = models.family(cfg.model_path).meta_transformer(sizes)
-        if cfg.lora_rank:
+    """The transformer as load_pipeline() holds it, on the meta device: fp32 (LoRA: the base in dtype, fp32 adapters),
+    built as FSDP's ranks but 0 build it (models.empty_model: a tensor no rank would fill stops here too)."""
+    fam = models.family(cfg.model_path)
+    model = models.empty_model(lambda: fam.meta_transformer(sizes), torch.device("cpu"))
+    if cfg.lora_rank:
+        with torch.device("meta"):
             models.add_lora(model, cfg, dtype)
     return model
 
 
 def fake_parameters(model):
-    """The meta model's parameters given fake CPU storage (under FakeTensorMode: shapes, no memory)."""
+    """The meta model's parameters and buffers given fake CPU storage (under FakeTensorMode: shapes, no memory), as
+    to_empty gives them real storage; its plain tensor attributes (RoPE tables, real since models.empty_model) faked."""
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
             module._parameters[name] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype), p.requires_grad)
-        for name, value in [*module.named_buffers(recurse=False), *vars(module).items()]:  # SD3's positions, RoPE's
-            if isinstance(value, torch.Tensor) and value.is_meta:  # frequencies: their values cost nothing
-                setattr(module, name, torch.zeros(value.shape, dtype=value.dtype))
+        for name, value in [*module.named_buffers(recurse=False), *vars(module).items()]:
+            if isinstance(value, torch.Tensor):
+                setattr(module, name, torch.empty(value.shape, dtype=value.dtype))
     return model
 
 

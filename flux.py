@@ -72,9 +72,10 @@ def vae_config(latent_channels, vae_channels, vae_layers, vae_groups, **_):
 
 
 def build_random_flux(seed, *, layers, single_layers, heads, head_dim, rope, text_dim, pooled_dim, text_layers,
-                      latent_channels, vae_channels, vae_layers, vae_groups, init_device=None):
+                      latent_channels, vae_channels, vae_layers, vae_groups, init_device=None,
+                      init_dtype=torch.float32):
     """A randomly initialised FluxPipeline of the given sizes: the classes of FLUX.1-dev, tokenizers built in memory.
-    init_device: the transformer is built there, its weights N(0, 0.02) (models.random_model)."""
+    init_device: the transformer is built there, its weights N(0, 0.02), in init_dtype (models.random_model)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -88,20 +89,20 @@ def build_random_flux(seed, *, layers, single_layers, heads, head_dim, rope, tex
         vocab_size=len(tokenizer_2), d_model=text_dim, d_ff=64, d_kv=16, num_layers=text_layers, num_heads=2,
         relative_attention_num_buckets=8))
     config = transformer_config(layers, single_layers, heads, head_dim, rope, text_dim, pooled_dim, latent_channels)
-    transformer = random_model(lambda: FluxTransformer2DModel(**config), seed, init_device)
+    transformer = random_model(lambda: FluxTransformer2DModel(**config), seed, init_device, init_dtype)
     vae = AutoencoderKL(**vae_config(latent_channels, vae_channels, vae_layers, vae_groups))
     return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=vae,
                         text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
                         tokenizer_2=tokenizer_2, transformer=transformer)
 
 
-def random_pipeline(model_path, seed, device, dtype):
+def random_pipeline(model_path, seed, device, dtype, master):
     """A random FluxPipeline for "tiny" or "random:D,S" (bench.py's FLUX.1-dev-width stand-in, its text encoders and
-    VAE in dtype as from_pretrained(dtype=dtype) loads them); None for a model to load."""
+    VAE in dtype as from_pretrained(dtype=dtype) loads them), the transformer in master; None for a model to load."""
     sizes = random_sizes(model_path)
     if sizes is None:
         return None
-    pipe = build_random_flux(seed, **sizes, init_device=None if sizes is TINY else device)
+    pipe = build_random_flux(seed, **sizes, init_device=None if sizes is TINY else device, init_dtype=master)
     for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2) if sizes is not TINY else ():
         module.to(dtype)
     return pipe
@@ -113,6 +114,15 @@ def is_family_path(model_path):
 
 def blocks(transformer):
     return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+
+
+def constants(transformer, device):
+    """Nothing outside the state dict: FluxPosEmbed computes RoPE from the ids in every call."""
+
+
+def unreachable(transformer):
+    """None: the text stream's last use is the single-stream blocks, whose output is the image's."""
+    return []
 
 
 @dataclass

@@ -7,7 +7,8 @@ each forwarded to the family of the pipeline, transformer or condition it is giv
 A family module defines (flux.py is the one to copy):
     NAME, REPO                 its name in messages, the hub repository to download
     PIPELINE, TRANSFORMER      its diffusers classes
-    random_pipeline(model_path, seed, device, dtype)   a random pipeline for a random preset's name, else None
+    random_pipeline(model_path, seed, device, dtype, master)   a random pipeline for a random preset's name (the
+                               transformer in master: fp32, or dtype for a frozen base), else None
     model_sizes(model_path)    the sizes bench.py --meta builds from (a local config.json, a known hub id's)
     encode_prompt(pipe, prompt, cfg, cache) -> Condition (everything but x and t the transformer gets, one prompt)
     stack_conditions(conds)    one Condition for a batch of prompts
@@ -16,6 +17,9 @@ A family module defines (flux.py is the one to copy):
     velocity(transformer, x, t, cond, dtype)   v_theta as its pipeline calls it (classifier-free guidance included)
     decode_images(pipe, x, resolution)   latents -> images in [0, 1]
     blocks(transformer)        the blocks FSDP2 shards one by one
+    constants(transformer, device)   computes on device the tensors outside its state dict (RoPE tables), for a
+                               transformer built on the meta device
+    unreachable(transformer)   the modules its pipeline's output cannot depend on (frozen: DDP needs every gradient)
 Shared here: loading with one-line errors, a 4-bit base (bitsandbytes), LoRA (peft through diffusers), export in
 diffusers' formats. Of the project it imports only rewards.tokenizer_is_empty and preflight (memory, FLUX's).
 """
@@ -137,19 +141,54 @@ def t5_xxl():
                     feed_forward_proj="gated-gelu")
 
 
-def random_model(build, seed, device=None):
-    """build(): on the CPU with its default init (device None: the tiny models), or built on the meta device and
-    allocated on device with N(0, 0.02) weights: a default init of billions of parameters takes minutes on a CPU, and
-    bench.py's timings need no particular weights (the full-width stand-ins)."""
+def random_model(build, seed, device=None, dtype=torch.float32):
+    """build(): on the CPU with its default init in fp32 (device None: the tiny models; add_lora casts a frozen base),
+    or allocated on device in dtype (fp32 master weights, or the compute dtype of a frozen base) with N(0, 0.02)
+    weights: the full-width stand-ins. A default init of billions of parameters takes minutes on a CPU, bench.py's
+    timings need no particular weights, and a bf16 base never passes through fp32 (FLUX.1-dev: 48 GB). Buffers and
+    plain tensor attributes (positions, RoPE tables) are the constructor's own, computed on device as when loaded."""
+    from accelerate import init_empty_weights
+
     if device is None:
         return build()
+    with torch.device(device), init_empty_weights(include_buffers=False):  # parameters on meta, never initialised
+        model = build()
+    generator = torch.Generator(device).manual_seed(seed)
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            weight = torch.empty(p.shape, dtype=dtype, device=device).normal_(std=0.02, generator=generator)
+            module._parameters[name] = torch.nn.Parameter(weight, p.requires_grad)
+        for name, b in module.named_buffers(recurse=False):  # as from_pretrained(dtype=) casts them
+            module._buffers[name] = b.to(dtype) if b.is_floating_point() else b
+    return model
+
+
+def empty_model(build, device):
+    """build() on the meta device, no memory and no init (FSDP's ranks but 0, bench.py --meta): its parameters and
+    buffers are what to_empty allocates and rank 0's state dict fills. Anything else (Qwen-Image's RoPE tables are
+    plain attributes) the family computes on device (its constants()); a tensor no rank would fill stops here in one
+    line, not at the first forward."""
     with torch.device("meta"):
         model = build()
-    model.to_empty(device=device)
-    generator = torch.Generator(device).manual_seed(seed)
-    for p in model.parameters():
-        torch.nn.init.normal_(p.data, std=0.02, generator=generator)
+    fam = family(model)
+    fam.constants(model, device)
+    for prefix, module in model.named_modules():
+        left = [n for n, v in vars(module).items() if isinstance(v, torch.Tensor) and v.is_meta]
+        for name in [*left, *sorted(module._non_persistent_buffers_set)]:  # to_empty empties those on every rank
+            raise ModelError(f"{type(model).__name__}.{prefix + '.' if prefix else ''}{name}: a tensor outside the "
+                             f"state dict, which no rank sends under FSDP; compute it in {fam.__name__}.constants()")
     return model
+
+
+def freeze_unreachable(transformer):
+    """Freeze what the pipeline's output cannot depend on (the family's unreachable(): the last block's text stream
+    past its keys and values), LoRA adapters included. DDP stops at the second iteration over a parameter that trains
+    without a gradient (Qwen-Image's last text MLP), find_unused_parameters would walk the graph at every step, and
+    one whose gradient is always zero (the last text queries) would hold AdamW's state for nothing. The output, its
+    gradient and every other parameter's update are unchanged."""
+    for module in family(transformer).unreachable(transformer):
+        if module is not None:  # a norm a config leaves out (qk_norm=None)
+            module.requires_grad_(False)
 
 
 # -----------------------------------------------------------------------------
@@ -184,12 +223,11 @@ def load_pipeline(cfg, device, dtype, meta=False, inference=False):
     def load_transformer(field, path, **kwargs):
         if meta:
             config = load(transformer_class.load_config, field, path, **kwargs)
-            with torch.device("meta"):
-                return transformer_class.from_config(config)
+            return empty_model(lambda: transformer_class.from_config(config), device)
         return load(transformer_class.from_pretrained, field, path, dtype=master, **kwargs)
 
     master = dtype if cfg.lora_rank or inference else torch.float32
-    pipe = fam.random_pipeline(cfg.model_path, cfg.seed, device, dtype)
+    pipe = fam.random_pipeline(cfg.model_path, cfg.seed, device, dtype, master)
     if pipe is None:
         transformer = None if cfg.transformer_path else load_transformer("model_path", cfg.model_path,
                                                                           subfolder="transformer")
@@ -206,6 +244,7 @@ def load_pipeline(cfg, device, dtype, meta=False, inference=False):
         quantize_base(pipe.transformer, dtype, device)
     if cfg.lora_rank:
         add_lora(pipe.transformer, cfg, dtype)
+    freeze_unreachable(pipe.transformer)
     pipe.set_progress_bar_config(disable=True)
     for m in (pipe.vae, *text_encoders(pipe)):
         m.to(device).requires_grad_(False).eval()
@@ -231,7 +270,7 @@ def quantize_base(transformer, dtype, device):
         def forward(self, x):
             return super().forward(x.to(self.compute_dtype))
 
-    transformer.requires_grad_(False).to(dtype)  # a random model is fp32; from_pretrained loads it in dtype already
+    transformer.requires_grad_(False).to(dtype)  # load_pipeline builds or loads it in dtype already (LoRA's master)
     for parent in list(transformer.modules()):
         for name, linear in list(parent.named_children()):
             if type(linear) is torch.nn.Linear:
@@ -257,7 +296,7 @@ def add_lora(transformer, cfg, dtype):
     from peft.utils import set_peft_model_state_dict
 
     transformer.requires_grad_(False)
-    if transformer.dtype != dtype:  # a random model; from_pretrained already loaded the base in dtype
+    if transformer.dtype != dtype:  # bench.py's meta model; load_pipeline builds or loads the base in dtype
         transformer.to(dtype)
     try:
         transformer.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights=True,
@@ -327,13 +366,15 @@ def export_model(model, path, rank, dtype, lora=False, merged=False):
 
 @contextlib.contextmanager
 def adapters_off(model):
-    """The same transformer with its LoRA adapters switched off (the base model), at no memory; back on after."""
+    """The same transformer with its LoRA adapters switched off (the base model), at no memory; back on after (peft
+    makes every adapter trainable again: the unreachable ones are frozen anew)."""
     transformer = getattr(model, "module", model)  # DDP wraps it
     transformer.disable_adapters()
     try:
         yield transformer
     finally:
         transformer.enable_adapters()
+        freeze_unreachable(transformer)
 
 
 # -----------------------------------------------------------------------------

@@ -87,7 +87,7 @@ def byte_tokenizer(vocab_size):
     return fast
 
 
-def random_pipeline(model_path, seed, device, dtype):
+def random_pipeline(model_path, seed, device, dtype, master):
     """A random QwenImagePipeline for a random name, else None."""
     from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
                            QwenImageTransformer2DModel)
@@ -101,7 +101,7 @@ def random_pipeline(model_path, seed, device, dtype):
         text_config={**TEXT["text_config"], "num_hidden_layers": 1}, vision_config={**TEXT["vision_config"], "depth": 1})
     encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**text))
     transformer = random_model(lambda: QwenImageTransformer2DModel(**sizes["transformer"]), seed,
-                               None if sizes is TINY else device)
+                               None if sizes is TINY else device, master)
     pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), transformer=transformer,
                              vae=AutoencoderKLQwenImage(**sizes["vae"]), text_encoder=encoder,
                              tokenizer=byte_tokenizer(text["text_config"]["vocab_size"]))
@@ -112,6 +112,22 @@ def random_pipeline(model_path, seed, device, dtype):
 
 def blocks(transformer):
     return list(transformer.transformer_blocks)
+
+
+def constants(transformer, device):
+    """The RoPE tables (pos_embed.pos_freqs, neg_freqs), computed on device: plain complex attributes (a buffer's
+    dtype cast would drop their imaginary part), so neither to_empty nor rank 0's state dict reaches them."""
+    rope = transformer.pos_embed  # no parameters, no buffers: a new one changes no state dict
+    with torch.device(device):
+        transformer.pos_embed = type(rope)(theta=rope.theta, axes_dim=rope.axes_dim, scale_rope=rope.scale_rope)
+
+
+def unreachable(transformer):
+    """The last block's text stream where it no longer reaches the image: the transformer discards the block's text
+    output, so its text queries (projection and norm; its keys and values reach the image), the attention's text
+    output projection and the text MLP."""
+    last = transformer.transformer_blocks[-1]
+    return [last.attn.add_q_proj, last.attn.norm_added_q, last.attn.to_add_out, last.txt_mlp]
 
 
 @dataclass

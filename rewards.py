@@ -154,6 +154,20 @@ def reward_weights(cfg, key, loader=None):
         raise RewardError(missing_weights(key, e)) from None
 
 
+def all_weights(cfg, *requests):
+    """reward_weights(cfg, key, loader) of each (key, loader), every missing one named in the same line: one at a time,
+    HPSv3 would name its checkpoint only after Qwen2-VL's 16 GB were fetched."""
+    found, missing = [], {}
+    for key, loader in requests:
+        try:
+            found.append(None if key in missing else reward_weights(cfg, key, loader))
+        except RewardError as e:
+            missing[key] = str(e)
+    if missing:
+        raise RewardError("; ".join(missing.values()))
+    return found
+
+
 def import_package(module, package, reward):
     try:
         return importlib.import_module(module)
@@ -196,8 +210,8 @@ def pickscore_reward(cfg, device, dtype):
     """PickScore (Kirstain et al. 2023): CLIP ViT-H-14 fine-tuned on Pick-a-Pic, tokenised as laion's ViT-H-14."""
     from transformers import CLIPModel, CLIPTokenizer
 
-    model = reward_weights(cfg, "pickscore", CLIPModel.from_pretrained)
-    tokenizer = reward_weights(cfg, "pickscore_processor", CLIPTokenizer.from_pretrained)
+    tokenizer, model = all_weights(cfg, ("pickscore_processor", CLIPTokenizer.from_pretrained),
+                                   ("pickscore", CLIPModel.from_pretrained))
     return pickscore_scorer(model.to(device).eval(), tokenizer, dtype)
 
 
@@ -277,8 +291,8 @@ def build_imagereward(med_config, tokenizer):
 
 def imagereward_reward(cfg, device, dtype):
     """ImageReward-v1.0 (Xu et al. 2023), raw model output (about 1.1 for FLUX.1-dev)."""
-    tokenizer = reward_weights(cfg, "imagereward_bert", imagereward_tokenizer)
-    med_config, checkpoint = reward_weights(cfg, "imagereward_med_config"), reward_weights(cfg, "imagereward")
+    tokenizer, med_config, checkpoint = all_weights(cfg, ("imagereward_bert", imagereward_tokenizer),
+                                                    ("imagereward_med_config", None), ("imagereward", None))
     model = build_imagereward(med_config, tokenizer)
     state = torch.load(checkpoint, map_location="cpu")
     missing, unexpected = model.load_state_dict(state, strict=False)  # strict=False as the package's load()
@@ -317,8 +331,8 @@ def clipscore_reward(cfg, device, dtype):
     """CLIP score (Table 1, ref. [8]) as MixGRPO's evaluation computes it: open_clip's ViT-H-14 of its
     hf-hub config (apple/DFN5B-CLIP-ViT-H-14-384), the ViT-H-14 tokenizer, image-text cosine."""
     open_clip = import_package("hpsv2.src.open_clip", "hpsv2x", "clipscore")
-    config = json.loads(Path(reward_weights(cfg, "clipscore_config")).read_text())
-    checkpoint = reward_weights(cfg, "clipscore")
+    config, checkpoint = all_weights(cfg, ("clipscore_config", None), ("clipscore", None))
+    config = json.loads(Path(config).read_text())
     model_cfg = dict(config["model_cfg"])
     model = (open_clip.CustomTextCLIP if model_cfg.pop("custom_text", False) else open_clip.CLIP)(**model_cfg)
     model.load_state_dict(torch.load(checkpoint, map_location="cpu"))
@@ -356,9 +370,9 @@ def aesthetic_reward(cfg, device, dtype):
     """LAION aesthetic score (Table 1, ref. [26]): the MLP on L2-normalised OpenAI CLIP ViT-L/14 image embeddings."""
     from transformers import CLIPModel
 
-    clip = reward_weights(cfg, "aesthetic_clip", CLIPModel.from_pretrained)
+    checkpoint, clip = all_weights(cfg, ("aesthetic", None), ("aesthetic_clip", CLIPModel.from_pretrained))
     mlp = aesthetic_mlp()
-    mlp.load_state_dict(torch.load(reward_weights(cfg, "aesthetic"), map_location="cpu"))
+    mlp.load_state_dict(torch.load(checkpoint, map_location="cpu"))
     return aesthetic_scorer(clip.to(device).eval(), mlp.to(device), dtype)
 
 
@@ -410,9 +424,10 @@ def hpsv3_reward(cfg, device, dtype):
     from transformers import AutoConfig, AutoProcessor, Qwen2VLModel
 
     instruction, request = hpsv3_template()
-    processor = reward_weights(cfg, "hpsv3_processor", lambda p: AutoProcessor.from_pretrained(p, padding_side="right"))
-    config = reward_weights(cfg, "hpsv3_processor", AutoConfig.from_pretrained)
-    state = load_file(reward_weights(cfg, "hpsv3"))
+    processor, config, checkpoint = all_weights(
+        cfg, ("hpsv3_processor", lambda p: AutoProcessor.from_pretrained(p, padding_side="right")),
+        ("hpsv3_processor", AutoConfig.from_pretrained), ("hpsv3", None))
+    state = load_file(checkpoint)
     processor.tokenizer.add_tokens([HPSV3_TOKEN], special_tokens=True)  # appended, as the package's add does
     config.text_config.vocab_size = len(processor.tokenizer)  # the package resized the embeddings to it
     with init_empty_weights(include_buffers=False):
@@ -697,12 +712,17 @@ REWARD_TRIES, REWARD_BACKOFF_S = 3, 2.0  # a reward that raises (a remote server
 
 
 def call_reward(name, fn, images, prompts):
-    """fn(images, prompts), retried with exponential backoff when it raises; then the run stops naming it."""
+    """fn(images, prompts), retried with exponential backoff when it raises; then the run stops naming it. Out of GPU
+    memory stops at once: a retry meets the same batch on the same memory."""
     for attempt in range(REWARD_TRIES):
         try:
             return fn(images, prompts)
         except RewardError:
             raise
+        except torch.OutOfMemoryError:
+            raise RewardError(f"reward {name!r} ran out of GPU memory scoring {len(images)} images a call; lower "
+                              "--reward_batch_size, or pass --reward_offload (each reward on the GPU only while it "
+                              "scores)") from None
         except Exception as e:  # noqa: BLE001 -- any failure of user code is retried, then reported
             error = e
             if attempt + 1 < REWARD_TRIES:

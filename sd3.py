@@ -71,7 +71,7 @@ def model_sizes(model_path):
     return random_sizes(model_path) or {**local, **TEXT}
 
 
-def random_pipeline(model_path, seed, device, dtype):
+def random_pipeline(model_path, seed, device, dtype, master):
     """A random StableDiffusion3Pipeline for a random name (its tokenizers built in memory), else None."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
@@ -88,7 +88,7 @@ def random_pipeline(model_path, seed, device, dtype):
     t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer()), d_model=sizes["text_dim"], d_ff=64, d_kv=16,
                                  num_layers=1, num_heads=2, relative_attention_num_buckets=8))
     transformer = random_model(lambda: SD3Transformer2DModel(**sizes["transformer"]), seed,
-                               None if sizes is TINY else device)  # the full-width stand-in (bench.py) on device
+                               None if sizes is TINY else device, master)  # the full-width stand-in on device
     pipe = StableDiffusion3Pipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), vae=AutoencoderKL(**sizes["vae"]), transformer=transformer,
         text_encoder=clip[0], tokenizer=clip_tokenizer(), text_encoder_2=clip[1], tokenizer_2=clip_tokenizer(),
@@ -100,6 +100,17 @@ def random_pipeline(model_path, seed, device, dtype):
 
 def blocks(transformer):
     return list(transformer.transformer_blocks)
+
+
+def constants(transformer, device):
+    """Nothing outside the state dict: the sin-cos positions are a persistent buffer, which rank 0 sends."""
+
+
+def unreachable(transformer):
+    """The last block's text queries (their projection and norm): the block is context_pre_only, so the attention's
+    text rows, the only ones they reach, are dropped; its text keys and values reach the image."""
+    attn = transformer.transformer_blocks[-1].attn
+    return [attn.add_q_proj, attn.norm_added_q]
 
 
 @dataclass

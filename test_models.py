@@ -7,6 +7,7 @@ import torch
 from conftest import launch, max_abs_diff, read_log
 
 import evaluate
+import flux
 import models
 import neighbor_grpo as ng
 import qwen_image
@@ -34,7 +35,7 @@ def family_pipe(request):
 def transformer_class(preset):
     import diffusers
 
-    return getattr(diffusers, FAMILIES[preset].TRANSFORMER)
+    return getattr(diffusers, models.family(preset).TRANSFORMER)
 
 
 def test_a_family_is_read_from_model_index_json_a_random_name_or_a_hub_id(tmp_path):
@@ -130,21 +131,127 @@ def test_the_export_loads_with_from_pretrained_and_lora_with_load_lora_weights(t
             assert not torch.allclose(base, trained, atol=1e-5)  # it did train
 
 
-@parametrize
-def test_two_fsdp_ranks_equal_one_process(tmp_path, preset):
-    from test_neighbor_grpo import run_ranks
+@pytest.mark.parametrize("lora", [[], LORA], ids=["full", "lora"])
+@pytest.mark.parametrize("preset", ["tiny", *FAMILIES])
+def test_what_trains_is_exactly_what_the_guided_output_depends_on(preset, lora):
+    """DDP needs a gradient for every parameter that trains: what load_pipeline freezes (the family's unreachable(),
+    LoRA adapters included, frozen again after the adapters are switched off and on) is exactly what the guided
+    velocity's gradient never reaches."""
+    cfg = family_cfg(preset, *lora)
+    pipe = models.load_pipeline(cfg, torch.device("cpu"), torch.float32)
+    if lora:
+        with models.adapters_off(pipe.transformer):
+            pass
+    trains = {n for n, p in pipe.transformer.named_parameters() if p.requires_grad}
+    for n, p in pipe.transformer.named_parameters():  # what the recipe trains, unfrozen
+        p.requires_grad_(not lora or "lora_" in n)
+        if "lora_B" in n:
+            p.data.normal_(std=0.01)  # B = 0 would zero every A's gradient
+    x = ng.neighbourhood_noise(pipe, cfg, torch.Generator().manual_seed(0), 2, 0.5, "cpu")
+    ng.velocity(pipe.transformer, x, 0.5, ng.encode_prompt(pipe, "a cat", cfg, {})).square().sum().backward()
+    assert trains == {n for n, p in pipe.transformer.named_parameters() if p.grad is not None and p.grad.any()}
 
-    args = [f"--preset={preset}", "--iterations=2", "--sample_every=0", "--num_train_steps=2", "--rewards=brightness",
+
+@pytest.mark.parametrize("preset", ["tiny", *FAMILIES])
+def test_stand_ins_are_built_in_their_dtype_with_every_constant_their_constructor_computes(preset):
+    """A full-width stand-in's transformer (models.random_model on a device) is allocated in the dtype it trains in
+    (a frozen base in bf16, never through fp32), seeded N(0, 0.02); its buffers and RoPE tables are the
+    constructor's, as a CPU-built model's, cast as from_pretrained(dtype=) casts them."""
+    import diffusers
+
+    fam = models.family(preset)
+    config = flux.transformer_config(**flux.TINY) if preset == "tiny" else fam.TINY["transformer"]
+    build = lambda: getattr(diffusers, fam.TRANSFORMER)(**config)  # noqa: E731
+    reference = build()
+    for dtype in (torch.bfloat16, torch.float32):
+        built = [models.random_model(build, 0, torch.device("cpu"), dtype) for _ in range(2)]
+        assert all(p.dtype == dtype for p in built[0].parameters())
+        assert max_abs_diff(*(dict(m.named_parameters()) for m in built)) == 0
+        assert torch.cat([p.detach().float().flatten() for p in built[0].parameters()]).std().item() == pytest.approx(
+            0.02, rel=0.1)
+        for name, buffer in reference.named_buffers():
+            assert torch.equal(built[0].get_buffer(name), buffer.to(dtype)), name
+        for prefix, module in reference.named_modules():
+            for name, value in vars(module).items():
+                if isinstance(value, torch.Tensor):  # Qwen-Image's RoPE tables
+                    assert torch.equal(getattr(built[0].get_submodule(prefix), name), value), name
+
+
+def test_a_tensor_no_fsdp_rank_would_fill_stops_the_meta_build_and_bench_meta(monkeypatch, capsys):
+    """Built on the meta device (FSDP's ranks but 0), Qwen-Image's RoPE tables come from its constants(): without
+    them load_pipeline(meta=True) and bench.py --meta stop in one line naming the table, instead of a rank dying at
+    its first forward (bench.py once gave them zeros)."""
+    import bench
+
+    monkeypatch.setattr(qwen_image, "constants", lambda transformer, device: None)
+    with pytest.raises(models.ModelError, match=r"QwenImageTransformer2DModel.pos_embed.pos_freqs: .*constants\(\)"):
+        models.empty_model(lambda: qwen_image.meta_transformer(qwen_image.TINY), torch.device("cpu"))
+    with pytest.raises(SystemExit):
+        bench.main(["--preset=tiny-qwen-image", "--meta", "--world_size=2", "--prompt_file="])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pos_embed.pos_freqs" in err
+
+
+RANKS_DRIVER = """
+import json, os, sys, torch, torch.distributed as dist
+import diffusers, models, neighbor_grpo as ng
+out, runs, common = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3:]
+rank, transformer = os.environ["RANK"], getattr(diffusers, models.family(ng.parse_config(common).model_path).TRANSFORMER)
+real = transformer.from_pretrained.__func__
+def spy(cls, *args, **kwargs):  # who reads the transformer's weights from disk
+    open(f"{out}/{name}.weights_read_by_rank{rank}", "w").close()
+    return real(cls, *args, **kwargs)
+transformer.from_pretrained = classmethod(spy)
+full = lambda p: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().clone()
+for name, args in runs.items():
+    torch.manual_seed(0)  # LoRA's A: a loaded pipeline leaves the global generator as the last run did
+    model = ng.train(ng.parse_config(common + args + [f"--out_dir={out}/{name}"]))
+    torch.save({n.removeprefix("module."): full(p) for n, p in model.named_parameters()}, f"{out}/{name}.rank{rank}.pt")
+dist.barrier()
+dist.destroy_process_group()
+"""
+RANKS = {  # each rank's arguments: FSDP2 in two calls an optimizer step, each reduce-scattered; checkpointed blocks
+    "fsdp": ["--parallel=fsdp", "--grad_checkpointing=true", "--update_batch_size=1"],
+    "ddp": ["--parallel=ddp", "--update_batch_size=2"],
+    "ddp_lora": ["--parallel=ddp", "--grad_checkpointing=true", "--update_batch_size=2", *LORA],
+}
+
+
+@pytest.mark.parametrize("preset", ["tiny", *FAMILIES])
+def test_two_ranks_equal_one_process_over_the_same_groups(tmp_path, preset):
+    """Every family from a saved pipeline over two gloo ranks, in one launch: FSDP2 (ranks but 0 never read the
+    weights; Qwen-Image's RoPE tables are no weight), DDP and DDP with LoRA (what the output cannot depend on, as
+    Qwen-Image's last text MLP, frozen) each train as one process averaging both groups does."""
+    import subprocess
+
+    models.load_pipeline(family_cfg(preset), torch.device("cpu"), torch.float32).save_pretrained(tmp_path / "pipe")
+    args = [f"--preset={preset}", f"--model_path={tmp_path / 'pipe'}", "--iterations=2", "--group_size=4",
+            "--num_anchors=2", "--num_steps=2", "--num_train_steps=2", *QUICK,
             "--clip_range=1"]  # no ratio at the clip edge, where round-off would flip a term on or off
-    ranks = run_ranks(tmp_path, "fsdp", 2, *args, "--parallel=fsdp", "--grad_checkpointing=true",
-                      "--update_batch_size=1")
-    model = ng.train(ng.parse_config([*args, "--groups_per_rank=2", "--update_batch_size=1",
-                                      f"--out_dir={tmp_path / 'one'}"]))
-    one = {n: p.detach().clone() for n, p in model.named_parameters()}
-    assert max_abs_diff(ranks[0], ranks[1]) == 0
-    # the same updates as one process averaging both groups, to round-off times Adam's step: Adam divides the tiny
-    # model's near-zero gradients by their own size, so their round-off moves a weight by up to a tenth of lr (1e-3)
-    assert max_abs_diff(ranks[0], one) < 2e-4
+    (tmp_path / "driver.py").write_text(RANKS_DRIVER)
+    command, env = launch(2, tmp_path / "driver.py", tmp_path / "ranks", json.dumps(RANKS), *args)
+    (tmp_path / "ranks").mkdir()
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    read = {p.name for p in (tmp_path / "ranks").glob("*.weights_read_by_rank*")}
+    assert "fsdp.weights_read_by_rank0" in read and "fsdp.weights_read_by_rank1" not in read
+    start = transformer_class(preset).from_pretrained(tmp_path / "pipe/transformer")
+    one = {}  # one process over both groups (no parallel wrapper): full fine-tuning, LoRA
+    for lora in ([], LORA):
+        torch.manual_seed(0)  # LoRA's A, as each rank draws it
+        model = ng.train(ng.parse_config([*args, *lora, "--groups_per_rank=2", "--update_batch_size=1",
+                                          f"--out_dir={tmp_path / f'one{len(lora)}'}"]))
+        one[bool(lora)] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert max_abs_diff(one[False], {n: p.detach() for n, p in start.named_parameters()}) > 1e-3  # it trained
+    assert min(p.abs().max().item() for n, p in model.named_parameters()  # every adapter that trains (B starts at 0)
+               if "lora_B" in n and p.requires_grad) > 1e-3
+    for name, ranks in RANKS.items():
+        two = [torch.load(tmp_path / f"ranks/{name}.rank{r}.pt") for r in (0, 1)]
+        assert max_abs_diff(two[0], two[1]) == 0, name  # identical on every rank
+        # the same updates as one process, to round-off times Adam's step: Adam divides the tiny model's near-zero
+        # gradients by their own size, so their round-off can move a weight by a fraction of lr (1e-3; LoRA 1e-2;
+        # 1.3e-5 at most measured)
+        assert max_abs_diff(two[0], one["--lora_rank=4" in ranks]) < 1e-4, name
 
 
 @parametrize

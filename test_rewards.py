@@ -326,6 +326,20 @@ def test_a_reward_that_raises_is_retried_then_named(monkeypatch):
         rewards.score({"flaky": flaky}, images, ["a", "b"])
 
 
+def test_a_reward_out_of_gpu_memory_is_not_retried_and_names_the_batch_size():
+    calls = []
+
+    def greedy(images, prompts):
+        calls.append(1)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(rewards.RewardError) as error:
+        rewards.score({"greedy": greedy}, torch.rand(4, 3, 8, 8), ["a"] * 4, batch_size=4)
+    message = str(error.value)
+    assert calls == [1] and "reward 'greedy' ran out of GPU memory scoring 4 images" in message
+    assert "--reward_batch_size" in message and "--reward_offload" in message and "server" not in message
+
+
 
 
 def test_an_offloaded_reward_is_on_the_device_only_while_it_scores_and_in_batches():
@@ -451,9 +465,11 @@ def test_hpsv3_adapter_matches_the_packages_own_scoring(tmp_path):
 
 
 def test_hpsv3_is_a_guard_and_a_missing_checkpoint_says_what_to_download(tmp_path):
-    with pytest.raises(rewards.RewardError) as error:
+    with pytest.raises(rewards.RewardError) as error:  # both downloads named at once, in one line
         rewards.load_reward("hpsv3", tiny_cfg(None, f"--reward_paths=hpsv3_processor={tmp_path}"), "cpu")
-    assert "huggingface-cli download" in str(error.value)
+    message = str(error.value)
+    assert "download Qwen/Qwen2-VL-7B-Instruct" in message and "download MizzenAI/HPSv3 HPSv3.safetensors" in message
+    assert len(message.splitlines()) == 1 and message.count("hpsv3_processor weights not found") == 1
     processor_dir, _, _, _ = tiny_hpsv3(tmp_path)
     with pytest.raises(rewards.RewardError) as error:
         rewards.load_reward("hpsv3", tiny_cfg(None, f"--reward_paths=hpsv3_processor={processor_dir}"), "cpu")
