@@ -131,7 +131,7 @@ def evaluate_model(cfg):
 
 def check_memory(cfg, device, rank):
     """The predicted peak per rank (preflight.evaluation_phases) against this GPU, before anything loads."""
-    capacity, fam = ng.device_memory(device), models.family(cfg.model_path)
+    capacity, fam = models.device_memory(device), models.family(cfg.model_path)
     if not capacity or fam.NAME != "FLUX":  # a CPU: nothing to check; preflight.py's closed form is FLUX's
         return
     sizes = fam.model_sizes(cfg.model_path)

@@ -25,10 +25,12 @@ diffusers' formats. Of the project it imports only rewards.tokenizer_is_empty an
 """
 
 import contextlib
+import dataclasses
 import functools
 import importlib
 import json
 import logging
+import os
 import string
 from pathlib import Path
 
@@ -411,12 +413,14 @@ def no_grad_attention():
     return contextlib.nullcontext()
 
 
-def compile_blocks(model):
-    """torch.compile each transformer block (regional compilation): the blocks repeat, so each kind compiles once per
-    grad mode and batch shape, in the first iteration (about 1.5 minutes at FLUX.1-dev's size on an H200); gradient
-    checkpointing and FSDP2's hooks stay outside the compiled code. Same kernels for the rollout and the update, so
-    |log rho| at theta_old stays at round-off (docs/cost.md)."""
-    for block in blocks(model):
+def prepare_blocks(model, checkpointing, compiled):
+    """Gradient checkpointing (each block recomputed in the backward), and torch.compile on each block (regional
+    compilation): the blocks repeat, so each kind compiles once per grad mode and batch shape, in the first iteration
+    (about 1.5 minutes at FLUX.1-dev's size on an H200); checkpointing and FSDP2's hooks stay outside the compiled
+    code. The rollout and the update run the same compiled blocks: |log rho| at theta_old stays at round-off."""
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    for block in blocks(model) if compiled else ():
         block.compile()
 
 
@@ -451,6 +455,26 @@ def decode_images(pipe, x, resolution):
 
 def blocks(transformer):
     return family(transformer).blocks(transformer)
+
+
+def device_memory(device):
+    """The bytes this process can use on device (preflight.usable_memory); None on a CPU: nothing to check."""
+    import preflight
+
+    return preflight.usable_memory(*torch.cuda.mem_get_info(device)) if device.type == "cuda" else None
+
+
+def check_memory(cfg, device, world, rank, presets):
+    """(ok, message), before any weight loads: whether the recipe is predicted to fit this GPU (preflight.py), else
+    one line naming what does: checkpointing, a one-GPU preset, torchrun over 8 GPUs."""
+    capacity = device_memory(device)
+    if not capacity or not cfg.memory_check:
+        return True, ""
+    offers = {"--grad_checkpointing=true": (dataclasses.replace(cfg, grad_checkpointing=True), world)}
+    for p in ("flux-dev-lora", "flux-dev-24gb"):
+        offers[f"--preset={p}"] = (dataclasses.replace(cfg, **presets[p]), 1)
+    offers["torchrun over 8 GPUs"] = (dataclasses.replace(cfg, **presets["flux-dev"]), 8)
+    return memory_fits(cfg, world, capacity, offers, rank, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 def memory_fits(cfg, world, capacity, offers, rank, ranks_per_node):

@@ -4,7 +4,7 @@ SD3.5 and Qwen-Image through the same loop.
 
     python neighbor_grpo.py --preset=tiny            # a random tiny FLUX-architecture model on CPU, ~1 minute
     python neighbor_grpo.py --preset=digits          # a pretrained 16x16 digits model, guarded, ~4 minutes
-    python neighbor_grpo.py --preset=flux-dev-lora   # FLUX.1-dev on one 48-80 GB GPU with LoRA
+    python neighbor_grpo.py --preset=flux-dev-lora   # FLUX.1-dev on one 80 GB GPU with LoRA (10 s/iter)
     python neighbor_grpo.py --preset=flux-dev-24gb   # ... on one 24 GB GPU: LoRA on a 4-bit base
     torchrun --nproc_per_node=8 neighbor_grpo.py     # FLUX.1-dev, the paper's 8-step DPM++ setting
     torchrun --nproc_per_node=8 evaluate.py --transformer_path=runs/x/transformer   # Table 1 of a trained model
@@ -47,10 +47,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from models import (ATTENTION_BACKENDS, ModelError, adapters_off, blocks, compile_blocks, decode_images, draw_noise,
-                    encode_prompt, export_model, load_pipeline, memory_fits, presets as family_presets, schedule,
+from models import (ATTENTION_BACKENDS, ModelError, adapters_off, blocks, check_memory, decode_images, draw_noise,
+                    encode_prompt, export_model, load_pipeline, prepare_blocks, presets as family_presets, schedule,
                     set_attention, stack_conditions, text_encoders, velocity)
-from preflight import checkpoint_bytes, damaged_files, usable_memory
+from preflight import checkpoint_bytes, damaged_files
 from report import RunLog, Stopwatch, progress, save_grid, write_evaluation
 from rewards import RewardError, load_reward, reward_config_problems, score
 
@@ -162,7 +162,7 @@ PRESETS = {
         grad_checkpointing=False, update_batch_size=2),  # 10.0 s/iter on an H200; 48 GB: --grad_checkpointing=true
     "flux-dev-24gb": dict(  # the paper's 8-step setting on one 24 GB GPU: LoRA on a 4-bit base (docs/cost.md)
         lora_rank=64, lora_alpha=128.0, lr=3e-4, parallel="ddp", base_quantization="nf4", reward_offload=True,
-        out_dir="runs/flux_dev_24gb"),
+        out_dir="runs/flux_dev_24gb", grad_checkpointing=True, compile=False, update_batch_size=4),
     "tiny": dict(  # the same algorithm on a random tiny FLUX-architecture model, CPU, no download
         model_path="tiny", resolution=64, max_sequence_length=64, rewards=("jpeg_compressibility",),
         prompt_file="", eval_prompts="", eval_size=0, eval_every=20, eval_only_rewards=(), guard_rewards=(),
@@ -330,8 +330,7 @@ def setup_distributed(cfg):
     if "RANK" not in os.environ:
         return 0, 1, device
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(seconds=cfg.dist_timeout))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=cfg.dist_timeout))
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -342,10 +341,7 @@ def compute_dtype(cfg):
 def parallelize(model, cfg, device, world, dtype):
     """FSDP2 (shard) or DDP. FSDP shards an empty (meta) model, then rank 0 broadcasts its weights and each rank keeps
     its shard: no rank but 0 ever holds a full copy (load_pipeline(meta=True) builds theirs without weights)."""
-    if cfg.grad_checkpointing:
-        model.enable_gradient_checkpointing()
-    if cfg.compile:
-        compile_blocks(model)
+    prepare_blocks(model, cfg.grad_checkpointing, cfg.compile)
     if world == 1:
         return model.to(device)
     if cfg.parallel == "ddp":  # buffers (RoPE tables, SD3's 453 MB pos_embed) never change: not re-sent every step
@@ -1025,7 +1021,7 @@ def build(cfg, method=NEIGHBOR):
     leave the GPU."""
     rank, world, device = setup_distributed(cfg)
     dtype = compute_dtype(cfg)
-    check_memory(cfg, device, world, rank)
+    require([check_memory(cfg, device, world, rank, PRESETS)])  # preflight.py, before any weight loads
     resume_from = resume_state(cfg, Path(cfg.out_dir))
     prompts = load_prompts(cfg.prompt_file)
     home = torch.device("cpu") if cfg.reward_offload else device  # where the reward models wait between calls
@@ -1048,20 +1044,6 @@ def build(cfg, method=NEIGHBOR):
     return Run(rank, world, device, dtype, pipe, model, optimizer, method, prompts, reward_fns, reward_mix(cfg),
                pipeline_grid(pipe, cfg, cfg.num_steps), eval_prompts, eval_fns,
                eval_grid(pipe, cfg), start, guard_state, reference, group_ids, cache)
-
-
-def device_memory(device):  # bytes this process can use (preflight.usable_memory); None on a CPU (nothing to check)
-    return usable_memory(*torch.cuda.mem_get_info(device)) if device.type == "cuda" else None
-
-
-def check_memory(cfg, device, world, rank):
-    """Before any weight loads: a recipe predicted not to fit this GPU (preflight.py) stops, naming one that does."""
-    capacity = device_memory(device)
-    if capacity and cfg.memory_check:
-        offers = {"--grad_checkpointing=true": (dataclasses.replace(cfg, grad_checkpointing=True), world), **{
-            f"--preset={p}": (dataclasses.replace(cfg, **PRESETS[p]), 1) for p in ("flux-dev-lora", "flux-dev-24gb")}}
-        offers["torchrun over 8 GPUs"] = (dataclasses.replace(cfg, **PRESETS["flux-dev"]), 8)
-        require([memory_fits(cfg, world, capacity, offers, rank, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))])
 
 
 def starting_model(transformer, cfg, device, world, dtype):

@@ -1040,7 +1040,7 @@ def test_a_transformer_path_that_does_not_exist_says_so(tmp_path):
 
 
 def test_a_recipe_that_cannot_fit_the_gpu_stops_in_one_line_before_any_model_loads(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(ng, "device_memory", lambda device: 80 * 10**9)  # one 80 GB GPU
+    monkeypatch.setattr(models, "device_memory", lambda device: 80 * 10**9)  # one 80 GB GPU
     monkeypatch.setattr(models, "load_pipeline", lambda *a, **k: pytest.fail("a model loaded"))
     monkeypatch.setattr(ng, "load_pipeline", lambda *a, **k: pytest.fail("a model loaded"))
     with pytest.raises(SystemExit) as exit_info:
@@ -1049,7 +1049,7 @@ def test_a_recipe_that_cannot_fit_the_gpu_stops_in_one_line_before_any_model_loa
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1
     assert "this GPU's 74.5 GiB usable cannot hold full fine-tuning over 1 rank(s)" in err and "--preset=flux-dev-lora" in err
     assert "--memory_check=false" in err
-    monkeypatch.setattr(ng, "device_memory", lambda device: 24 * 10**9)  # the 24 GB card: only the 4-bit recipe
+    monkeypatch.setattr(models, "device_memory", lambda device: 24 * 10**9)  # the 24 GB card: only the 4-bit recipe
     with pytest.raises(SystemExit):
         ng.main(["--preset=flux-dev-lora", f"--out_dir={tmp_path}"])
     err = capsys.readouterr().err.strip()
