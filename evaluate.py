@@ -112,7 +112,7 @@ def evaluate_model(cfg):
     dtype, out, cfg = ng.compute_dtype(cfg), Path(cfg.out_dir), sampler(cfg)
     if (out / "eval.json").exists() and not cfg.overwrite:
         raise ng.ConfigError(f"out_dir={out}: already holds eval.json; pass --overwrite or another --out_dir")
-    check_memory(cfg, device, rank)
+    check_memory(cfg, device, rank, world)
     prompts, reward_fns = ng.eval_setup(cfg, {}, device, cfg.eval_only_rewards, PRECISIONS.get(cfg.reward_precision))
     pipe = ng.load_pipeline(cfg, device, dtype, inference=True)  # read in the compute dtype: no fp32 copy on the host
     pipe.transformer.to(device, dtype).eval()  # nothing sharded: each rank samples its prompts with a full copy
@@ -129,9 +129,9 @@ def evaluate_model(cfg):
     return summary
 
 
-def check_memory(cfg, device, rank):
-    """The predicted peak per rank (preflight.evaluation_phases) against this GPU, before anything loads."""
-    capacity, fam = models.device_memory(device), models.family(cfg.model_path)
+def check_memory(cfg, device, rank, world):
+    """The predicted peak per rank (preflight.evaluation_phases) against the GPUs, before anything loads."""
+    capacity, fam = models.device_memory(device, world), models.family(cfg.model_path)
     if not capacity or fam.NAME != "FLUX":  # a CPU: nothing to check; preflight.py's closed form is FLUX's
         return
     sizes = fam.model_sizes(cfg.model_path)

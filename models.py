@@ -386,12 +386,21 @@ ATTENTION_BACKENDS = ("sdpa", "cudnn_forward", "cudnn")
 _NO_GRAD_ATTENTION = None  # SDPA backends, in order, for calls without gradient (rollout, evaluation); None: torch's
 
 
+def cudnn_forward_measured():
+    """Whether this GPU is one cuDNN's SDPA forward was measured correct on: Hopper (sm90: H100, H200, H800) with a
+    CUDA 12.9+ build. PyTorch itself prefers it only there and disables it on older CUDA builds (memory corruption)."""
+    return (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+            and tuple(int(v) for v in (torch.version.cuda or "0.0").split(".")[:2]) >= (12, 9))
+
+
 def set_attention(backend):
     """PyTorch's SDPA kernels for this process, set where the device is (before any model runs) so that gradient
     checkpointing's recompute, which runs outside any context around the forward, meets the same kernel. cuDNN's
     backward fails or is silently wrong on FLUX's blocks (docs/cost.md): off unless backend="cudnn" (a later PyTorch
-    may fix it). "cudnn_forward" runs cuDNN's forward, 1.6x flash's and as accurate, where nothing needs a gradient;
-    a shape cuDNN cannot run (the VAE's 512-wide heads) falls through to flash, memory-efficient, then math."""
+    may fix it). "cudnn_forward" runs cuDNN's forward, 1.6x flash's and as accurate on an H200, where nothing needs a
+    gradient, on the GPUs it was measured on (elsewhere it is "sdpa"); a shape cuDNN cannot run (the VAE's 512-wide
+    heads) falls through to flash, memory-efficient, then math. Compiled blocks fix their kernel when first traced and
+    torch's on-disk compile cache does not key on these flags: the backend is tagged into its key."""
     global _NO_GRAD_ATTENTION
     from torch.nn.attention import SDPBackend
 
@@ -399,13 +408,16 @@ def set_attention(backend):
     for enable in (torch.backends.cuda.enable_flash_sdp, torch.backends.cuda.enable_mem_efficient_sdp,
                    torch.backends.cuda.enable_math_sdp):
         enable(True)
+    cudnn_first = backend == "cudnn_forward" and cudnn_forward_measured()
     _NO_GRAD_ATTENTION = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                          SDPBackend.MATH] if backend == "cudnn_forward" else None
+                          SDPBackend.MATH] if cudnn_first else None
+    torch.compiler.config.cache_key_tag = f"attention={backend}:{cudnn_first}"  # pytorch#185449
 
 
 def no_grad_attention():
     """The context of a transformer call: cuDNN's forward first when set_attention chose it and no gradient is
-    recorded (then nothing is recomputed later, outside it)."""
+    recorded (then nothing is recomputed later, outside it). Every no-grad call of the transformer must come through
+    here (models.velocity): a compiled block keeps the kernel of its first no-grad trace for the whole process."""
     from torch.nn.attention import sdpa_kernel
 
     if _NO_GRAD_ATTENTION and not torch.is_grad_enabled():
@@ -420,6 +432,9 @@ def prepare_blocks(model, checkpointing, compiled):
     code. The rollout and the update run the same compiled blocks: |log rho| at theta_old stays at round-off."""
     if checkpointing:
         model.enable_gradient_checkpointing()
+    if compiled:  # a block kind meets up to ~10 variants (grad mode, batch, layout, adapters off): above dynamo's 8
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)  # would run eager
+        torch._dynamo.config.optimize_ddp = False  # DDP's hooks overlap the all-reduce; no splitting of each block
     for block in blocks(model) if compiled else ():
         block.compile()
 
@@ -457,17 +472,23 @@ def blocks(transformer):
     return family(transformer).blocks(transformer)
 
 
-def device_memory(device):
-    """The bytes this process can use on device (preflight.usable_memory); None on a CPU: nothing to check."""
+def device_memory(device, world=1):
+    """The bytes a process can use on device (preflight.usable_memory), the least over the world's ranks so that
+    every rank decides alike; None on a CPU: nothing to check."""
     import preflight
 
-    return preflight.usable_memory(*torch.cuda.mem_get_info(device)) if device.type == "cuda" else None
+    if device.type != "cuda":
+        return None
+    free = [preflight.usable_memory(*torch.cuda.mem_get_info(device))] * world
+    if world > 1:
+        torch.distributed.all_gather_object(free, free[0])
+    return min(free)
 
 
 def check_memory(cfg, device, world, rank, presets):
     """(ok, message), before any weight loads: whether the recipe is predicted to fit this GPU (preflight.py), else
     one line naming what does: checkpointing, a one-GPU preset, torchrun over 8 GPUs."""
-    capacity = device_memory(device)
+    capacity = device_memory(device, world)
     if not capacity or not cfg.memory_check:
         return True, ""
     offers = {"--grad_checkpointing=true": (dataclasses.replace(cfg, grad_checkpointing=True), world)}

@@ -57,6 +57,7 @@ from rewards import RewardError, load_reward, reward_config_problems, score
 # diffusers' blocks return slices; nothing downstream writes into them in place (the FSDP tests check gradients)
 warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DCP in a world of one: intended
+warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated")  # its new name is not in torch 2.11
 
 # -----------------------------------------------------------------------------
 # Config
@@ -142,7 +143,7 @@ class Config:
     memory_check: bool = True  # refuse, before loading, a recipe predicted not to fit this GPU (preflight.py)
     grad_checkpointing: bool = True  # recompute each transformer block in the backward pass
     compile: bool = False  # torch.compile each transformer block; the first iteration pays ~1.5 min (docs/cost.md)
-    attention_backend: str = "cudnn_forward"  # "sdpa" (flash, mem-efficient), + cuDNN's no-grad forward, "cudnn" (docs)
+    attention_backend: str = "cudnn_forward"  # "sdpa" (flash, ...), + cuDNN's no-grad forward on Hopper, "cudnn" (docs)
     out_dir: str = "runs/neighbor_grpo"  # log.jsonl, sample grids and checkpoints go here
     overwrite: bool = False  # allow a new run in an out_dir that already holds one
     resume: bool = False  # continue the run in out_dir from its latest checkpoint
@@ -324,7 +325,7 @@ def setup_distributed(cfg):
     GPU is made current and its attention kernels chosen here, before any model runs (models.set_attention)."""
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     if device.type == "cuda":  # torchrun's local rank, else the device given (--device=cuda:1)
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", device.index or 0)))
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) if "RANK" in os.environ else device.index or 0)
         torch.cuda.set_device(device)
     set_attention(cfg.attention_backend)
     if "RANK" not in os.environ:
@@ -1051,7 +1052,8 @@ def starting_model(transformer, cfg, device, world, dtype):
     sharded like the trained one under FSDP (made before parallelize() and restore() change the original)."""
     frozen = copy.deepcopy(transformer).requires_grad_(False).to(dtype)
     if world > 1 and cfg.parallel == "fsdp":
-        return parallelize(frozen, dataclasses.replace(cfg, grad_checkpointing=False), device, world, dtype)
+        return parallelize(frozen, dataclasses.replace(cfg, grad_checkpointing=False, compile=False), device, world,
+                           dtype)
     return frozen.to(device)
 
 

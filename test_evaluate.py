@@ -218,7 +218,7 @@ def test_evaluate_reads_the_transformer_in_the_compute_dtype(tmp_path, monkeypat
 
 def test_an_evaluation_that_cannot_fit_the_gpu_stops_in_one_line_before_anything_loads(tmp_path, capsys, monkeypatch):
     """Table 1's protocol at 1024² holds the bf16 transformer, five fp32 judges and, at start-up, T5-XXL: ~46 GiB."""
-    monkeypatch.setattr(models, "device_memory", lambda device: 40 * 10**9)
+    monkeypatch.setattr(models, "device_memory", lambda device, world=1: 40 * 10**9)
     monkeypatch.setattr(ng, "load_pipeline", lambda *a, **k: pytest.fail("a model loaded"))
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main([f"--out_dir={tmp_path}"])

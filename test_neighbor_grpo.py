@@ -1040,16 +1040,16 @@ def test_a_transformer_path_that_does_not_exist_says_so(tmp_path):
 
 
 def test_a_recipe_that_cannot_fit_the_gpu_stops_in_one_line_before_any_model_loads(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(models, "device_memory", lambda device: 80 * 10**9)  # one 80 GB GPU
+    monkeypatch.setattr(models, "device_memory", lambda device, world=1: 80 * 10**9)  # one 80 GB GPU
     monkeypatch.setattr(models, "load_pipeline", lambda *a, **k: pytest.fail("a model loaded"))
     monkeypatch.setattr(ng, "load_pipeline", lambda *a, **k: pytest.fail("a model loaded"))
     with pytest.raises(SystemExit) as exit_info:
         ng.main(["--preset=flux-dev", f"--out_dir={tmp_path}"])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1
-    assert "this GPU's 74.5 GiB usable cannot hold full fine-tuning over 1 rank(s)" in err and "--preset=flux-dev-lora" in err
-    assert "--memory_check=false" in err
-    monkeypatch.setattr(models, "device_memory", lambda device: 24 * 10**9)  # the 24 GB card: only the 4-bit recipe
+    assert "this GPU's 74.5 GiB usable cannot hold full fine-tuning over 1 rank(s)" in err
+    assert "--preset=flux-dev-lora" in err and "--memory_check=false" in err
+    monkeypatch.setattr(models, "device_memory", lambda device, world=1: 24 * 10**9)  # 24 GB: only the 4-bit recipe
     with pytest.raises(SystemExit):
         ng.main(["--preset=flux-dev-lora", f"--out_dir={tmp_path}"])
     err = capsys.readouterr().err.strip()
@@ -1059,12 +1059,15 @@ def test_a_recipe_that_cannot_fit_the_gpu_stops_in_one_line_before_any_model_loa
 # ---------------------------------------------------------------------------- kernels: attention and compilation
 
 
-@pytest.mark.parametrize("backend,cudnn_anywhere,cudnn_without_grad", [
-    ("sdpa", False, False), ("cudnn_forward", False, True), ("cudnn", True, True)])
+@pytest.mark.parametrize("backend,measured,cudnn_anywhere,cudnn_without_grad", [
+    ("sdpa", True, False, False), ("cudnn_forward", True, False, True), ("cudnn_forward", False, False, False),
+    ("cudnn", False, True, True)])
 def test_the_attention_kernels_are_set_before_any_model_loads_and_cudnn_forward_only_runs_without_grad(
-        backend, cudnn_anywhere, cudnn_without_grad, tmp_path, monkeypatch):
+        backend, measured, cudnn_anywhere, cudnn_without_grad, tmp_path, monkeypatch):
     """PyTorch's own SDPA flags (the setting itself): cuDNN's backend is off, or on, by the time the pipeline loads,
-    and inside the transformer's calls it is on exactly where the backend allows it: no gradient for cudnn_forward."""
+    and inside the transformer's calls it is on exactly where the backend allows it: no gradient for cudnn_forward,
+    on a GPU it was measured on (measured: as on an H200); the compile cache's key carries the choice."""
+    monkeypatch.setattr(models, "cudnn_forward_measured", lambda: measured)
     torch.backends.cuda.enable_cudnn_sdp(not cudnn_anywhere)  # the opposite of what the run must set
     loaded, calls = [], []
     real_load, real_velocity = ng.load_pipeline, flux.velocity
@@ -1079,7 +1082,9 @@ def test_the_attention_kernels_are_set_before_any_model_loads_and_cudnn_forward_
         assert loaded == [cudnn_anywhere]
         assert {cudnn for grad, cudnn in calls if not grad} == {cudnn_without_grad}  # the rollout
         assert {cudnn for grad, cudnn in calls if grad} == {cudnn_anywhere}  # the update
+        assert torch.compiler.config.cache_key_tag == f"attention={backend}:{cudnn_without_grad and not cudnn_anywhere}"
     finally:
+        monkeypatch.undo()
         models.set_attention("cudnn_forward")  # the default, for the tests after this one
 
 
@@ -1097,9 +1102,10 @@ def lever_iteration(*args):
     return groups[0].states, steps, stats["first_anchor_abs_log_ratio"]
 
 
-def test_the_speed_levers_give_the_eager_rollout_and_gradients_within_round_off():
+def test_the_speed_levers_give_the_eager_rollout_and_gradients_within_round_off(monkeypatch):
     """compile (the transformer's blocks through inductor on this CPU) and the attention backends change kernels, not
     the algorithm: the same rollout states and update gradients, and rho = 1 at theta_old to round-off."""
+    monkeypatch.setattr(models, "cudnn_forward_measured", lambda: True)  # cuDNN first without grad, as on Hopper
     states, steps, log_ratio = lever_iteration("--compile=false", "--attention_backend=sdpa")
     assert log_ratio < 1e-6
     for lever in (["--attention_backend=cudnn_forward"], ["--compile=true", "--grad_checkpointing=true"]):
@@ -1109,3 +1115,5 @@ def test_the_speed_levers_give_the_eager_rollout_and_gradients_within_round_off(
             g, h = torch.cat([g.flatten() for g in grads]), torch.cat([h.flatten() for h in lever_grads])
             assert (h - g).norm() <= 1e-4 * g.norm()
         assert lever_log_ratio < 1e-6
+    monkeypatch.undo()
+    models.set_attention("cudnn_forward")  # the default on this CPU, for the tests after this one
