@@ -1,7 +1,7 @@
 """
 What a GPU can do with this code, in minutes and with no download. The first command on a new GPU:
 
-    python doctor.py --out=runs/doctor                  # ~6 minutes on an H100/H200 (bench.py --doctor runs this)
+    python doctor.py --out=runs/doctor                  # ~5 minutes on an H100/H200 (bench.py --doctor runs this)
     python doctor.py --out=runs/doctor --budget=900 --blocks=19,38   # FLUX.1-dev's 57 blocks, more time
     python doctor.py --out=runs/more --only=sde,lora-compiled        # checks by name
 
@@ -547,6 +547,10 @@ def write_json(path, value):
     tmp.replace(path)
 
 
+def interrupted(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (timeout(1), a scheduler) ends like Ctrl-C: the running check's process killed
+
+
 def doctor(opts):
     """Every check in order within --budget; doctor.json and doctor.md rewritten after each. Returns the report."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -749,7 +753,7 @@ def runs_markdown(report):
 
 
 def parse(argv):
-    opts = dict(out="runs/doctor", budget=360.0, blocks="6,12", only="", isolate="auto", one="", result="")
+    opts = dict(out="runs/doctor", budget=320.0, blocks="6,12", only="", isolate="auto", one="", result="")
     for arg in argv:
         key, _, value = arg.removeprefix("--").partition("=")
         if key not in opts or not arg.startswith("--"):
@@ -770,7 +774,11 @@ def main(argv):
     def job(opts):
         if opts["one"]:
             return one(json.loads(opts["one"]), Path(opts["result"]))
-        return doctor(opts)
+        previous = signal.signal(signal.SIGTERM, interrupted)
+        try:
+            return doctor(opts)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     return ng.main(argv, parse, job)
 
