@@ -138,7 +138,7 @@ def check_kernels(spec, device, found):
     cuda = device.type == "cuda"
     found.update(device=torch.cuda.get_device_name(device) if cuda else "no GPU: the CPU (tiny models)",
                  memory_gib=cuda and torch.cuda.get_device_properties(device).total_memory / 2**30 or None,
-                 usable_gib=cuda and preflight.usable_memory(*torch.cuda.mem_get_info(device)) / 2**30 or None,
+                 usable_gib=cuda and models.device_memory(device) / 2**30 or None,
                  torch=torch.__version__, cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
                  diffusers=diffusers.__version__, bitsandbytes=bitsandbytes.__version__)
     found["gemm_tflops"] = gemm_rate(device) * 1e-12

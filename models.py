@@ -435,8 +435,8 @@ def prepare_blocks(model, checkpointing, compiled):
     if compiled:  # a block kind meets up to ~10 variants (grad mode, batch, layout, adapters off): above dynamo's 8
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)  # would run eager
         torch._dynamo.config.optimize_ddp = False  # DDP's hooks overlap the all-reduce; no splitting of each block
-    for block in blocks(model) if compiled else ():
-        block.compile()
+        for block in blocks(model):
+            block.compile()
 
 
 # -----------------------------------------------------------------------------
