@@ -27,7 +27,7 @@ and any judges) first -> last in sweep.md and over iterations (--x=wall_clock: s
 runs are kept under --runs (default --out/runs) and an identical finished run is reused. --sweep=method=neighbor,sde
 runs the SDE baseline for --sde_iterations. Here --eval_every is the runs' Config field.
 --doctor: doctor.py (a new GPU's kernels, attention, gradients and timed recipes; --out, --budget, --blocks, --only).
-Every other --field=value is a neighbor_grpo Config field.
+Every other --field=value is a neighbor_grpo field.
 """
 
 import contextlib
@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+import configurator
 import flux
 import models
 import neighbor_grpo as ng
@@ -90,7 +91,7 @@ def unit_costs(s, cfg):
     transitions (the update's unit)."""
     pipe, model, device, dtype = s.pipe, s.model, s.device, s.dtype
     cond = models.encode_prompt(pipe, s.prompts[0], cfg, s.cache)
-    x = ng.neighbourhood_noise(pipe, cfg, torch.Generator().manual_seed(0), max(min(
+    x = ng.neighborhood_noise(pipe, cfg, torch.Generator().manual_seed(0), max(min(
         cfg.rollout_batch_size, cfg.group_size), preflight.update_batch(cfg)), 0.5, device)  # the family's latents
 
     def forward():
@@ -236,10 +237,10 @@ def sweep_config(cfg, field, value, seed, run_dir, opts):
         return run_cfg, sde_grpo.SDE
     if field == "method":
         return dataclasses.replace(cfg, **common), ng.NEIGHBOR
-    types = {f.name: f.type for f in dataclasses.fields(ng.Config)}
+    types = {f.name: f.type for f in dataclasses.fields(ng.SystemConfig)}
     if field not in types:
-        raise ng.ConfigError(f"--sweep={opts['sweep']}: {field} is not a Config field (nor method); use --sweep=FIELD=A,B")
-    run_cfg = dataclasses.replace(cfg, **{field: ng._convert(field, value, types[field])}, **common)
+        raise ng.ConfigError(f"--sweep={opts['sweep']}: {field} is not a field (nor method); use --sweep=FIELD=A,B")
+    run_cfg = dataclasses.replace(cfg, **{field: configurator.convert(field, value, types[field])}, **common)
     ng.validate(run_cfg)
     return run_cfg, ng.NEIGHBOR
 
@@ -445,7 +446,7 @@ def update_calls(cfg):
 
 
 def meta_run(model, optimizer, cfg, grid, dtype, reference=None, method=ng.NEIGHBOR):
-    """What policy_update reads of a Run: the model, AdamW, the method, the grid, the dtype, kl_coef's reference."""
+    """What policy_update is given: the model, AdamW, the method, the grid, the dtype, kl_coef's reference."""
     return types.SimpleNamespace(model=model, optimizer=optimizer, method=method, grid=grid, dtype=dtype,
                                  reference=reference)
 
@@ -454,7 +455,8 @@ def update_step(run, cfg, groups):
     """One optimizer step of the update as policy_update runs it: step_gradient (the loop's own calls of
     update_batch_size, synchronised as it does) over the first anchor's K transitions of each of this rank's groups,
     then AdamW's step."""
-    ng.step_gradient(run, [(group, group.anchors[0], k) for group in groups for k in group.steps[0]], cfg)
+    ng.step_gradient(run.model, run.method, [(group, group.anchors[0], k) for group in groups for k in group.steps[0]],
+                     run.grid, cfg, run.dtype, run.reference)
     run.optimizer.step()
 
 

@@ -126,7 +126,7 @@ def training_attention(device):
         with_grad = picked()
         with torch.no_grad(), models.no_grad_attention():
             out[backend] = {"with gradient": with_grad, "no gradient": picked()}
-    models.set_attention(ng.Config.attention_backend)
+    models.set_attention(ng.SystemConfig.attention_backend)
     return out
 
 
@@ -267,11 +267,11 @@ def check_gradient(spec, device, found):
     and pi_old; clipping would cut the two at different ratios), the relative error of the transformer's gradient."""
     cfg = ng.parse_config(spec["args"])
     s = bench.setup(cfg, "")
-    group = s.method.group(s, cfg, s.prompts[0], ng.group_generator(cfg.seed, 0, 0), lambda phase: None)
+    group = ng.make_group(s, cfg, s.prompts[0], ng.group_generator(cfg.seed, 0, 0))
     terms = [(group, group.anchors[0], k) for k in group.steps[0]]
 
     def gradient(run, c):
-        ng.step_gradient(run, terms, c)
+        ng.step_gradient(run.model, run.method, terms, run.grid, c, run.dtype, run.reference)
         return torch.cat([p.grad.flatten().float() for p in run.model.parameters() if p.grad is not None])
 
     real = gradient(s, cfg)
@@ -642,9 +642,9 @@ def summarise(report):
             check["verdicts"] = {f"{case}, {side}": attention_verdict(e, backend)
                                  for case, sides in check["calls"].items() for side, e in sides.items()}
     picks = kernels.get("training's attention kernel", {}).get("by attention_backend", {})
-    if ng.Config.attention_backend in picks:
+    if ng.SystemConfig.attention_backend in picks:
         report["training_attention"] = {call: training_verdict(report, kernel, call) for call, kernel in
-                                        picks[ng.Config.attention_backend].items()}
+                                        picks[ng.SystemConfig.attention_backend].items()}
     settings = {n: r for n, r in timed_runs(report).items() if n.startswith("lora-") and r["correct"]}
     fastest = min(settings, key=lambda n: settings[n]["s_per_iteration"], default=None)
     report["fastest_correct_lora_setting"] = fastest and {"check": fastest, "label": settings[fastest]["label"],
@@ -675,7 +675,7 @@ def markdown(report):
             lines.append(f"| {name} | {'ok' if r['ok'] else 'FAILED'}: {found} |")
         picks = k.get("training's attention kernel", {}).get("by attention_backend", {})
         lines += [f"| SDPA kernel at attention_backend={b} | with gradient {p['with gradient']}, no gradient "
-                  f"{p['no gradient']}{' (the default)' if b == ng.Config.attention_backend else ''} |"
+                  f"{p['no gradient']}{' (the default)' if b == ng.SystemConfig.attention_backend else ''} |"
                   for b, p in picks.items()]
     lines += attention_markdown(report)
     g = report["checks"].get("gradient", {})
@@ -709,7 +709,7 @@ def attention_markdown(report):
                      if case in c["calls"] and side in c["calls"][case]]
             lines.append(f"| {case}, {side} | {e['tokens']} | {errors(e['math'])} | " + " | ".join(cells) + " |")
     if "training_attention" in report:
-        lines += ["", f"Training's attention (attention_backend={ng.Config.attention_backend}, the default): " +
+        lines += ["", f"Training's attention (attention_backend={ng.SystemConfig.attention_backend}, the default): " +
                   "; ".join(f"{call}: {v}" for call, v in report["training_attention"].items())]
     return lines
 

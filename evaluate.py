@@ -13,7 +13,7 @@ follows MixGRPO's inference and evaluation scripts, which the paper says it foll
 quality 75 before scoring, HPSv2.1 under fp16 autocast and the other models in fp32, UnifiedReward's alignment line
 with unparseable answers left out; "train" (the default for tiny, digits and the SD3.5 and Qwen-Image presets) is the
 periodic evaluation's sampler at the preset's own settings.
-Any field set on the command line wins over the protocol's, and every neighbor_grpo Config field applies.
+Any field set on the command line wins over the protocol's, and every neighbor_grpo field applies.
 Writes out_dir/eval.json (per-prompt scores), eval.md and eval.png.
 """
 
@@ -32,7 +32,7 @@ from rewards import jpeg
 
 
 @dataclass
-class EvalConfig(ng.Config):
+class EvalConfig(ng.SystemConfig):
     eval_protocol: str = "mixgrpo"  # how images are sampled and scored (PROTOCOLS); set with --eval_protocol=NAME
     eval_size: int = 0  # prompts, spread evenly over eval_prompts (0 = all 3200: Table 1)
     eval_resolution: int = 1024  # image side (0 = resolution)

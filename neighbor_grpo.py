@@ -1,5 +1,5 @@
 """
-Neighbor GRPO: contrastive ODE policy optimisation for FLUX (He et al., CVPR 2026, arXiv 2511.16955), and for
+Neighbor GRPO: contrastive ODE policy optimization for FLUX (He et al., CVPR 2026, arXiv 2511.16955), and for
 SD3.5 and Qwen-Image through the same loop.
 
     python neighbor_grpo.py --preset=tiny            # a random tiny FLUX-architecture model on CPU, ~1 minute
@@ -7,30 +7,26 @@ SD3.5 and Qwen-Image through the same loop.
     python neighbor_grpo.py --preset=flux-dev-lora   # FLUX.1-dev on one 80 GB GPU with LoRA (10 s/iter)
     python neighbor_grpo.py --preset=flux-dev-24gb   # ... on one 24 GB GPU: LoRA on a 4-bit base
     torchrun --nproc_per_node=8 neighbor_grpo.py     # FLUX.1-dev, the paper's 8-step DPM++ setting
-    torchrun --nproc_per_node=8 evaluate.py --transformer_path=runs/x/transformer   # Table 1 of a trained model
     python neighbor_grpo.py --help                   # every field with its default and where it comes from
 
-Any Config field can be set as --field=value. The file reads top to bottom like the algorithm: config -> distributed
-set-up -> time grid and solvers -> prompt groups and their noise neighbourhood -> advantages -> surrogate and
-objective -> the policy update and one iteration -> evaluation -> the guard against reward hacking -> checkpoints ->
-the loop -> main ("eq. N", "Alg. 1": the paper's). Beside it: models.py (loading, LoRA, NF4; a family a module:
-flux.py, sd3.py, qwen_image.py), rewards.py, report.py, preflight.py (whether it fits), sde_grpo.py, evaluate.py.
+Any field can be set as --field=value. The file reads top to bottom like the method: its Config -> time grid and
+solvers -> the noise neighborhood -> advantages -> the surrogate and clipped objective -> the policy update and one
+iteration -> the DDP/FSDP2 loop; then the machinery a reader can skip: SystemConfig (the engineering fields),
+validation, evaluation, build, main ("eq. N", "Alg. 1": the paper's). Beside it: models.py (loading, LoRA, NF4; a
+family a module: flux.py, sd3.py, qwen_image.py), rewards.py, report.py, checkpoints.py (checkpoints, resume,
+preemption), guard.py (the guard against reward hacking), configurator.py (the command line), preflight.py (whether
+it fits), sde_grpo.py, evaluate.py.
 """
 
 import contextlib
 import copy
 import dataclasses
-import difflib
 import functools
-import importlib
 import importlib.util
-import inspect
 import json
 import math
 import os
 import re
-import shutil
-import signal
 import sys
 import typing
 import warnings
@@ -40,17 +36,18 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from checkpoints import (CheckpointError, Preemption, all_gather_objects, barrier, export_best, restore, resume_state,
+                         save_checkpoint)
+from configurator import ConfigError, configure
+from guard import guard
 from models import (ATTENTION_BACKENDS, ModelError, adapters_off, blocks, check_memory, decode_images, draw_noise,
                     encode_prompt, export_model, load_pipeline, prepare_blocks, presets as family_presets, schedule,
                     set_attention, stack_conditions, text_encoders, velocity)
-from preflight import checkpoint_bytes, damaged_files
 from report import RunLog, Stopwatch, progress, save_grid, write_evaluation
 from rewards import RewardError, load_reward, reward_config_problems, score
 
@@ -60,103 +57,51 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DC
 warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated")  # its new name is not in torch 2.11
 
 # -----------------------------------------------------------------------------
-# Config
-
-
-ROOT = Path(__file__).resolve().parent
+# Config: the method and its run, the paper's defaults (its best 8-step setting, Tables 1 and 3)
 
 
 @dataclass
 class Config:
-    # model
+    # model and prompts
     model_path: str = "black-forest-labs/FLUX.1-dev"  # hub id or local dir (FLUX, SD3.5, Qwen-Image); random: README
     resolution: int = 720  # image side in pixels (DanceGRPO/MixGRPO protocol)
     guidance_scale: float = 3.5  # FLUX.1-dev: embedded guidance; SD3.5, Qwen-Image: true CFG's scale (1 = none)
     negative_prompt: str = ""  # classifier-free guidance's unconditional prompt (SD3.5, Qwen-Image pipelines: "")
     max_sequence_length: int = 512  # T5 (Qwen-Image: Qwen2.5-VL) tokens per prompt (FluxPipeline default)
-    transformer_path: str = ""  # a trained transformer (diffusers format) to start from or evaluate; "" = model_path's
-    offload_text_encoders: bool = True  # encode this rank's prompts up front, then move the text encoders to the CPU
     prompt_file: str = "hpdv2"  # "hpdv2" = HPDv2's train split (data/hpdv2/prepare.py), a text file, "" = examples
     prompt_draw: str = "subset"  # a seeded subset, each prompt once (the paper); "uniform": each group draws anew
-    # neighbourhood rollout (Sec. 3.3)
+    # neighborhood rollout (Sec. 3.3)
     group_size: int = 12  # G candidates per prompt (Table 3)
     noise_sigma: float = 0.3  # sigma, strength of the initial-noise perturbation (eq. 7, Table 4)
     num_steps: int = 8  # T rollout steps (Table 1: 8-step DPM++)
     rollout_solver: str = "dpm++2m"  # "dpm++2m" or "euler" (= DDIM, eta=0); the train solver is Euler (Sec. 3.4.3)
     shift: float = 0.0  # static time shift (DanceGRPO: 3.0); 0 = the pipeline's own (FLUX: resolution-dependent)
-    rollout_batch_size: int = 12  # candidates per transformer call during the rollout
     # policy update (Sec. 3.4, Alg. 1)
     num_anchors: int = 4  # B anchors per group (Table 5)
     num_train_steps: int = 4  # K transitions per anchor (Table 3)
-    update_batch_size: int = 4  # transitions per transformer call in the update: an anchor's K in one (docs/cost.md)
-    distance: str = "mean"  # ||.||^2 of eq. 8 averaged ("mean") or summed ("sum") over latent elements (docs)
+    distance_metric: str = "squared_l2"  # d of eq. 8: "squared_l2" (the paper) or "l1"
+    distance_reduction: str = "mean"  # d over latent elements: averaged ("mean") or summed ("sum", literal eq. 8)
     old_anchor: str = "train_solver"  # pi_old's anchor: theta_old's one-step DDIM prediction, or "rollout" (docs)
     temperature: float = 1.0  # tau in softmax(-d / tau); the paper omits it (supp. eq. 19)
     clip_range: float = 1e-4  # epsilon of the ratio clip (eq. 4; DanceGRPO, MixGRPO)
-    adv_p: float = 0.8  # p of the group-wise quasi-norm advantage reweighting (eq. 11, Table 6)
+    adv_p: float = 0.8  # p of the quasi-norm advantages (eq. 11, Table 6); 2 = GRPO's mean/std up to 1/sqrt(G - 1)
     kl_coef: float = 0.0  # pull toward the starting model per trained transition (0 = the paper; docs/decisions.md)
     # rewards (rewards.py)
     rewards: tuple[str, ...] = ("hpsv2", "pickscore", "imagereward")  # built-in names or module.path:function
     reward_weights: tuple[float, ...] = ()  # one weight per reward; () = equal weights (MixGRPO protocol)
-    reward_paths: tuple[str, ...] = ()  # local reward weights as key=path, keys in REWARD_WEIGHTS; default: the hub
-    reward_batch_size: int = 4  # images per VAE decode and reward call
-    reward_offload: bool = False  # keep the reward models on the CPU, each on the GPU only while it scores
-    unifiedreward_url: str = ""  # an OpenAI-compatible server (vLLM, SGLang) serving UnifiedReward: http://host:port/v1
-    unifiedreward_question: str = ""  # a text file with the judge's question, {prompt} for the caption; "" = ours
-    unifiedreward_score: str = "Alignment Score"  # the answer's line scored (MixGRPO's); "Style Score", "Final Score"...
-    unifiedreward_protocol: str = "strict"  # "strict" (answers must parse) or "mixgrpo" (4096 tokens, unparsed left out)
-    # evaluation: deterministic ODE samples (sigma = 0) of held-out prompts, every reward, mean +- standard error
-    eval_prompts: str = "hpdv2"  # "hpdv2" = the 3200 HPDv2 benchmark prompts (data/hpdv2/prepare.py), or a text file
-    eval_size: int = 256  # prompts per evaluation, spread evenly over eval_prompts (0 = all)
-    eval_every: int = 50  # iterations between held-out evaluations during training (0 = never)
-    eval_rewards: tuple[str, ...] = ()  # more rewards to score in evaluation during training, beside the training ones
-    eval_only_rewards: tuple[str, ...] = (  # evaluate.py's: Table 1's columns (the judge only with its URL)
-        "hpsv2", "pickscore", "imagereward", "clipscore", "unifiedreward", "aesthetic")
-    eval_steps: int = 0  # ODE steps of the evaluation sampler (0 = num_steps)
-    eval_batch_size: int = 8  # prompts per transformer call when sampling for evaluation and sample grids
-    # the guard against reward hacking: held-out judges never trained on, the best model, stopping (docs/decisions.md)
-    guard_rewards: tuple[str, ...] = (  # also scored at every evaluation: Table 1's out-of-domain columns (the judge
-        "clipscore", "aesthetic", "unifiedreward")  # only with its URL)
-    guard_tolerance: float = 3.0  # a guard has fallen this many standard errors below its best (3: docs/digits.md)
-    guard_patience: int = 2  # evaluations in a row with a fallen guard before the run stops (0 = never stop)
-    # optimisation
+    # optimization
     iterations: int = 300  # GRPO iterations (paper)
     groups_per_rank: int = 1  # prompt groups per process per iteration (paper: 1 per GPU)
     lr: float = 1e-5  # AdamW learning rate (paper)
     weight_decay: float = 1e-4  # AdamW weight decay (DanceGRPO)
     max_grad_norm: float = 1.0  # gradient-norm clip before every optimizer step (DanceGRPO)
-    max_skipped_steps: int = 8  # optimizer steps in a row skipped for a non-finite gradient before the run stops
-    # LoRA: low-rank adapters on a frozen base, for one GPU (DanceGRPO's and Flow-GRPO's LoRA scripts)
-    lora_rank: int = 0  # 0 = full fine-tuning (the paper); r > 0 = peft LoRA of rank r (Flow-GRPO: 64)
-    lora_alpha: float = 128.0  # adapters scale by alpha / r (Flow-GRPO: 128 at r = 64; DanceGRPO: 256 at 128)
-    lora_targets: tuple[str, ...] = (  # every attention projection of both block types (Flow-GRPO's list)
-        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-    lora_path: str = ""  # an exported adapter (out_dir/lora) to continue from or evaluate, at the same lora_rank
-    base_quantization: str = ""  # "nf4": the frozen base in 4-bit NormalFloat (QLoRA, bitsandbytes); "" = bf16
-    export_merged: bool = False  # with LoRA, also export out_dir/transformer with the adapter merged in
-    # system: torchrun, memory, checkpoints
     seed: int = 0  # everything random derives from (seed, iteration, group index)
-    device: str = "auto"  # "auto" = cuda if available, else cpu
-    mixed_precision: str = "bf16"  # transformer compute dtype: "bf16" (fp32 master weights) or "fp32"
-    parallel: str = "fsdp"  # "fsdp" (FSDP2, sharded: FLUX.1-dev needs it) or "ddp" (replicated, for models that fit)
-    dist_timeout: int = 3600  # seconds a rank waits in a collective: rank 0's first 24 GB download (docs/cluster.md)
-    memory_check: bool = True  # refuse, before loading, a recipe predicted not to fit this GPU (preflight.py)
-    grad_checkpointing: bool = True  # recompute each transformer block in the backward pass
-    compile: bool = False  # torch.compile each transformer block; the first iteration pays ~1.5 min (docs/cost.md)
-    attention_backend: str = "cudnn_forward"  # "sdpa" (flash, ...), + cuDNN's no-grad forward on Hopper, "cudnn" (docs)
-    out_dir: str = "runs/neighbor_grpo"  # log.jsonl, sample grids and checkpoints go here
-    overwrite: bool = False  # allow a new run in an out_dir that already holds one
-    resume: bool = False  # continue the run in out_dir from its latest checkpoint
-    ckpt_every: int = 50  # iterations between checkpoints (0 = only at the end); the latest one is kept
-    sample_every: int = 50  # iterations between sample grids (fixed prompts and noise, sigma = 0)
-    num_samples: int = 4  # images in a sample grid
-    wandb_project: str = ""  # also log every log.jsonl record to this Weights & Biases project (pip install wandb)
-    wandb_id: str = ""  # the W&B run id to continue when resuming ("" = a new run)
 
 
+ROOT = Path(__file__).resolve().parent
 DIGITS_DIR = ROOT / "data" / "digits"  # written by data/digits/prepare.py, committed
 DIGIT_JUDGES = ("digit_alignment", "digit_cnn_alignment", "digit_realism")  # the reward, then two held-out judges
-PRESETS = {
+PRESETS = {  # each sets only what it changes; SystemConfig's fields (at the end of the file) too
     "flux-dev": {},  # the defaults are the paper's best 8-step setting
     "flux-dev-lora": dict(  # the paper's 8-step setting on one 80 GB GPU: LoRA at the LoRA scripts' lr, compiled
         lora_rank=64, lora_alpha=128.0, lr=3e-4, parallel="ddp", out_dir="runs/flux_dev_lora", compile=True,
@@ -178,57 +123,580 @@ PRESETS = {
         groups_per_rank=2, device="cpu", mixed_precision="fp32", parallel="ddp", grad_checkpointing=False,
         out_dir="runs/digits", sample_every=50, num_samples=10, ckpt_every=0),
 }
-PRESETS.update(family_presets(PRESETS))  # sd3.py's, qwen_image.py's (models.py)
-SOLVERS, OLD_ANCHORS, DISTANCES = ("euler", "dpm++2m"), ("train_solver", "rollout"), ("mean", "sum")
+PRESETS.update(family_presets(PRESETS))  # sd3.py's and qwen_image.py's, defined in their modules
+
+
+# -----------------------------------------------------------------------------
+# Time grid and solvers. Rectified flow: x_t = (1 - t) x0 + t eps, v = eps - x0, data prediction x0 = x - t v.
+
+SOLVERS = ("euler", "dpm++2m")
+
+
+def time_grid(num_steps, seq_len, scheduler_config, shift=0.0, t_min=0.0):
+    """t_0 = 1 > ... > t_T = 0: exactly the pipeline's sigmas for T steps, from linspace(1, t_min or 1 / T, T) (a
+    static shift replaces a dynamic one; SD3's scheduler shifts statically, Qwen-Image's stretches to shift_terminal)."""
+    c = scheduler_config
+    t = torch.linspace(1.0, t_min or 1.0 / num_steps, num_steps, dtype=torch.float64)
+    if shift > 0 or not c.get("use_dynamic_shifting", True):
+        s = shift or c["shift"]
+        t = s * t / (1 + (s - 1) * t)
+    else:  # diffusers' calculate_shift: mu grows linearly with the image sequence length
+        slope = (c["max_shift"] - c["base_shift"]) / (c["max_image_seq_len"] - c["base_image_seq_len"])
+        mu = c["base_shift"] + slope * (seq_len - c["base_image_seq_len"])
+        e = math.exp(mu) if c.get("time_shift_type", "exponential") == "exponential" else mu
+        t = e / (e + (1 / t - 1))
+    if c.get("shift_terminal"):
+        t = 1 - (1 - t) * (1 - c["shift_terminal"]) / (1 - t[-1])
+    return torch.cat([t, t.new_zeros(1)]).tolist()
+
+
+def pipeline_grid(pipe, cfg, num_steps, shift=None):
+    """time_grid for this pipeline's scheduler at cfg's resolution and shift (eval_grid: the pipeline's own, no training
+    shift, eval_steps steps, the same for any method)."""
+    seq_len, t_min = schedule(pipe, cfg.resolution, num_steps)
+    return time_grid(num_steps, seq_len, pipe.scheduler.config, cfg.shift if shift is None else shift, t_min)
+
+
+def euler_step(x, v, t, t_next):
+    """One-step DDIM (eta = 0) = Euler for rectified flow: the TrainSolver (eq. 2)."""
+    return x + (t_next - t) * v
+
+
+def log_snr(t):
+    """lambda_t = log(alpha_t / sigma_t) with alpha_t = 1 - t, sigma_t = t."""
+    return math.log(1 - t) - math.log(t) if 0 < t < 1 else (-math.inf if t >= 1 else math.inf)
+
+
+def dpm_solver_pp_2m_step(x, v, k, grid, prev_x0):
+    """DPM-Solver++(2M), data prediction (Lu et al. 2022). Returns (x_{k+1}, x0 prediction at step k). The step out
+    of t = 1 (lambda = -inf) and the final step into t = 0 are first order; both then equal Euler."""
+    t, t_next = grid[k], grid[k + 1]
+    x0 = x - t * v
+    if t_next == 0:
+        return x0, x0
+    h = log_snr(t_next) - log_snr(t)
+    d = x0
+    if prev_x0 is not None and grid[k - 1] < 1:  # second order: extrapolate the data prediction in lambda
+        r = (log_snr(t) - log_snr(grid[k - 1])) / h
+        d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0
+    return (t_next / t) * x - (1 - t_next) * math.expm1(-h) * d, x0
+
+
+@torch.no_grad()
+def rollout(v_fn, x, grid, solver):
+    """Integrate dx/dt = v from t = 1 to 0 on grid, keeping every state [N, T + 1, L, C] and, beside it, the
+    TrainSolver's one-step prediction from each state [N, T, L, C] (theta_old's DDIM step: free, v is at hand)."""
+    states, train_next, prev_x0 = [x.float()], [], None
+    for k in range(len(grid) - 1):
+        v = v_fn(states[-1], grid[k])
+        train_next.append(euler_step(states[-1], v, grid[k], grid[k + 1]))
+        if solver == "euler":
+            nxt = train_next[-1]
+        else:
+            nxt, prev_x0 = dpm_solver_pp_2m_step(states[-1], v, k, grid, prev_x0)
+        states.append(nxt)
+    return torch.stack(states, dim=1), torch.stack(train_next, dim=1)
+
+
+# -----------------------------------------------------------------------------
+# Prompt groups and their noise neighborhood (Sec. 3.3, eq. 7). All randomness derives from (seed, iteration,
+# global group index), so any split of the same groups over ranks computes the same update, and a resumed run
+# draws what an uninterrupted one would.
+
+
+def group_generator(seed, iteration, group):
+    """The random stream of one prompt group, a function of (seed, iteration, global group index) only."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + iteration) * 1_000_033 + group)
+
+
+def group_prompt(prompts, cfg, iteration, group, groups):
+    """Group g's prompt at this iteration (of `groups` per iteration) and its generator for noises, anchors and steps.
+    "subset", the paper's draw: group n = iteration * groups + g takes the n-th prompt of a seeded permutation, each
+    prompt once (a short file is cycled, a new permutation per pass); "uniform": a prompt at random per group."""
+    gen = group_generator(cfg.seed, iteration, group)
+    if cfg.prompt_draw == "uniform":
+        return prompts[torch.randint(len(prompts), (1,), generator=gen).item()], gen
+    n = iteration * groups + group
+    return prompts[prompt_order(len(prompts), cfg.seed, n // len(prompts))[n % len(prompts)]], gen
+
+
+@functools.lru_cache(maxsize=4)
+def prompt_order(n, seed, epoch):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+
+
+def perturbed_noise(base, delta, sigma):
+    """Neighborhood of initial noises around base (eq. 7): unit variance is kept for any sigma."""
+    return math.sqrt(1 - sigma**2) * base + sigma * delta
+
+
+def neighborhood_noise(pipe, cfg, gen, size, sigma, device):
+    """size initial noises around one base noise drawn from gen (eq. 7); sigma = 0, size = 1: the base itself."""
+    base = draw_noise(pipe, 1, cfg.resolution, gen, device)
+    return perturbed_noise(base, draw_noise(pipe, size, cfg.resolution, gen, device), sigma)
+
+
+def neighborhood_rollout(pipe, cond, cfg, grid, gen, dtype, size=None, sigma=None):
+    """size (group_size) ODE trajectories from a neighborhood of one base noise (eq. 7, noise_sigma), with theta_old:
+    the states [size, T + 1, L, C] and the TrainSolver's prediction from each [size, T, L, C]. With sigma = 0 and
+    size = 1 this is plain deterministic ODE sampling, the inference sampler."""
+    size, sigma = size or cfg.group_size, cfg.noise_sigma if sigma is None else sigma
+    x1 = neighborhood_noise(pipe, cfg, gen, size, sigma, pipe.vae.device)
+    v_fn = lambda x, t: velocity(pipe.transformer, x, t, cond, dtype)  # noqa: E731
+    parts = [rollout(v_fn, x, grid, cfg.rollout_solver) for x in x1.split(cfg.rollout_batch_size)]
+    return torch.cat([states for states, _ in parts]), torch.cat([train_next for _, train_next in parts])
+
+
+def score_samples(pipe, reward_fns, x, prompt, cfg, device):
+    """Rewards [M, N] of final latents x [N, L, C], decoded by the VAE and scored reward_batch_size at a time."""
+    images = torch.cat([decode_images(pipe, c, cfg.resolution) for c in x.split(cfg.reward_batch_size)])
+    return score(reward_fns, images, [prompt] * len(images), device, cfg.reward_batch_size)
+
+
+# -----------------------------------------------------------------------------
+# Advantages (eq. 11)
+
+
+def quasi_norm_advantages(rewards, p):
+    """Group-wise quasi-norm reweighting (eq. 11): centred rewards divided by their L_p (quasi-)norm. Scale-invariant,
+    keeps sign and order; p = 2 is std-normalised GRPO (eq. 3) times 1 / sqrt(G - 1), p < 2 shrinks flat groups
+    whose advantages carry no clear signal. An all-equal group gets zeros."""
+    r = rewards.double()  # the fp32 mean of equal fp32 values is inexact, and this normalisation would amplify it
+    c = r - r.mean(-1, keepdim=True)
+    norm = c.abs().pow(p).sum(-1, keepdim=True).pow(1 / p)
+    return torch.where(norm > 0, c / norm.clamp_min(1e-300), torch.zeros_like(c)).to(rewards.dtype)
+
+
+def reward_mix(cfg):
+    """One weight per reward model, normalised to sum 1 (MixGRPO's advantage_aggr); equal when none are given."""
+    w = cfg.reward_weights or (1.0,) * len(cfg.rewards)
+    return tuple(x / sum(w) for x in w)
+
+
+def group_advantages(per_model, weights):
+    """Per-reward-model advantages [M, G] combined with the configured weights (MixGRPO) into [G]."""
+    return (torch.as_tensor(weights, dtype=torch.float32).reshape(-1, 1) * per_model).sum(0)
+
+
+# -----------------------------------------------------------------------------
+# Anchors, the surrogate leaping policy and the clipped objective (Sec. 3.4, eqs. 8-9)
+
+DISTANCE_METRICS, DISTANCE_REDUCTIONS, OLD_ANCHORS = ("squared_l2", "l1"), ("mean", "sum"), ("train_solver", "rollout")
+
+
+def sample_anchors_and_steps(G, B, T, K, gen):
+    """Symmetric anchor sampling (Sec. 3.4.1): B anchors from the group and K of the T transitions, shared."""
+    anchors = torch.randperm(G, generator=gen)[:B].tolist()
+    steps = sorted(torch.randperm(T, generator=gen)[:K].tolist())
+    return anchors, [steps] * B
+
+
+def neighbor_distances(candidates, anchor, metric="squared_l2", reduction="mean"):
+    """d_i: the distance from the anchor [L, C] to each candidate [G, L, C] in fp32, squared L2 (eq. 8) or L1, averaged
+    or summed over the latent elements."""
+    diff = (candidates.float() - anchor.float()).flatten(1)
+    d = diff.pow(2) if metric == "squared_l2" else diff.abs()
+    return d.mean(1) if reduction == "mean" else d.sum(1)
+
+
+def surrogate_log_probs(d, temperature=1.0):
+    """log pi(x^(i) | {s_t}) = log softmax_i(-d_i / tau): the surrogate leaping policy (eq. 8)."""
+    return torch.log_softmax(-d / temperature, dim=-1)
+
+
+LOG_RATIO_MAX = 20.0  # rho > e^20 is far outside any trust region; the cap keeps exp and its gradient finite
+
+
+def grpo_objective(adv, logp, logp_old, clip_range):
+    """J = sum_i min(A_i rho_i, A_i clip(rho_i, 1 - eps, 1 + eps)) (eq. 9), rho in log space, fp32."""
+    ratio = torch.exp((logp.float() - logp_old.float()).clamp(max=LOG_RATIO_MAX))
+    unclipped = adv * ratio
+    clipped = adv * ratio.clamp(1 - clip_range, 1 + clip_range)
+    clip_frac = ((ratio - 1).abs() > clip_range).float().mean()
+    return torch.minimum(unclipped, clipped).sum(), clip_frac
+
+
+def nfe_theta(B, G, K):
+    """Effective transformer forward-backward passes per sample in the update: (B / G) K (Table 3)."""
+    return B / G * K
+
+
+@dataclass
+class Group:
+    """One prompt's neighborhood: the stored rollout, rewards, advantages, and the anchors and transitions trained."""
+
+    prompt: str
+    cond: typing.Any  # the family's Condition (flux.Condition, ...)
+    states: torch.Tensor  # X [G, T + 1, L, C], theta_old's rollout
+    old_next: torch.Tensor  # pi_old's anchor for each (j, k) [G, T, L, C] (old_anchor)
+    rewards: torch.Tensor  # [M, G]
+    adv: torch.Tensor  # [G]
+    anchors: list  # the trajectories trained, in the order of the optimizer steps
+    steps: list  # per anchor, the transitions it is trained on
+
+
+def neighbor_group(prompt, cond, states, train_next, rewards, weights, cfg, gen):
+    """Alg. 1 after the rollout of one prompt: quasi-norm advantages (eq. 11), B anchors and K shared transitions
+    (Sec. 3.4.1), and pi_old's anchor for each (old_anchor: theta_old's own DDIM step, or the stored X[j, k + 1])."""
+    adv = group_advantages(quasi_norm_advantages(rewards, cfg.adv_p), weights)
+    anchors, steps = sample_anchors_and_steps(cfg.group_size, cfg.num_anchors, cfg.num_steps, cfg.num_train_steps, gen)
+    old_next = train_next if cfg.old_anchor == "train_solver" else states[:, 1:]
+    return Group(prompt, cond, states, old_next, rewards, adv.to(states.device), anchors, steps)
+
+
+def anchor_objective(terms, x, v, grid, cfg):
+    """J_{j,k} of each transition (group, anchor j, k) in terms, v_theta at its X[j, k] given: one TrainSolver step,
+    scored against every candidate of its group at t_{k+1} (eqs. 8-9) and against pi_old's anchor group.old_next[j, k].
+    Per transition [n]: J, clip fraction, mean |log rho|."""
+    out = []
+    for (group, j, k), x_jk, v_jk in zip(terms, x, v):
+        x_theta = euler_step(x_jk, v_jk, grid[k], grid[k + 1])
+        candidates = group.states[:, k + 1]
+        d, d_old = (neighbor_distances(candidates, anchor, cfg.distance_metric, cfg.distance_reduction)
+                    for anchor in (x_theta, group.old_next[j, k]))
+        logp, logp_old = surrogate_log_probs(d, cfg.temperature), surrogate_log_probs(d_old, cfg.temperature)
+        J, clip_frac = grpo_objective(group.adv, logp, logp_old, cfg.clip_range)
+        out.append((J, clip_frac, (logp - logp_old).detach().abs().mean()))
+    return [torch.stack(column) for column in zip(*out)]
+
+
+def prediction_distance(terms, v, v_ref, grid):
+    """kl_coef's pull toward the model the run started from: per transition, the squared distance (mean over latent
+    elements) between theta's and the reference's one-step DDIM predictions from X[j, k], dt^2 |v - v_ref|^2; the
+    KL of two Gaussian policies of one variance is proportional to it (docs/decisions.md). [n]"""
+    dt = torch.tensor([grid[k + 1] - grid[k] for _, _, k in terms], device=v.device).view(-1, *[1] * (v.dim() - 1))
+    return (dt * (v - v_ref)).pow(2).flatten(1).mean(1)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A GRPO variant on this loop. Neighbor GRPO is NEIGHBOR; sde_grpo.py's SDE baseline is the other, and this hook is
+    all it needs: how a prompt's group is rolled out, what it trains, one transition's objective, trajectories per
+    optimizer step."""
+
+    describe: typing.Callable  # cfg -> the run's banner
+    rollout: typing.Callable  # (pipe, cond, cfg, grid, gen, dtype) -> states [G, T + 1, L, C], what pi_old needs
+    group: typing.Callable  # (prompt, cond, states, pi_old's, rewards, weights, cfg, gen) -> a Group
+    objective: typing.Callable  # ([(group, j, k)], X[j, k], v_theta, grid, cfg) -> J, clip fraction, |log rho| [n]
+    per_step: typing.Callable = lambda cfg: 1  # trained trajectories per optimizer step (Alg. 1: one anchor)
+
+
+NEIGHBOR = Method(lambda cfg: f"Neighbor GRPO | B={cfg.num_anchors} sigma={cfg.noise_sigma} p={cfg.adv_p} | distance "
+                              f"{cfg.distance_metric} ({cfg.distance_reduction}), pi_old at {cfg.old_anchor}",
+                  neighborhood_rollout, neighbor_group, anchor_objective)
+
+
+# -----------------------------------------------------------------------------
+# The policy update and one iteration (Alg. 1)
+
+
+def transition_velocities(transformer, terms, grid, dtype):
+    """v_theta at the stored states X[j, k] of a batch of transitions (group, j, k): one transformer call with a
+    timestep per sample, the update's transformer work. Returns the states and velocities [n, L, C]."""
+    x = torch.stack([group.states[j, k] for group, j, k in terms])
+    cond = stack_conditions([group.cond for group, _, _ in terms])
+    return x, velocity(transformer, x, [grid[k] for _, _, k in terms], cond, dtype)
+
+
+def transitions_loss(model, method, terms, grid, cfg, dtype, reference):
+    """The loss kl_coef * kl - J of each transition in terms, from one transformer call with gradient (and, with
+    kl_coef, one of the reference without), with its clip fraction, |log rho| and kl [n]."""
+    if cfg.kl_coef:  # the reference first: switching LoRA adapters off and on touches requires_grad
+        with torch.no_grad(), reference() as ref:
+            v_ref = transition_velocities(ref, terms, grid, dtype)[1]
+    x, v = transition_velocities(model, terms, grid, dtype)
+    J, clip_frac, abs_log_ratio = method.objective(terms, x, v, grid, cfg)
+    kl = prediction_distance(terms, v, v_ref, grid) if cfg.kl_coef else torch.zeros_like(J)
+    return cfg.kl_coef * kl - J, clip_frac, abs_log_ratio, kl
+
+
+def gradient_sync(model, sync):
+    """DDP decides in the forward whether a backward all-reduces: only an optimizer step's last call does (each rank
+    holds one full gradient anyway). FSDP2 reduce-scatters every call into the sharded gradients: without that it
+    would hold every gradient unsharded in fp32 between calls (FLUX.1-dev: 44 GiB a rank; docs/cost.md)."""
+    return model.no_sync() if isinstance(model, DDP) and not sync else contextlib.nullcontext()
+
+
+def step_gradient(model, method, terms, grid, cfg, dtype, reference=None):
+    """The gradient of one optimizer step's loss, the mean over its transitions (this rank's groups' anchors), in
+    calls of update_batch_size; the ranks' gradients are averaged by the last call. Per call: loss, clip fraction,
+    |log rho| and kl per transition (bench.py --meta prices memory by running this)."""
+    model.zero_grad(set_to_none=True)
+    calls, out = batches(terms, cfg.update_batch_size), []
+    for n, call in enumerate(calls):
+        with gradient_sync(model, sync=n == len(calls) - 1):
+            loss, *logs = transitions_loss(model, method, call, grid, cfg, dtype, reference)
+            loss = loss / len(terms)
+            loss.sum().backward()
+        out.append((loss.detach(), *logs))
+    return out
+
+
+def optimizer_step(model, optimizer, max_grad_norm):
+    """Clip the gradient norm, then step, unless the norm (of all-reduced gradients: the same on every rank) is not
+    finite: then the step is skipped rather than write NaN into the weights. Returns the norm."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
+    if torch.isfinite(grad_norm):
+        optimizer.step()
+    return grad_norm.item()
+
+
+def policy_update(model, optimizer, method, groups, grid, cfg, dtype, reference=None):
+    """Alg. 1's update: for each anchor, the gradient of -J_{j,k} / K accumulated over its K transitions (and this
+    rank's groups), update_batch_size transitions per transformer call, then one optimizer step, at which the ranks
+    average their gradients. Returns the update's statistics."""
+    steps = batches(range(len(groups[0].anchors)), method.per_step(cfg))  # one optimizer step per anchor
+    logged, norms = [], []
+    for s, anchors in enumerate(steps):
+        terms = [(group, group.anchors[b], k) for group in groups for b in anchors for k in group.steps[b]]
+        for values in step_gradient(model, method, terms, grid, cfg, dtype, reference):
+            logged += [(s, len(terms), *row) for row in zip(*(t.tolist() for t in values))]
+        norms.append(optimizer_step(model, optimizer, cfg.max_grad_norm))
+    optimizer.zero_grad(set_to_none=True)  # no gradient memory held through the next rollout
+    stats = update_stats(logged, norms, len(steps))
+    return stats if cfg.kl_coef else {k: v for k, v in stats.items() if k != "kl"}  # kl: measured only when used
+
+
+def update_stats(terms, norms, steps):
+    """The update's log: the loss (mean of its optimizer steps' losses), the fraction of clipped ratios, the first
+    step's mean |log rho| (theta = theta_old there: solver drift or round-off), the mean finite grad norm, skips, the
+    mean distance to the reference (kl)."""
+    stats = dict(loss=0.0, clip_frac=0.0, first_anchor_abs_log_ratio=0.0, grad_norm=0.0, skipped_steps=0, kl=0.0)
+    for s, n, loss, clip_frac, abs_log_ratio, kl in terms:
+        stats["loss"] += loss / steps
+        stats["clip_frac"] += clip_frac / len(terms)
+        stats["kl"] += kl / len(terms)
+        stats["first_anchor_abs_log_ratio"] += abs_log_ratio / n if s == 0 else 0.0
+    for norm in norms:
+        stats["grad_norm"] += norm / steps if math.isfinite(norm) else 0.0
+        stats["skipped_steps"] += int(not math.isfinite(norm))
+    return stats
+
+
+def make_group(run, cfg, prompt, gen, lap=lambda phase: None):
+    """One prompt's group: rolled out with theta_old (the method's rollout), decoded and scored, then given its
+    advantages and what it trains (the method's group); lap(phase) times the two phases."""
+    cond = encode_prompt(run.pipe, prompt, cfg, run.cache)
+    states, old = run.method.rollout(run.pipe, cond, cfg, run.grid, gen, run.dtype)
+    lap("rollout")
+    rewards = score_samples(run.pipe, run.reward_fns, states[:, -1], prompt, cfg, run.device)
+    group = run.method.group(prompt, cond, states, old, rewards, run.weights, cfg, gen)
+    lap("reward")
+    return group
+
+
+def train_iteration(run, cfg, iteration):
+    """One iteration of Alg. 1 on this rank's prompt groups: each group rolled out, scored and given advantages, then
+    the policy update. Returns the groups, the update's statistics and the seconds of each phase."""
+    lap = Stopwatch(run.device)
+    total = run.world * cfg.groups_per_rank
+    groups = [make_group(run, cfg, *group_prompt(run.prompts, cfg, iteration, g, total), lap) for g in run.group_ids]
+    stats = policy_update(run.model, run.optimizer, run.method, groups, run.grid, cfg, run.dtype, run.reference)
+    lap("update")
+    return groups, stats, {**lap.seconds, "total": sum(lap.seconds.values())}
+
+
+# -----------------------------------------------------------------------------
+# The training loop
+
+
+def train(cfg, method=NEIGHBOR):
+    """Alg. 1 on this process's share of the prompt groups, evaluated and guarded every eval_every iterations until
+    cfg.iterations or the guard stops it; returns the trained (wrapped) transformer."""
+    run = build(cfg, method)
+    log, skipped, out, it, guarded = RunLog(run, cfg), 0, Path(cfg.out_dir), run.start, run.guard
+    save = lambda at, guard_state: save_checkpoint(run.model, run.optimizer, cfg, at, guard_state, run.rank,  # noqa
+                                                   run.world, run.dtype)
+    with Preemption() as preempted:
+        for it in range(run.start, cfg.iterations + 1):
+            before, guarded = guarded, periodic(run, cfg, it, log, guarded)
+            if it == cfg.iterations or guarded.get("stop"):
+                break
+            groups, stats, seconds = train_iteration(run, cfg, it)
+            rewards, stats = iteration_record(run, cfg, groups, stats, seconds)
+            log.iteration(it, rewards, stats)
+            skipped = skipped + int(stats["skipped_steps"]) if stats["skipped_steps"] else 0
+            if skipped >= cfg.max_skipped_steps:
+                raise TrainingError(
+                    f"{skipped} optimizer steps in a row had a non-finite loss or gradient (iteration {it}); nothing "
+                    f"was saved since, so the last checkpoint in {out / 'checkpoints'} is good: --resume from it with "
+                    "a lower --lr, or raise --max_skipped_steps")
+            if preempted(run.world, run.device):  # finish the iteration, checkpoint, exit 0; rerun with --resume
+                save(it + 1, guarded)
+                log.stopped(it, preempted.signal)
+                barrier(run.world)
+                return run.model
+            if cfg.ckpt_every and (it + 1) % cfg.ckpt_every == 0 and it + 1 < cfg.iterations:
+                save(it + 1, guarded)
+        if run.start < it:  # a resumed run with nothing left to do keeps its checkpoint as it is
+            save(it, before)
+        export_model(run.model, out, run.rank, run.dtype, cfg.lora_rank, cfg.export_merged)
+        log.close(guarded)
+        barrier(run.world)
+    return run.model
+
+
+def periodic(run, cfg, it, log, guard_state):
+    """The sample grid and the held-out evaluation with the guard's decision (and the best model's export), every
+    sample_every and eval_every iterations and after the last one (on every rank: FSDP needs them all in each
+    forward). Returns the guard's state."""
+    due = lambda every: every and (it % every == 0 or it == cfg.iterations)  # noqa: E731
+    if due(cfg.sample_every):
+        images = generate(run.pipe, run.prompts[: cfg.num_samples], cfg, run.grid, cfg.seed, run.dtype, run.cache)
+        if run.rank == 0:
+            save_grid(images, Path(cfg.out_dir) / f"samples/{it:06d}.png")
+    if due(cfg.eval_every):
+        summary = evaluate(run.pipe, run.eval_prompts, run.eval_fns, cfg, run.eval_grid, run.dtype, run.cache,
+                           run.rank, run.world, Path(cfg.out_dir) / f"eval/iter_{it:06d}")
+        decided = guard(guard_state, it, summary, cfg, run.weights) if run.rank == 0 else None
+        guard_state = all_gather_objects(decided, run.world)[0]  # rank 0 holds the scores; every rank acts alike
+        if guard_state["new_best"]:
+            export_best(run.model, cfg, guard_state, run.rank, run.world, run.dtype)
+        log.evaluation(it, summary, len(run.eval_prompts), guard_state)
+    return guard_state
+
+
+def iteration_record(run, cfg, groups, stats, seconds):
+    """What the log records of an iteration (collective): every rank's group rewards [M, world * groups], and the
+    update's statistics and phase seconds averaged over ranks, with the transformer passes per sample (Table 3)."""
+    rewards = torch.cat(all_gather_objects(torch.cat([g.rewards for g in groups], dim=1).cpu(), run.world), 1)
+    stats = all_mean({**stats, **{f"time/{k}": v for k, v in seconds.items()}}, run.world, run.device)
+    return rewards, {**stats, "nfe_old": cfg.num_steps,
+                     "nfe_theta": nfe_theta(len(groups[0].anchors), cfg.group_size, cfg.num_train_steps)}
+
+
+def setup_distributed(cfg):
+    """(rank, world size, device): NCCL on GPU, gloo on CPU; a plain `python neighbor_grpo.py` is a world of one. The
+    GPU is made current and its attention kernels chosen here, before any model runs (models.set_attention)."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    if device.type == "cuda":  # torchrun's local rank, else the device given (--device=cuda:1)
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) if "RANK" in os.environ else device.index or 0)
+        torch.cuda.set_device(device)
+    set_attention(cfg.attention_backend)
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=cfg.dist_timeout))
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def parallelize(model, cfg, device, world, dtype):
+    """FSDP2 (shard) or DDP. FSDP shards an empty (meta) model, then rank 0 broadcasts its weights and each rank keeps
+    its shard: no rank but 0 ever holds a full copy (load_pipeline(meta=True) builds theirs without weights)."""
+    prepare_blocks(model, cfg.grad_checkpointing, cfg.compile)
+    if world == 1:
+        return model.to(device)
+    if cfg.parallel == "ddp":  # buffers (RoPE tables, SD3's 453 MB pos_embed) never change: not re-sent every step
+        return DDP(model.to(device), device_ids=[device.index] if device.type == "cuda" else None,
+                   broadcast_buffers=False, gradient_as_bucket_view=True)
+    full = model.state_dict() if dist.get_rank() == 0 else {}  # rank 0's CPU tensors: the only full copy
+    model.to("meta")
+    shard(model, init_device_mesh(device.type, (world,)), dtype)
+    model.to_empty(device=device)  # this rank's shards, allocated on the device, then filled from rank 0
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model
+
+
+def shard(model, mesh, dtype):
+    """FSDP2 on each transformer block, then on the root: compute in dtype, gradients reduced in fp32. The inputs go
+    in as DDP and the pipelines pass them (autocast picks each op's dtype): cast, the timestep and RoPE would be bf16."""
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    for block in blocks(model):
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def all_mean(values, world, device):
+    """The mean over ranks of a dict of floats."""
+    if world == 1:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(values, (t / world).tolist()))
+
+
+def batches(items, n):
+    """items in consecutive lists of at most n."""
+    return [items[b: b + n] for b in range(0, len(items), n)]
+
+
+# =============================================================================
+# The machinery, which a reader of the method can skip: the engineering fields, the command line, evaluation, building
+# a run, main. Checkpoints and preemption are checkpoints.py's, the guard against reward hacking guard.py's.
+
+
+@dataclass
+class SystemConfig(Config):
+    """Config's method and run, plus the engineering around them. A run's config is one of these; every field is set
+    as --field=value. The method's fields are Config's, at the top of the file."""
+
+    # models and kernels
+    transformer_path: str = ""  # a trained transformer (diffusers format) to start from or evaluate; "" = model_path's
+    offload_text_encoders: bool = True  # encode this rank's prompts up front, then move the text encoders to the CPU
+    mixed_precision: str = "bf16"  # transformer compute dtype: "bf16" (fp32 master weights) or "fp32"
+    attention_backend: str = "cudnn_forward"  # "sdpa" (flash, ...), + cuDNN's no-grad forward on Hopper, "cudnn" (docs)
+    compile: bool = False  # torch.compile each transformer block; the first iteration pays ~1.5 min (docs/cost.md)
+    grad_checkpointing: bool = True  # recompute each transformer block in the backward pass
+    rollout_batch_size: int = 12  # candidates per transformer call during the rollout
+    update_batch_size: int = 4  # transitions per transformer call in the update: an anchor's K in one (docs/cost.md)
+    # LoRA: low-rank adapters on a frozen base, for one GPU (DanceGRPO's and Flow-GRPO's LoRA scripts)
+    lora_rank: int = 0  # 0 = full fine-tuning (the paper); r > 0 = peft LoRA of rank r (Flow-GRPO: 64)
+    lora_alpha: float = 128.0  # adapters scale by alpha / r (Flow-GRPO: 128 at r = 64; DanceGRPO: 256 at 128)
+    lora_targets: tuple[str, ...] = (  # every attention projection of both block types (Flow-GRPO's list)
+        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    lora_path: str = ""  # an exported adapter (out_dir/lora) to continue from or evaluate, at the same lora_rank
+    base_quantization: str = ""  # "nf4": the frozen base in 4-bit NormalFloat (QLoRA, bitsandbytes); "" = bf16
+    export_merged: bool = False  # with LoRA, also export out_dir/transformer with the adapter merged in
+    # rewards: where their weights are and how they run
+    reward_paths: tuple[str, ...] = ()  # local reward weights as key=path, keys in REWARD_WEIGHTS; default: the hub
+    reward_batch_size: int = 4  # images per VAE decode and reward call
+    reward_offload: bool = False  # keep the reward models on the CPU, each on the GPU only while it scores
+    unifiedreward_url: str = ""  # an OpenAI-compatible server (vLLM, SGLang) serving UnifiedReward: http://host:port/v1
+    unifiedreward_question: str = ""  # a text file with the judge's question, {prompt} for the caption; "" = ours
+    unifiedreward_score: str = "Alignment Score"  # the answer's line scored (MixGRPO's); "Style Score", "Final Score"...
+    unifiedreward_protocol: str = "strict"  # "strict" (answers must parse) or "mixgrpo" (4096 tokens, unparsed left out)
+    # evaluation: deterministic ODE samples (sigma = 0) of held-out prompts, every reward, mean +- standard error
+    eval_prompts: str = "hpdv2"  # "hpdv2" = the 3200 HPDv2 benchmark prompts (data/hpdv2/prepare.py), or a text file
+    eval_size: int = 256  # prompts per evaluation, spread evenly over eval_prompts (0 = all)
+    eval_every: int = 50  # iterations between held-out evaluations during training (0 = never)
+    eval_rewards: tuple[str, ...] = ()  # more rewards to score in evaluation during training, beside the training ones
+    eval_only_rewards: tuple[str, ...] = (  # evaluate.py's: Table 1's columns (the judge only with its URL)
+        "hpsv2", "pickscore", "imagereward", "clipscore", "unifiedreward", "aesthetic")
+    eval_steps: int = 0  # ODE steps of the evaluation sampler (0 = num_steps)
+    eval_batch_size: int = 8  # prompts per transformer call when sampling for evaluation and sample grids
+    # the guard against reward hacking: held-out judges never trained on, the best model, stopping (docs/decisions.md)
+    guard_rewards: tuple[str, ...] = (  # also scored at every evaluation: Table 1's out-of-domain columns (the judge
+        "clipscore", "aesthetic", "unifiedreward")  # only with its URL)
+    guard_tolerance: float = 3.0  # a guard has fallen this many standard errors below its best (3: docs/digits.md)
+    guard_patience: int = 2  # evaluations in a row with a fallen guard before the run stops (0 = never stop)
+    max_skipped_steps: int = 8  # optimizer steps in a row skipped for a non-finite gradient before the run stops
+    # system: torchrun, memory, checkpoints, logging
+    device: str = "auto"  # "auto" = cuda if available, else cpu
+    parallel: str = "fsdp"  # "fsdp" (FSDP2, sharded: FLUX.1-dev needs it) or "ddp" (replicated, for models that fit)
+    dist_timeout: int = 3600  # seconds a rank waits in a collective: rank 0's first 24 GB download (docs/cluster.md)
+    memory_check: bool = True  # refuse, before loading, a recipe predicted not to fit this GPU (preflight.py)
+    out_dir: str = "runs/neighbor_grpo"  # log.jsonl, sample grids and checkpoints go here
+    overwrite: bool = False  # allow a new run in an out_dir that already holds one
+    resume: bool = False  # continue the run in out_dir from its latest checkpoint
+    ckpt_every: int = 50  # iterations between checkpoints (0 = only at the end); the latest one is kept
+    sample_every: int = 50  # iterations between sample grids (fixed prompts and noise, sigma = 0)
+    num_samples: int = 4  # images in a sample grid
+    wandb_project: str = ""  # also log every log.jsonl record to this Weights & Biases project (pip install wandb)
+    wandb_id: str = ""  # the W&B run id to continue when resuming ("" = a new run)
+
+
 PARALLEL, PROMPT_DRAWS = ("fsdp", "ddp"), ("subset", "uniform")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot work: the message names the field and the fix."""
+ALIASES = {"distance": "distance_reduction"}  # older command lines' names of fields
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite gradients step after step): the message says what is kept."""
 
 
-def _convert(name, text, annotation):
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    try:
-        if annotation is bool:
-            if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                raise ValueError
-            return text.lower() in ("1", "true", "yes")
-        if origin is tuple:
-            return tuple(args[0](x) for x in text.split(",") if x.strip() != "")
-        return annotation(text)
-    except ValueError:
-        raise ConfigError(f"--{name}={text}: expected {getattr(annotation, '__name__', annotation)}") from None
-
-
-def parse_config(argv, config=Config, presets=PRESETS):
-    """--preset=NAME first, then --field=value overrides (a bare --flag sets a bool to true)."""
-    fields = {f.name: f for f in dataclasses.fields(config)}
-    overrides = {}
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            sources = [inspect.getsource(c) for c in config.__mro__[::-1] if dataclasses.is_dataclass(c)]
-            print(sys.modules[config.__module__].__doc__ + "\nPresets: " + ", ".join(presets) + "\n\n" +
-                  "\n".join(sources))
-            sys.exit(0)
-        if not arg.startswith("--"):
-            raise ConfigError(f"argument {arg!r}: expected --field=value (see --help)")
-        key, _, value = arg[2:].partition("=")
-        key = key.replace("-", "_")
-        if key != "preset" and key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
-            raise ConfigError(f"--{key}: no such field" + (f"; did you mean --{close[0]}?" if close else "; see --help"))
-        overrides[key] = value if "=" in arg else "true"
-    preset = overrides.pop("preset", next(iter(presets)))
-    if preset not in presets:
-        raise ConfigError(f"--preset={preset}: unknown preset; use one of {', '.join(presets)}")
-    cfg = config(**presets[preset])
-    for key, value in overrides.items():
-        setattr(cfg, key, _convert(key, value, fields[key].type))
+def parse_config(argv, config=SystemConfig, presets=PRESETS):
+    """--preset=NAME first, then --field=value overrides (configurator.py), then validated."""
+    cfg = configure(argv, config, presets, ALIASES)
     validate(cfg)
     return cfg
 
@@ -236,19 +704,19 @@ def parse_config(argv, config=Config, presets=PRESETS):
 def validate(cfg):
     """Fail before any model loads, with one line that names the field and the fix."""
     G, B, T, K = cfg.group_size, cfg.num_anchors, cfg.num_steps, cfg.num_train_steps
+    one_of = lambda name, allowed: (getattr(cfg, name) in allowed,  # noqa: E731
+                                    f"{name}={getattr(cfg, name)}: use one of {', '.join(allowed)}")
     checks = [
         (G >= 2, f"group_size={G}: a group needs at least 2 candidates; use --group_size=12 (paper)"),
         (1 <= B <= G, f"num_anchors={B}: anchors are drawn from the group, need 1 <= B <= group_size={G}"),
         (T >= 1, f"num_steps={T}: need at least one rollout step; use --num_steps=8 (paper)"),
         (1 <= K <= T, f"num_train_steps={K}: transitions are drawn from the rollout, need 1 <= K <= num_steps={T}"),
-        (cfg.old_anchor in OLD_ANCHORS, f"old_anchor={cfg.old_anchor}: use one of {', '.join(OLD_ANCHORS)}"),
+        one_of("old_anchor", OLD_ANCHORS), one_of("rollout_solver", SOLVERS), one_of("prompt_draw", PROMPT_DRAWS),
+        one_of("distance_metric", DISTANCE_METRICS), one_of("distance_reduction", DISTANCE_REDUCTIONS),
         (0 < cfg.noise_sigma < 1, f"noise_sigma={cfg.noise_sigma}: must lie in (0, 1) (eq. 7); use 0.3 (paper)"),
         (0 < cfg.adv_p <= 2, f"adv_p={cfg.adv_p}: the quasi-norm needs 0 < p <= 2 (eq. 11); use 0.8 (paper)"),
         (cfg.clip_range > 0, f"clip_range={cfg.clip_range}: must be > 0; use 1e-4 (paper)"),
         (cfg.temperature > 0, f"temperature={cfg.temperature}: must be > 0; use 1.0 (paper)"),
-        (cfg.rollout_solver in SOLVERS, f"rollout_solver={cfg.rollout_solver}: use one of {', '.join(SOLVERS)}"),
-        (cfg.distance in DISTANCES, f"distance={cfg.distance}: use one of {', '.join(DISTANCES)}"),
-        (cfg.prompt_draw in PROMPT_DRAWS, f"prompt_draw={cfg.prompt_draw}: use one of {', '.join(PROMPT_DRAWS)}"),
         (cfg.shift >= 0, f"shift={cfg.shift}: must be >= 0 (0 = dynamic shift, DanceGRPO uses 3.0)"),
         (not cfg.model_path.startswith("random") or re.fullmatch(r"random(:\d+,\d+|-sd3:\d+|-qwen-image:\d+)", cfg.model_path),
          f"model_path={cfg.model_path}: random:D,S (FLUX.1-dev's width, D + S blocks), random-sd3:N, random-qwen-image:N"),
@@ -316,168 +784,12 @@ def require(checks):
             raise ConfigError(message)
 
 
-# -----------------------------------------------------------------------------
-# Distributed set-up: torchrun's environment, or a world of one
-
-
-def setup_distributed(cfg):
-    """(rank, world size, device): NCCL on GPU, gloo on CPU; a plain `python neighbor_grpo.py` is a world of one. The
-    GPU is made current and its attention kernels chosen here, before any model runs (models.set_attention)."""
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
-    if device.type == "cuda":  # torchrun's local rank, else the device given (--device=cuda:1)
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) if "RANK" in os.environ else device.index or 0)
-        torch.cuda.set_device(device)
-    set_attention(cfg.attention_backend)
-    if "RANK" not in os.environ:
-        return 0, 1, device
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=cfg.dist_timeout))
-    return dist.get_rank(), dist.get_world_size(), device
-
-
 def compute_dtype(cfg):
     return torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
 
 
-def parallelize(model, cfg, device, world, dtype):
-    """FSDP2 (shard) or DDP. FSDP shards an empty (meta) model, then rank 0 broadcasts its weights and each rank keeps
-    its shard: no rank but 0 ever holds a full copy (load_pipeline(meta=True) builds theirs without weights)."""
-    prepare_blocks(model, cfg.grad_checkpointing, cfg.compile)
-    if world == 1:
-        return model.to(device)
-    if cfg.parallel == "ddp":  # buffers (RoPE tables, SD3's 453 MB pos_embed) never change: not re-sent every step
-        return DDP(model.to(device), device_ids=[device.index] if device.type == "cuda" else None,
-                   broadcast_buffers=False, gradient_as_bucket_view=True)
-    full = model.state_dict() if dist.get_rank() == 0 else {}  # rank 0's CPU tensors: the only full copy
-    model.to("meta")
-    shard(model, init_device_mesh(device.type, (world,)), dtype)
-    model.to_empty(device=device)  # this rank's shards, allocated on the device, then filled from rank 0
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    return model
-
-
-def shard(model, mesh, dtype):
-    """FSDP2 on each transformer block, then on the root: compute in dtype, gradients reduced in fp32. The inputs go
-    in as DDP and the pipelines pass them (autocast picks each op's dtype): cast, the timestep and RoPE would be bf16."""
-    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
-    for block in blocks(model):
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
-
-
-def gradient_sync(model, sync):
-    """Gradient accumulation over an optimizer step's calls. DDP all-reduces on the last backward only (each rank holds
-    one full gradient anyway). FSDP2 reduce-scatters after every backward into the sharded gradients: without that
-    sync it would hold every gradient unsharded in fp32 between calls (FLUX.1-dev: 44 GiB a rank; docs/cost.md)."""
-    return model.no_sync() if isinstance(model, DDP) and not sync else contextlib.nullcontext()
-
-
-def all_mean(values, world, device):
-    """The mean over ranks of a dict of floats."""
-    if world == 1:
-        return values
-    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return dict(zip(values, (t / world).tolist()))
-
-
-def all_gather_objects(obj, world):
-    """[obj of rank 0, obj of rank 1, ...] on every rank (pickled: for small results)."""
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def barrier(world):
-    if world > 1:
-        dist.barrier()
-
-
-def batches(items, n):
-    """items in consecutive lists of at most n."""
-    return [items[b: b + n] for b in range(0, len(items), n)]
-
-
 # -----------------------------------------------------------------------------
-# Time grid and solvers. Rectified flow: x_t = (1 - t) x0 + t eps, v = eps - x0, data prediction x0 = x - t v.
-
-
-def time_grid(num_steps, seq_len, scheduler_config, shift=0.0, t_min=0.0):
-    """t_0 = 1 > ... > t_T = 0: exactly the pipeline's sigmas for T steps, from linspace(1, t_min or 1 / T, T) (a
-    static shift replaces a dynamic one; SD3's scheduler shifts statically, Qwen-Image's stretches to shift_terminal)."""
-    c = scheduler_config
-    t = torch.linspace(1.0, t_min or 1.0 / num_steps, num_steps, dtype=torch.float64)
-    if shift > 0 or not c.get("use_dynamic_shifting", True):
-        s = shift or c["shift"]
-        t = s * t / (1 + (s - 1) * t)
-    else:  # diffusers' calculate_shift: mu grows linearly with the image sequence length
-        slope = (c["max_shift"] - c["base_shift"]) / (c["max_image_seq_len"] - c["base_image_seq_len"])
-        mu = c["base_shift"] + slope * (seq_len - c["base_image_seq_len"])
-        e = math.exp(mu) if c.get("time_shift_type", "exponential") == "exponential" else mu
-        t = e / (e + (1 / t - 1))
-    if c.get("shift_terminal"):
-        t = 1 - (1 - t) * (1 - c["shift_terminal"]) / (1 - t[-1])
-    return torch.cat([t, t.new_zeros(1)]).tolist()
-
-
-def pipeline_grid(pipe, cfg, num_steps, shift=None):
-    """time_grid for this pipeline's scheduler at cfg's resolution and shift (eval_grid: the pipeline's own, no training
-    shift, eval_steps steps, the same for any method)."""
-    seq_len, t_min = schedule(pipe, cfg.resolution, num_steps)
-    return time_grid(num_steps, seq_len, pipe.scheduler.config, cfg.shift if shift is None else shift, t_min)
-
-
-def eval_grid(pipe, cfg):
-    return pipeline_grid(pipe, cfg, cfg.eval_steps or cfg.num_steps, shift=0.0)
-
-
-def euler_step(x, v, t, t_next):
-    """One-step DDIM (eta = 0) = Euler for rectified flow: the TrainSolver (eq. 2)."""
-    return x + (t_next - t) * v
-
-
-def log_snr(t):
-    """lambda_t = log(alpha_t / sigma_t) with alpha_t = 1 - t, sigma_t = t."""
-    return math.log(1 - t) - math.log(t) if 0 < t < 1 else (-math.inf if t >= 1 else math.inf)
-
-
-def dpm_solver_pp_2m_step(x, v, k, grid, prev_x0):
-    """DPM-Solver++(2M), data prediction (Lu et al. 2022). Returns (x_{k+1}, x0 prediction at step k). The step out
-    of t = 1 (lambda = -inf) and the final step into t = 0 are first order; both then equal Euler."""
-    t, t_next = grid[k], grid[k + 1]
-    x0 = x - t * v
-    if t_next == 0:
-        return x0, x0
-    h = log_snr(t_next) - log_snr(t)
-    d = x0
-    if prev_x0 is not None and grid[k - 1] < 1:  # second order: extrapolate the data prediction in lambda
-        r = (log_snr(t) - log_snr(grid[k - 1])) / h
-        d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0
-    return (t_next / t) * x - (1 - t_next) * math.expm1(-h) * d, x0
-
-
-@torch.no_grad()
-def rollout(v_fn, x, grid, solver):
-    """Integrate dx/dt = v from t = 1 to 0 on grid, keeping every state [N, T + 1, L, C] and, beside it, the
-    TrainSolver's one-step prediction from each state [N, T, L, C] (theta_old's DDIM step: free, v is at hand)."""
-    states, train_next, prev_x0 = [x.float()], [], None
-    for k in range(len(grid) - 1):
-        v = v_fn(states[-1], grid[k])
-        train_next.append(euler_step(states[-1], v, grid[k], grid[k + 1]))
-        if solver == "euler":
-            nxt = train_next[-1]
-        else:
-            nxt, prev_x0 = dpm_solver_pp_2m_step(states[-1], v, k, grid, prev_x0)
-        states.append(nxt)
-    return torch.stack(states, dim=1), torch.stack(train_next, dim=1)
-
-
-# -----------------------------------------------------------------------------
-# Prompt groups and their noise neighbourhood (Sec. 3.3, eq. 7). All randomness derives from (seed, iteration,
-# global group index), so any split of the same groups over ranks computes the same update, and a resumed run
-# draws what an uninterrupted one would.
+# Prompts and evaluation: one deterministic ODE sample per held-out prompt (sigma = 0), every reward, mean +- s.e.
 
 EXAMPLES = ROOT / "data/examples/prompts.txt"  # the prompts of the paper's Figure 6 and supplementary Figure 1
 HPDV2_FILES = dict(prompt_file=ROOT / "data/hpdv2/train.txt", eval_prompts=ROOT / "data/hpdv2/test.txt")
@@ -510,293 +822,20 @@ def eval_subset(prompts, size):
     return [prompts[i * len(prompts) // size] for i in range(size)]
 
 
-def group_generator(seed, iteration, group):
-    """The random stream of one prompt group, a function of (seed, iteration, global group index) only."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + iteration) * 1_000_033 + group)
-
-
-def group_prompt(prompts, cfg, iteration, group, groups):
-    """Group g's prompt at this iteration (of `groups` per iteration) and its generator for noises, anchors and steps.
-    "subset", the paper's draw: group n = iteration * groups + g takes the n-th prompt of a seeded permutation, each
-    prompt once (a short file is cycled, a new permutation per pass); "uniform": a prompt at random per group."""
-    gen = group_generator(cfg.seed, iteration, group)
-    if cfg.prompt_draw == "uniform":
-        return prompts[torch.randint(len(prompts), (1,), generator=gen).item()], gen
-    n = iteration * groups + group
-    return prompts[prompt_order(len(prompts), cfg.seed, n // len(prompts))[n % len(prompts)]], gen
-
-
-@functools.lru_cache(maxsize=4)
-def prompt_order(n, seed, epoch):
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-
-
-def perturbed_noise(base, delta, sigma):
-    """Neighbourhood of initial noises around base (eq. 7): unit variance is kept for any sigma."""
-    return math.sqrt(1 - sigma**2) * base + sigma * delta
-
-
-def neighbourhood_noise(pipe, cfg, gen, size, sigma, device):
-    """size initial noises around one base noise drawn from gen (eq. 7); sigma = 0, size = 1: the base itself."""
-    base = draw_noise(pipe, 1, cfg.resolution, gen, device)
-    return perturbed_noise(base, draw_noise(pipe, size, cfg.resolution, gen, device), sigma)
-
-
-def neighbourhood_rollout(pipe, cond, cfg, grid, gen, size, sigma, dtype):
-    """size ODE trajectories from a neighbourhood of one base noise (eq. 7), with theta_old: the states
-    [size, T + 1, L, C] and the TrainSolver's prediction from each [size, T, L, C]. With sigma = 0 and size = 1 this
-    is plain deterministic ODE sampling, the inference sampler."""
-    x1 = neighbourhood_noise(pipe, cfg, gen, size, sigma, pipe.vae.device)
-    v_fn = lambda x, t: velocity(pipe.transformer, x, t, cond, dtype)  # noqa: E731
-    parts = [rollout(v_fn, x, grid, cfg.rollout_solver) for x in x1.split(cfg.rollout_batch_size)]
-    return torch.cat([states for states, _ in parts]), torch.cat([train_next for _, train_next in parts])
-
-
-# -----------------------------------------------------------------------------
-# Advantages (eq. 11)
-
-
-def quasi_norm_advantages(rewards, p):
-    """Group-wise quasi-norm reweighting (eq. 11): centred rewards divided by their L_p (quasi-)norm. Scale-invariant,
-    keeps sign and order; p = 2 is std-normalised GRPO (eq. 3) up to a constant, p < 2 shrinks flat groups whose
-    advantages carry no clear signal. An all-equal group gets zeros."""
-    r = rewards.double()  # the fp32 mean of equal fp32 values is inexact, and this normalisation would amplify it
-    c = r - r.mean(-1, keepdim=True)
-    norm = c.abs().pow(p).sum(-1, keepdim=True).pow(1 / p)
-    return torch.where(norm > 0, c / norm.clamp_min(1e-300), torch.zeros_like(c)).to(rewards.dtype)
-
-
-def reward_mix(cfg):
-    """One weight per reward model, normalised to sum 1 (MixGRPO's advantage_aggr); equal when none are given."""
-    w = cfg.reward_weights or (1.0,) * len(cfg.rewards)
-    return tuple(x / sum(w) for x in w)
-
-
-def group_advantages(per_model, weights):
-    """Per-reward-model advantages [M, G] combined with the configured weights (MixGRPO) into [G]."""
-    return (torch.as_tensor(weights, dtype=torch.float32).reshape(-1, 1) * per_model).sum(0)
-
-
-# -----------------------------------------------------------------------------
-# Anchors, the surrogate leaping policy and the clipped objective (Sec. 3.4, eqs. 8-9)
-
-
-def sample_anchors_and_steps(G, B, T, K, gen):
-    """Symmetric anchor sampling (Sec. 3.4.1): B anchors from the group and K of the T transitions, shared."""
-    anchors = torch.randperm(G, generator=gen)[:B].tolist()
-    steps = sorted(torch.randperm(T, generator=gen)[:K].tolist())
-    return anchors, [steps] * B
-
-
-def neighbour_distances(candidates, anchor, distance="mean"):
-    """Squared L2 distance from the anchor [L, C] to each candidate [G, L, C], in fp32 (eq. 8)."""
-    sq = (candidates.float() - anchor.float()).pow(2).flatten(1)
-    return sq.mean(1) if distance == "mean" else sq.sum(1)
-
-
-def surrogate_log_probs(d, temperature=1.0):
-    """log pi(x^(i) | {s_t}) = log softmax_i(-d_i / tau): the surrogate leaping policy (eq. 8)."""
-    return torch.log_softmax(-d / temperature, dim=-1)
-
-
-LOG_RATIO_MAX = 20.0  # rho > e^20 is far outside any trust region; the cap keeps exp and its gradient finite
-
-
-def grpo_objective(adv, logp, logp_old, clip_range):
-    """J = sum_i min(A_i rho_i, A_i clip(rho_i, 1 - eps, 1 + eps)) (eq. 9), rho in log space, fp32."""
-    ratio = torch.exp((logp.float() - logp_old.float()).clamp(max=LOG_RATIO_MAX))
-    unclipped = adv * ratio
-    clipped = adv * ratio.clamp(1 - clip_range, 1 + clip_range)
-    clip_frac = ((ratio - 1).abs() > clip_range).float().mean()
-    return torch.minimum(unclipped, clipped).sum(), clip_frac
-
-
-def nfe_theta(B, G, K):
-    """Effective transformer forward-backward passes per sample in the update: (B / G) K (Table 3)."""
-    return B / G * K
-
-
-def transition_velocities(transformer, terms, grid, dtype):
-    """v_theta at the stored states X[j, k] of a batch of transitions (group, j, k): one transformer call with a
-    timestep per sample, the update's transformer work. Returns the states and velocities [n, L, C]."""
-    x = torch.stack([group.states[j, k] for group, j, k in terms])
-    cond = stack_conditions([group.cond for group, _, _ in terms])
-    return x, velocity(transformer, x, [grid[k] for _, _, k in terms], cond, dtype)
-
-
-def anchor_objective(terms, x, v, grid, cfg):
-    """J_{j,k} of each transition (group, anchor j, k) in terms, v_theta at its X[j, k] given: one TrainSolver step,
-    scored against every candidate of its group at t_{k+1} (eqs. 8-9); pi_old's anchor is group.old_next[j, k]
-    (old_anchor: theta_old's own DDIM step, or X[j, k + 1]). Per transition [n]: J, clip fraction, mean |log rho|."""
-    out = []
-    for (group, j, k), x_jk, v_jk in zip(terms, x, v):
-        x_theta = euler_step(x_jk, v_jk, grid[k], grid[k + 1])
-        candidates = group.states[:, k + 1]
-        logp = surrogate_log_probs(neighbour_distances(candidates, x_theta, cfg.distance), cfg.temperature)
-        logp_old = surrogate_log_probs(neighbour_distances(candidates, group.old_next[j, k], cfg.distance),
-                                       cfg.temperature)
-        J, clip_frac = grpo_objective(group.adv, logp, logp_old, cfg.clip_range)
-        out.append((J, clip_frac, (logp - logp_old).detach().abs().mean()))
-    return [torch.stack(column) for column in zip(*out)]
-
-
-def prediction_distance(terms, v, v_ref, grid):
-    """kl_coef's pull toward the model the run started from: per transition, the squared distance (mean over latent
-    elements) between theta's and the reference's one-step DDIM predictions from X[j, k], dt^2 |v - v_ref|^2; the
-    KL of two Gaussian policies of one variance is proportional to it (docs/decisions.md). [n]"""
-    dt = torch.tensor([grid[k + 1] - grid[k] for _, _, k in terms], device=v.device).view(-1, *[1] * (v.dim() - 1))
-    return (dt * (v - v_ref)).pow(2).flatten(1).mean(1)
-
-
-# -----------------------------------------------------------------------------
-# The policy update and one iteration (Alg. 1)
-
-
-@dataclass
-class Group:
-    """One prompt's neighbourhood: the stored rollout, rewards, advantages, and the anchors and transitions trained."""
-
-    prompt: str
-    cond: typing.Any  # the family's Condition (flux.Condition, ...)
-    states: torch.Tensor  # X [G, T + 1, L, C], theta_old's rollout
-    old_next: torch.Tensor  # pi_old's anchor for each (j, k) [G, T, L, C] (old_anchor)
-    rewards: torch.Tensor  # [M, G]
-    adv: torch.Tensor  # [G]
-    anchors: list  # the trajectories trained, in the order of the optimizer steps
-    steps: list  # per anchor, the transitions it is trained on
-
-
-@dataclass(frozen=True)
-class Method:
-    """What a GRPO variant plugs into this loop (sde_grpo.py's SDE baseline is the other): how a prompt's group is made
-    (rollout, rewards, advantages, what it trains), one transition's objective, trajectories per optimizer step."""
-
-    describe: typing.Callable  # cfg -> the run's banner
-    group: typing.Callable  # (run, cfg, prompt, gen, lap) -> a Group
-    objective: typing.Callable  # ([(group, j, k)], X[j, k], v_theta, grid, cfg) -> J, clip fraction, |log rho| [n]
-    per_step: typing.Callable = lambda cfg: 1  # trained trajectories per optimizer step (Alg. 1: one anchor)
-
-
-def score_samples(run, x, prompt, cfg):
-    """Rewards [M, N] of final latents x [N, L, C], decoded by the VAE and scored reward_batch_size at a time."""
-    images = torch.cat([decode_images(run.pipe, c, cfg.resolution) for c in x.split(cfg.reward_batch_size)])
-    return score(run.reward_fns, images, [prompt] * len(images), run.device, cfg.reward_batch_size)
-
-
-def neighbourhood_group(run, cfg, prompt, gen, lap):
-    """Alg. 1 for one prompt up to the update: G ODE trajectories from a neighbourhood of one noise (eq. 7) with
-    theta_old, their rewards, quasi-norm advantages (eq. 11), B anchors and K shared transitions (Sec. 3.4.1)."""
-    cond = encode_prompt(run.pipe, prompt, cfg, run.cache)
-    states, train_next = neighbourhood_rollout(run.pipe, cond, cfg, run.grid, gen, cfg.group_size, cfg.noise_sigma,
-                                               run.dtype)
-    lap("rollout")
-    rewards = score_samples(run, states[:, -1], prompt, cfg)
-    adv = group_advantages(quasi_norm_advantages(rewards, cfg.adv_p), run.weights)
-    anchors, steps = sample_anchors_and_steps(cfg.group_size, cfg.num_anchors, cfg.num_steps, cfg.num_train_steps, gen)
-    lap("reward")
-    old_next = train_next if cfg.old_anchor == "train_solver" else states[:, 1:]
-    return Group(prompt, cond, states, old_next, rewards, adv.to(states.device), anchors, steps)
-
-
-NEIGHBOR = Method(lambda cfg: f"Neighbor GRPO | B={cfg.num_anchors} sigma={cfg.noise_sigma} p={cfg.adv_p}",
-                  neighbourhood_group, anchor_objective)
-
-
-def transitions_loss(model, method, terms, grid, cfg, dtype, reference):
-    """The loss kl_coef * kl - J of each transition in terms, from one transformer call with gradient (and, with
-    kl_coef, one of the reference without), with its clip fraction, |log rho| and kl [n]."""
-    if cfg.kl_coef:  # the reference first: switching LoRA adapters off and on touches requires_grad
-        with torch.no_grad(), reference() as ref:
-            v_ref = transition_velocities(ref, terms, grid, dtype)[1]
-    x, v = transition_velocities(model, terms, grid, dtype)
-    J, clip_frac, abs_log_ratio = method.objective(terms, x, v, grid, cfg)
-    kl = prediction_distance(terms, v, v_ref, grid) if cfg.kl_coef else torch.zeros_like(J)
-    return cfg.kl_coef * kl - J, clip_frac, abs_log_ratio, kl
-
-
-def policy_update(run, groups, cfg):
-    """Alg. 1's update: for each anchor, the gradient of -J_{j,k} / K accumulated over its K transitions (and this
-    rank's groups), update_batch_size transitions per transformer call, then one optimizer step, at which the ranks
-    average their gradients."""
-    steps = batches(range(len(groups[0].anchors)), run.method.per_step(cfg))  # one optimizer step per anchor
-    logged, norms = [], []
-    for s, anchors in enumerate(steps):
-        terms = [(group, group.anchors[b], k) for group in groups for b in anchors for k in group.steps[b]]
-        for values in step_gradient(run, terms, cfg):
-            logged += [(s, len(terms), *row) for row in zip(*(t.tolist() for t in values))]
-        norms.append(optimizer_step(run.model, run.optimizer, cfg.max_grad_norm))
-    run.optimizer.zero_grad(set_to_none=True)  # no gradient memory held through the next rollout
-    stats = update_stats(logged, norms, len(steps))
-    return stats if cfg.kl_coef else {k: v for k, v in stats.items() if k != "kl"}  # kl: measured only when used
-
-
-def step_gradient(run, terms, cfg):
-    """The gradient of one optimizer step's loss, the mean over its transitions (this rank's groups' anchors), in
-    calls of update_batch_size; the ranks' gradients are averaged by the last call. Per call: loss, clip fraction,
-    |log rho| and kl per transition (bench.py --meta prices memory by running this)."""
-    run.optimizer.zero_grad(set_to_none=True)
-    calls, out = batches(terms, cfg.update_batch_size), []
-    for n, call in enumerate(calls):
-        with gradient_sync(run.model, sync=n == len(calls) - 1):
-            loss, *logs = transitions_loss(run.model, run.method, call, run.grid, cfg, run.dtype, run.reference)
-            loss = loss / len(terms)
-            loss.sum().backward()
-        out.append((loss.detach(), *logs))
-    return out
-
-
-def update_stats(terms, norms, steps):
-    """The update's log: the loss (mean of its optimizer steps' losses), the fraction of clipped ratios, the first
-    step's mean |log rho| (theta = theta_old there: solver drift or round-off), the mean finite grad norm, skips, the
-    mean distance to the reference (kl)."""
-    stats = dict(loss=0.0, clip_frac=0.0, first_anchor_abs_log_ratio=0.0, grad_norm=0.0, skipped_steps=0, kl=0.0)
-    for s, n, loss, clip_frac, abs_log_ratio, kl in terms:
-        stats["loss"] += loss / steps
-        stats["clip_frac"] += clip_frac / len(terms)
-        stats["kl"] += kl / len(terms)
-        stats["first_anchor_abs_log_ratio"] += abs_log_ratio / n if s == 0 else 0.0
-    for norm in norms:
-        stats["grad_norm"] += norm / steps if math.isfinite(norm) else 0.0
-        stats["skipped_steps"] += int(not math.isfinite(norm))
-    return stats
-
-
-def optimizer_step(model, optimizer, max_grad_norm):
-    """Clip the gradient norm, then step, unless the norm (of all-reduced gradients: the same on every rank) is not
-    finite: then the step is skipped rather than write NaN into the weights. Returns the norm."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
-    if torch.isfinite(grad_norm):
-        optimizer.step()
-    return grad_norm.item()
-
-
-def train_iteration(run, cfg, iteration):
-    """One iteration of Alg. 1 on this rank's prompt groups: each group rolled out, scored and given advantages, then
-    the policy update. Returns the groups, the update's statistics and the seconds of each phase."""
-    lap = Stopwatch(run.device)
-    total = run.world * cfg.groups_per_rank
-    groups = [run.method.group(run, cfg, *group_prompt(run.prompts, cfg, iteration, g, total), lap)
-              for g in run.group_ids]
-    stats = policy_update(run, groups, cfg)
-    lap("update")
-    return groups, stats, {**lap.seconds, "total": sum(lap.seconds.values())}
-
-
-# -----------------------------------------------------------------------------
-# Evaluation: one deterministic ODE sample per held-out prompt (sigma = 0), every reward, mean +- standard error
+def eval_grid(pipe, cfg):
+    return pipeline_grid(pipe, cfg, cfg.eval_steps or cfg.num_steps, shift=0.0)
 
 
 @torch.no_grad()
 def generate(pipe, prompts, cfg, grid, seed, dtype, cache, indices=None):
     """Inference: one deterministic ODE sample per prompt, eval_batch_size prompts per transformer call, each
-    noise neighbourhood_noise(sigma = 0, size = 1) of the prompt's index, so the images do not depend on batching
+    noise neighborhood_noise(sigma = 0, size = 1) of the prompt's index, so the images do not depend on batching
     or on the number of ranks: [N, 3, H, W]."""
     device, images = pipe.vae.device, []
     items = list(zip(range(len(prompts)) if indices is None else indices, prompts))
     for chunk in batches(items, cfg.eval_batch_size):
         cond = stack_conditions([encode_prompt(pipe, prompt, cfg, cache) for _, prompt in chunk])
-        x1 = torch.cat([neighbourhood_noise(pipe, cfg, group_generator(seed, -1, i), 1, 0.0, device) for i, _ in chunk])
+        x1 = torch.cat([neighborhood_noise(pipe, cfg, group_generator(seed, -1, i), 1, 0.0, device) for i, _ in chunk])
         states, _ = rollout(lambda x, t: velocity(pipe.transformer, x, t, cond, dtype), x1, grid, cfg.rollout_solver)
         images += [decode_images(pipe, x, cfg.resolution) for x in states[:, -1].split(cfg.reward_batch_size)]
     return torch.cat(images)
@@ -844,150 +883,7 @@ def eval_setup(cfg, reward_fns, device, names=(), precision=None):
 
 
 # -----------------------------------------------------------------------------
-# The guard against reward hacking: judges the run never trains on, the best model, stopping (docs/decisions.md)
-
-
-def guard(state, it, summary, cfg, weights):
-    """The decision after the evaluation at iteration it (summary: {reward: dict(mean, std, se)}), given the state the
-    evaluations before it left ({} before the first; JSON, kept in checkpoints). A guard has fallen when its mean
-    lies more than guard_tolerance standard errors below its best so far. The model is the best so far when no guard
-    has fallen and its held-out training score is the highest yet: each training reward's gain since the first
-    evaluation in units of that evaluation's standard deviation, weighted as the advantages are. The run stops after
-    guard_patience evaluations in a row with a fallen guard."""
-    first = state.get("first") or {n: summary[n] for n in cfg.rewards}
-    score = sum(w * (summary[n]["mean"] - first[n]["mean"]) / (first[n]["std"] or 1.0)
-                for n, w in zip(cfg.rewards, weights))
-    peaks = dict(state.get("peaks", {}))  # guard -> [best mean so far, its iteration]
-    for g in cfg.guard_rewards:
-        if g in summary and not math.isnan(summary[g]["mean"]) and summary[g]["mean"] > peaks.get(g, [-math.inf])[0]:
-            peaks[g] = [summary[g]["mean"], it]
-    fallen = {g: [*peaks[g], summary[g]["mean"], summary[g]["se"]] for g in peaks  # [best, at, now, se]
-              if summary[g]["mean"] < peaks[g][0] - cfg.guard_tolerance * summary[g]["se"]}
-    new_best = not fallen and score > state.get("best", {}).get("score", -math.inf)
-    streak = state.get("streak", 0) + 1 if fallen else 0
-    return dict(iteration=it, first=first, peaks=peaks, fallen=fallen, streak=streak, new_best=new_best,
-                stop=bool(cfg.guard_patience) and streak >= cfg.guard_patience,
-                best=dict(iteration=it, score=score, scores=summary) if new_best else state.get("best"))
-
-
-def export_best(run, cfg, state):
-    """out_dir/best: the best model so far (transformer/ or lora/) and best.json (its iteration and every held-out
-    score), written beside and then swapped in."""
-    out = Path(cfg.out_dir)
-    if run.rank == 0:
-        shutil.rmtree(out / "best.tmp", ignore_errors=True)
-    export_model(run.model, out / "best.tmp", run.rank, run.dtype, cfg.lora_rank)
-    if run.rank == 0:
-        best = {k: state["best"][k] for k in ("iteration", "scores")}
-        (out / "best.tmp" / "best.json").write_text(json.dumps(best, indent=1))
-        shutil.rmtree(out / "best", ignore_errors=True)
-        os.replace(out / "best.tmp", out / "best")
-    barrier(run.world)
-
-
-# -----------------------------------------------------------------------------
-# Checkpoints: resumable state with torch.distributed.checkpoint, the transformer in diffusers format
-
-
-TRAINED = StateDictOptions(ignore_frozen_params=True)  # a checkpoint holds what trains: all of it, or the adapter
-
-
-def save_checkpoint(run, cfg, iteration, guard_state):
-    """Write under tmp-N, rename to step-N, then replace the `latest` pointer: a crash mid-save leaves the
-    previous checkpoint intact. All randomness derives from (seed, iteration, group), so no RNG state is needed;
-    guard_state is the guard's before the evaluation at iteration N, which a resumed run makes again."""
-    root = Path(cfg.out_dir) / "checkpoints"
-    tmp, final = root / f"tmp-{iteration:06d}", root / f"step-{iteration:06d}"
-    if run.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier(run.world)
-    need = checkpoint_bytes(run.model.parameters(), run.dtype.itemsize, cfg.lora_rank)
-    free = min(all_gather_objects(shutil.disk_usage(tmp).free, run.world))  # each rank's disk, one decision
-    if free < need:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise TrainingError(f"checkpoint at iteration {iteration}: needs {need / 1e9:.1f} GB in {root}, "
-                            f"{free / 1e9:.1f} GB free; the last checkpoint is kept: free space (or move out_dir), "
-                            "then --resume")
-    model_state, optim_state = get_state_dict(run.model, run.optimizer, options=TRAINED)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / "state", no_dist=run.world == 1)
-    export_model(run.model, tmp, run.rank, run.dtype, cfg.lora_rank)
-    if run.rank == 0:
-        (tmp / "meta.json").write_text(json.dumps({"iteration": iteration, "config": dataclasses.asdict(cfg),
-                                                   "guard": guard_state}))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        (root / "latest.tmp").write_text(final.name)
-        os.replace(root / "latest.tmp", root / "latest")
-        for old in root.glob("step-*"):
-            if old != final:
-                shutil.rmtree(old)
-    barrier(run.world)
-
-
-def resume_state(cfg, out):
-    """The checkpoint --resume continues from, after refusing to overwrite a run or to resume nothing."""
-    pointer = out / "checkpoints" / "latest"
-    if cfg.resume and not pointer.exists():
-        raise ConfigError(f"resume: out_dir={out} holds no checkpoint; drop --resume to start a new run")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"out_dir={out}: cannot be created ({e.strerror}); pass a directory this user can write")
-    if not cfg.resume and (out / "log.jsonl").exists() and not cfg.overwrite:
-        raise ConfigError(f"out_dir={out}: already holds a run (log.jsonl); pass --resume to continue it, "
-                          "--overwrite to replace it, or another --out_dir")
-    return pointer.parent / pointer.read_text().strip() if cfg.resume else None
-
-
-def restore(model, optimizer, cfg, path, rank, world):
-    """Model and AdamW state from a checkpoint, in whatever sharding this run uses; returns the iterations it already
-    did and the guard's state, listing any fields that changed since."""
-    damaged = damaged_files(path / "state")
-    if damaged:
-        export = f"--lora_path={path}/lora" if cfg.lora_rank else f"--transformer_path={path}/transformer"
-        raise ConfigError(f"resume: {damaged[0]} is missing or cut short ({len(damaged)} damaged file(s)); no older "
-                          f"checkpoint is kept: start anew from its export ({export}) in another out_dir")
-    model_state, optim_state = get_state_dict(model, optimizer, options=TRAINED)
-    state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=path / "state", no_dist=world == 1)  # strict: every trained tensor must be there
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=StateDictOptions(ignore_frozen_params=True, strict=False))  # the frozen base is model_path's
-    meta, now = json.loads((path / "meta.json").read_text()), json.loads(json.dumps(dataclasses.asdict(cfg)))
-    changed = [f"{k} {meta['config'].get(k)} -> {now[k]}" for k in now
-               if k not in ("resume", "overwrite", "iterations") and meta["config"].get(k) != now[k]]
-    if changed and rank == 0:
-        print(f"resuming {path} with changed fields: {', '.join(changed)}")
-    return meta["iteration"], meta.get("guard", {})
-
-
-# -----------------------------------------------------------------------------
-# The training loop
-
-
-class Preemption:
-    """SIGTERM and SIGUSR1 (what SLURM and Kubernetes send before a kill) only raise a flag; the loop then finishes
-    its iteration, checkpoints and exits 0, on every rank once any rank got one."""
-
-    SIGNALS = [getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name)]
-
-    def __enter__(self):
-        self.signal = None
-        self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
-        return self
-
-    def handle(self, signum, frame):
-        self.signal = signal.Signals(signum).name
-
-    def __call__(self, world, device):
-        flag = torch.tensor([float(self.signal is not None)], device=device)
-        if world > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
+# Building a run: what the loop holds
 
 
 @dataclass
@@ -1065,75 +961,12 @@ def encode_prompts(pipe, prompts, cfg, cache, rank=0):
         encoder.to("cpu")
 
 
-def periodic(run, cfg, it, log, guard_state):
-    """The sample grid and the held-out evaluation with the guard's decision (and the best model's export), every
-    sample_every and eval_every iterations and after the last one (on every rank: FSDP needs them all in each
-    forward). Returns the guard's state."""
-    due = lambda every: every and (it % every == 0 or it == cfg.iterations)  # noqa: E731
-    if due(cfg.sample_every):
-        images = generate(run.pipe, run.prompts[: cfg.num_samples], cfg, run.grid, cfg.seed, run.dtype, run.cache)
-        if run.rank == 0:
-            save_grid(images, Path(cfg.out_dir) / f"samples/{it:06d}.png")
-    if due(cfg.eval_every):
-        summary = evaluate(run.pipe, run.eval_prompts, run.eval_fns, cfg, run.eval_grid, run.dtype, run.cache,
-                           run.rank, run.world, Path(cfg.out_dir) / f"eval/iter_{it:06d}")
-        decided = guard(guard_state, it, summary, cfg, run.weights) if run.rank == 0 else None
-        guard_state = all_gather_objects(decided, run.world)[0]  # rank 0 holds the scores; every rank acts alike
-        if guard_state["new_best"]:
-            export_best(run, cfg, guard_state)
-        log.evaluation(it, summary, len(run.eval_prompts), guard_state)
-    return guard_state
-
-
-def iteration_record(run, cfg, groups, stats, seconds):
-    """What the log records of an iteration (collective): every rank's group rewards [M, world * groups], and the
-    update's statistics and phase seconds averaged over ranks, with the transformer passes per sample (Table 3)."""
-    rewards = torch.cat(all_gather_objects(torch.cat([g.rewards for g in groups], dim=1).cpu(), run.world), 1)
-    stats = all_mean({**stats, **{f"time/{k}": v for k, v in seconds.items()}}, run.world, run.device)
-    return rewards, {**stats, "nfe_old": cfg.num_steps,
-                     "nfe_theta": nfe_theta(len(groups[0].anchors), cfg.group_size, cfg.num_train_steps)}
-
-
-def train(cfg, method=NEIGHBOR):
-    """Alg. 1 on this process's share of the prompt groups, evaluated and guarded every eval_every iterations until
-    cfg.iterations or the guard stops it; returns the trained (wrapped) transformer."""
-    run = build(cfg, method)
-    log, skipped, out, it, guarded = RunLog(run, cfg), 0, Path(cfg.out_dir), run.start, run.guard
-    with Preemption() as preempted:
-        for it in range(run.start, cfg.iterations + 1):
-            before, guarded = guarded, periodic(run, cfg, it, log, guarded)
-            if it == cfg.iterations or guarded.get("stop"):
-                break
-            groups, stats, seconds = train_iteration(run, cfg, it)
-            rewards, stats = iteration_record(run, cfg, groups, stats, seconds)
-            log.iteration(it, rewards, stats)
-            skipped = skipped + int(stats["skipped_steps"]) if stats["skipped_steps"] else 0
-            if skipped >= cfg.max_skipped_steps:
-                raise TrainingError(
-                    f"{skipped} optimizer steps in a row had a non-finite loss or gradient (iteration {it}); nothing "
-                    f"was saved since, so the last checkpoint in {out / 'checkpoints'} is good: --resume from it with "
-                    "a lower --lr, or raise --max_skipped_steps")
-            if preempted(run.world, run.device):  # finish the iteration, checkpoint, exit 0; rerun with --resume
-                save_checkpoint(run, cfg, it + 1, guarded)
-                log.stopped(it, preempted.signal)
-                barrier(run.world)
-                return run.model
-            if cfg.ckpt_every and (it + 1) % cfg.ckpt_every == 0 and it + 1 < cfg.iterations:
-                save_checkpoint(run, cfg, it + 1, guarded)
-        if run.start < it:  # a resumed run with nothing left to do keeps its checkpoint as it is
-            save_checkpoint(run, cfg, it, before)
-        export_model(run.model, out, run.rank, run.dtype, cfg.lora_rank, cfg.export_merged)
-        log.close(guarded)
-        barrier(run.world)
-    return run.model
-
-
 def main(argv=None, parse=parse_config, job=train):
     """job(parse(argv)): training here, sde_grpo.py's baseline, evaluate.py's and bench.py's runs. What cannot work
     ends in one line on stderr and exit status 2."""
     try:
         return job(parse(sys.argv[1:] if argv is None else argv))
-    except (ConfigError, ModelError, RewardError, TrainingError) as e:
+    except (ConfigError, CheckpointError, ModelError, RewardError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:

@@ -5,7 +5,9 @@ line. Rank 0 writes; nothing here touches the model, and every number arrives co
 """
 
 import dataclasses
+import hashlib
 import importlib
+import inspect
 import json
 import math
 import sys
@@ -24,13 +26,14 @@ class RunLog:
         if run.rank != 0:
             return
         (self.out / "samples").mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        code = source_of(run.method)
+        (self.out / "config.json").write_text(json.dumps({**dataclasses.asdict(cfg), "code": code}, indent=2))
         self.file = open_log(self.out, run.start)
         if cfg.wandb_project:  # optional: the same records as log.jsonl
             self.wandb = importlib.import_module("wandb")
             self.wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg), dir=self.out, resume="allow",
                             id=cfg.wandb_id or None)
-        print(f"{run.method.describe(cfg)} | {cfg.model_path} | {run.world} process(es) x {cfg.groups_per_rank} "
+        print(f"{run.method.describe(cfg)} | {code} | {cfg.model_path} | {run.world} process(es) x {cfg.groups_per_rank} "
               f"group(s) | G={cfg.group_size} T={cfg.num_steps} K={cfg.num_train_steps} | start at iteration {run.start}")
 
     def evaluation(self, it, summary, n, guard):
@@ -79,6 +82,13 @@ class RunLog:
         if self.wandb:
             self.wandb.finish()
         print(summary_line(self.out, self.cfg, guard))
+
+
+def source_of(method):
+    """The file that defines the method's objective and the start of its text's SHA-256: a fork's banner and config.json
+    name the fork, and an edited file its own hash."""
+    path = Path(inspect.getsourcefile(method.objective))
+    return f"{path.name} sha256:{hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"
 
 
 def open_log(out, start):

@@ -8,7 +8,7 @@ update, logging, checkpoints, evaluation) through one hook, neighbor_grpo.Method
     torchrun --nproc_per_node=8 sde_grpo.py              # FLUX.1-dev, Table 3's setting: 25 steps, K = 14 of all 12
     python bench.py --preset=tiny --compare              # side by side with Neighbor GRPO
 
-Every neighbor_grpo Config field applies (--field=value), plus sde_eta and sde_samples_per_step.
+Every neighbor_grpo field (Config, SystemConfig) applies (--field=value), plus sde_eta and sde_samples_per_step.
 """
 
 import dataclasses
@@ -23,7 +23,7 @@ import neighbor_grpo as ng
 
 
 @dataclass
-class SDEConfig(ng.Config):
+class SDEConfig(ng.SystemConfig):
     num_steps: int = 25  # T SDE steps (Table 3: DanceGRPO samples 25)
     num_train_steps: int = 14  # K of each sample's first T - 1 transitions (DanceGRPO: timestep_fraction 0.6)
     shift: float = 3.0  # static time shift (DanceGRPO's scripts)
@@ -34,7 +34,7 @@ class SDEConfig(ng.Config):
 
 # what SDEConfig changes in a neighbor_grpo config (bench.py runs both methods from one config)
 DANCEGRPO = {f.name: f.default for f in dataclasses.fields(SDEConfig)
-             if f.name != "out_dir" and f.default != getattr(ng.Config, f.name, f.default)}
+             if f.name != "out_dir" and f.default != getattr(ng.SystemConfig, f.name, f.default)}
 PRESETS = {name: {**p, **({"out_dir": p["out_dir"] + "_sde"} if "out_dir" in p else {})}
            for name, p in ng.PRESETS.items()}
 PRESETS["dancegrpo"] = PRESETS["flux-dev"]  # Table 3's SDE baseline on FLUX.1-dev (train.sh dancegrpo)
@@ -123,15 +123,10 @@ class SDEGroup:
     steps: list
 
 
-def sde_group(run, cfg, prompt, gen, lap):
-    """Rollout, rewards, std advantages (combined over reward models as Neighbor GRPO does) and the steps trained."""
-    cond = ng.encode_prompt(run.pipe, prompt, cfg, run.cache)
-    states, logp_old = sde_group_rollout(run.pipe, cond, cfg, run.grid, gen, run.dtype)
-    lap("rollout")
-    rewards = ng.score_samples(run, states[:, -1], prompt, cfg)
-    adv = ng.group_advantages(std_advantages(rewards), run.weights)
+def sde_group(prompt, cond, states, logp_old, rewards, weights, cfg, gen):
+    """After the rollout: std advantages (combined over reward models as Neighbor GRPO does) and the steps trained."""
+    adv = ng.group_advantages(std_advantages(rewards), weights)
     anchors, steps = sample_sde_steps(cfg.group_size, cfg.num_steps, cfg.num_train_steps, gen)
-    lap("reward")
     return SDEGroup(prompt, cond, states, logp_old, rewards, adv.to(states.device), anchors, steps)
 
 
@@ -148,7 +143,7 @@ def sde_objective(terms, x, v, grid, cfg):
 
 
 # one optimizer step per sde_samples_per_step samples, the loss averaged over them (DanceGRPO's accumulation)
-SDE = ng.Method(lambda cfg: f"SDE-GRPO | eta={cfg.sde_eta}", sde_group, sde_objective,
+SDE = ng.Method(lambda cfg: f"SDE-GRPO | eta={cfg.sde_eta}", sde_group_rollout, sde_group, sde_objective,
                 lambda cfg: cfg.sde_samples_per_step)
 
 

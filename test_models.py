@@ -56,9 +56,9 @@ def test_deterministic_sampling_is_the_family_pipeline_with_its_guidance(family_
     cfg = family_cfg(preset, "--rollout_solver=euler", "--num_steps=4", f"--guidance_scale={guidance}")
     cond = ng.encode_prompt(pipe, "a red apple", cfg, {})
     grid = ng.pipeline_grid(pipe, cfg, cfg.num_steps)
-    x1 = ng.neighbourhood_noise(pipe, cfg, torch.Generator().manual_seed(3), 1, 0.0, "cpu")
-    states, _ = ng.neighbourhood_rollout(pipe, cond, cfg, grid, torch.Generator().manual_seed(3), 1, 0.0,
-                                         torch.float32)
+    x1 = ng.neighborhood_noise(pipe, cfg, torch.Generator().manual_seed(3), 1, 0.0, "cpu")
+    states, _ = ng.neighborhood_rollout(pipe, cond, cfg, grid, torch.Generator().manual_seed(3), torch.float32, 1,
+                                        0.0)
     call = dict(height=cfg.resolution, width=cfg.resolution, num_inference_steps=cfg.num_steps, latents=x1,
                 max_sequence_length=cfg.max_sequence_length, **PIPELINE_CALL[preset](cfg))
     latents = pipe("a red apple", output_type="latent", **call).images
@@ -70,7 +70,7 @@ def test_deterministic_sampling_is_the_family_pipeline_with_its_guidance(family_
 
 def test_guidance_changes_the_velocity_and_stacked_prompts_keep_their_own(family_pipe):
     preset, cfg, pipe = family_pipe
-    cache, x = {}, ng.neighbourhood_noise(pipe, cfg, torch.Generator().manual_seed(4), 2, 0.5, "cpu")
+    cache, x = {}, ng.neighborhood_noise(pipe, cfg, torch.Generator().manual_seed(4), 2, 0.5, "cpu")
     conds = [ng.encode_prompt(pipe, p, cfg, cache) for p in ("a cat", "a very long prompt about a red bicycle")]
     with torch.no_grad():
         alone = [ng.velocity(pipe.transformer, x[i: i + 1], 0.6, c) for i, c in enumerate(conds)]
@@ -87,8 +87,8 @@ def test_rho_is_one_at_theta_old_with_dpm_rollouts(family_pipe):
     cfg = family_cfg(preset, "--group_size=6", "--rollout_batch_size=6")
     grid = ng.pipeline_grid(pipe, cfg, cfg.num_steps)
     cond = ng.encode_prompt(pipe, "a red cube", cfg, {})
-    states, train_next = ng.neighbourhood_rollout(pipe, cond, cfg, grid, torch.Generator().manual_seed(7), 6, 0.3,
-                                                  torch.float32)
+    states, train_next = ng.neighborhood_rollout(pipe, cond, cfg, grid, torch.Generator().manual_seed(7),
+                                                 torch.float32, 6, 0.3)
     adv = ng.quasi_norm_advantages(torch.randn(6, generator=torch.Generator().manual_seed(8)), 0.8)
     group = ng.Group("a red cube", cond, states, train_next, torch.zeros(1, 6), adv, [], [])
     for j, k in [(0, 0), (1, 3), (5, 7)]:
@@ -114,7 +114,7 @@ def test_the_tiny_model_learns_a_reward_and_lr_zero_stays(tmp_path, preset):
 @parametrize
 def test_the_export_loads_with_from_pretrained_and_lora_with_load_lora_weights(tmp_path, preset):
     cfg = family_cfg(preset)
-    x = ng.neighbourhood_noise(models.load_pipeline(cfg, torch.device("cpu"), torch.float32), cfg,
+    x = ng.neighborhood_noise(models.load_pipeline(cfg, torch.device("cpu"), torch.float32), cfg,
                                torch.Generator().manual_seed(5), 2, 0.5, "cpu")
     for name, args in (("full", []), ("lora", LORA)):
         model = ng.train(family_cfg(preset, f"--out_dir={tmp_path / name}", "--iterations=2", *QUICK, *args))
@@ -147,7 +147,7 @@ def test_what_trains_is_exactly_what_the_guided_output_depends_on(preset, lora):
         p.requires_grad_(not lora or "lora_" in n)
         if "lora_B" in n:
             p.data.normal_(std=0.01)  # B = 0 would zero every A's gradient
-    x = ng.neighbourhood_noise(pipe, cfg, torch.Generator().manual_seed(0), 2, 0.5, "cpu")
+    x = ng.neighborhood_noise(pipe, cfg, torch.Generator().manual_seed(0), 2, 0.5, "cpu")
     ng.velocity(pipe.transformer, x, 0.5, ng.encode_prompt(pipe, "a cat", cfg, {})).square().sum().backward()
     assert trains == {n for n, p in pipe.transformer.named_parameters() if p.grad is not None and p.grad.any()}
 

@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
 import evaluate
 import flux
 import models
 import neighbor_grpo as ng
+import report
 from conftest import (FLUX_SCHEDULER, assert_same_figures, exported, fixed_tiny_run, launch, max_abs_diff, read_log,
                       tiny_cfg, update_gradients)
 
@@ -26,15 +28,15 @@ def smooth_velocity(x, t):
     return torch.tanh(x) * (1.5 - t) + math.sin(3 * t) * x - 0.3
 
 
-# ---------------------------------------------------------------------------- neighbourhood noise (eq. 7, Sec. 3.4.1)
+# ---------------------------------------------------------------------------- neighborhood noise (eq. 7, Sec. 3.4.1)
 
 
-def test_perturbed_noise_keeps_unit_variance_and_neighbours_are_equidistant():
+def test_perturbed_noise_keeps_unit_variance_and_neighbors_are_equidistant():
     gen = torch.Generator().manual_seed(0)
     G, D, sigma = 12, 2025 * 64, 0.3
     x = ng.perturbed_noise(torch.randn(1, D, generator=gen), torch.randn(G, D, generator=gen), sigma)
     assert abs(x.var().item() - 1) < 0.01 and abs(x.mean().item()) < 0.01
-    d = torch.cdist(x, x).pow(2) / D  # mean squared distance per element between neighbours
+    d = torch.cdist(x, x).pow(2) / D  # mean squared distance per element between neighbors
     off = d[~torch.eye(G, dtype=torch.bool)]
     # Johnson-Lindenstrauss: every pair sits at 2 sigma^2 to within a fraction of a percent
     assert torch.allclose(off, torch.full_like(off, 2 * sigma**2), rtol=0.02)
@@ -90,6 +92,15 @@ def test_multi_reward_advantages_are_the_weighted_sum_of_per_model_advantages():
 
 
 
+def test_eq_11_by_value_on_a_hand_worked_group():
+    """rewards 1, 2, 4: centred -4/3, -1/3, 5/3; L_1 norm 10/3; L_0.5 (sqrt(4/3) + sqrt(1/3) + sqrt(5/3))^2 = 9.138803;
+    L_2 sqrt(42) / 3."""
+    r = torch.tensor([1.0, 2.0, 4.0])
+    assert ng.quasi_norm_advantages(r, 1.0).tolist() == pytest.approx([-0.4, -0.1, 0.5], abs=1e-7)
+    assert ng.quasi_norm_advantages(r, 0.5).tolist() == pytest.approx([-0.1458980, -0.0364745, 0.1823725], abs=1e-6)
+    assert ng.quasi_norm_advantages(r, 2.0).tolist() == pytest.approx([-4 / 42**0.5, -1 / 42**0.5, 5 / 42**0.5])
+
+
 def test_nfe_theta_reproduces_table_3():
     assert round(ng.nfe_theta(B=4, G=12, K=4), 2) == 1.33
     assert ng.nfe_theta(B=4, G=12, K=9) == 3.0
@@ -108,25 +119,50 @@ def test_anchors_and_steps_are_distinct_and_in_range():
 # ---------------------------------------------------------------------------- surrogate and objective (eqs. 8, 9)
 
 
-def neighbourhood(G=6, D=4096, sigma=0.3, seed=4):
+def neighborhood(G=6, D=4096, sigma=0.3, seed=4):
     gen = torch.Generator().manual_seed(seed)
     return ng.perturbed_noise(torch.randn(1, D, generator=gen), torch.randn(G, D, generator=gen), sigma)
 
 
 def objective_at(anchor, candidates, j, adv, distance="mean", clip_range=1e-4):
-    logp = ng.surrogate_log_probs(ng.neighbour_distances(candidates, anchor, distance))
-    logp_old = ng.surrogate_log_probs(ng.neighbour_distances(candidates, candidates[j], distance))
+    logp = ng.surrogate_log_probs(ng.neighbor_distances(candidates, anchor, reduction=distance))
+    logp_old = ng.surrogate_log_probs(ng.neighbor_distances(candidates, candidates[j], reduction=distance))
     return ng.grpo_objective(adv, logp, logp_old, clip_range)[0]
 
 
+def test_eq_8_and_eq_9_by_value_on_a_hand_worked_neighborhood():
+    """Candidates (0, 0), (1, 0), (0, 2) around the anchor (0, 0): squared L2 summed 0, 1, 4 (mean: 0, 0.5, 2), L1
+    summed 0, 1, 2; log softmax(-d) of 0, 1, 4 is -d - log(1 + e^-1 + e^-4) = -d - 0.3265626. Eq. 9 with A = -0.4,
+    -0.1, 0.5, log rho = 0.1, 0, -0.1 and eps = 0.05: min(A rho, A clip(rho)) = -0.4 e^0.1, -0.1, 0.5 e^-0.1."""
+    X, anchor = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]]), torch.zeros(2)
+    assert ng.neighbor_distances(X, anchor, "squared_l2", "sum").tolist() == [0.0, 1.0, 4.0]
+    assert ng.neighbor_distances(X, anchor).tolist() == [0.0, 0.5, 2.0]  # the defaults: squared L2, mean
+    assert ng.neighbor_distances(X, anchor, "l1", "sum").tolist() == [0.0, 1.0, 2.0]
+    logp = ng.surrogate_log_probs(torch.tensor([0.0, 1.0, 4.0]))
+    assert logp.tolist() == pytest.approx([-0.3265626, -1.3265626, -4.3265626], abs=1e-6)
+    adv, log_ratio = torch.tensor([-0.4, -0.1, 0.5]), torch.tensor([0.1, 0.0, -0.1])
+    J, clip_frac = ng.grpo_objective(adv, log_ratio, torch.zeros(3), 0.05)
+    assert J.item() == pytest.approx(-0.4 * math.exp(0.1) - 0.1 + 0.5 * math.exp(-0.1), abs=1e-6)
+    assert J.item() == pytest.approx(-0.0896497, abs=1e-6) and clip_frac.item() == pytest.approx(2 / 3)
+
+
+def test_the_distance_metric_and_reduction_are_fields_and_older_names_still_parse():
+    cfg = tiny_cfg(None, "--distance_metric=l1", "--distance=sum")  # --distance: distance_reduction's older name
+    assert (cfg.distance_metric, cfg.distance_reduction) == ("l1", "sum")
+    assert "distance l1 (sum)" in ng.NEIGHBOR.describe(cfg)
+    X = neighborhood(G=4, D=64)
+    l1, l2 = (ng.neighbor_distances(X, X[0] + 0.1, m) for m in ng.DISTANCE_METRICS)
+    assert not torch.allclose(l1, l2) and torch.argmin(l1) == torch.argmin(l2) == 0
+
+
 def test_positive_advantage_pulls_the_anchor_and_negative_pushes_it_away():
-    X, j, a, b = neighbourhood(), 0, 2, 4
+    X, j, a, b = neighborhood(), 0, 2, 4
     adv = torch.zeros(6)
     adv[a], adv[b] = 1.0, -1.0
     anchor = X[j].clone().requires_grad_(True)
     objective_at(anchor, X, j, adv).backward()
     stepped = X[j] + 1e-3 * anchor.grad  # a small step of gradient ascent on J
-    d_before, d_after = ng.neighbour_distances(X, X[j]), ng.neighbour_distances(X, stepped)
+    d_before, d_after = ng.neighbor_distances(X, X[j]), ng.neighbor_distances(X, stepped)
     assert d_after[a] < d_before[a]  # pulled towards the high-reward candidate
     assert d_after[b] > d_before[b]  # pushed away from the low-reward one
 
@@ -146,7 +182,7 @@ def test_clip_zeroes_the_gradient_exactly_where_ppo_says():
 
 
 def test_summed_distance_on_1e5_elements_stays_finite():
-    X = neighbourhood(G=12, D=2025 * 64)
+    X = neighborhood(G=12, D=2025 * 64)
     drift = 0.05 * torch.randn(2025 * 64, generator=torch.Generator().manual_seed(5))
     anchor = (X[0] + drift).requires_grad_(True)  # log-ratios of O(1e3): exp would overflow fp32
     adv = ng.quasi_norm_advantages(torch.randn(12, generator=torch.Generator().manual_seed(6)), 0.8)
@@ -159,8 +195,8 @@ def test_rho_is_one_and_gradient_is_minus_sum_adv_grad_distance_at_theta_old(tin
     cfg = tiny_cfg(None, "--rollout_solver=euler", "--group_size=6")
     grid = ng.time_grid(cfg.num_steps, flux.latent_shape(tiny_pipe, cfg.resolution)[0], tiny_pipe.scheduler.config)
     cond = flux.encode_prompt(tiny_pipe, "a red cube", cfg, {})
-    states, train_next = ng.neighbourhood_rollout(tiny_pipe, cond, cfg, grid, torch.Generator().manual_seed(7),
-                                                  6, 0.3, torch.float32)
+    states, train_next = ng.neighborhood_rollout(tiny_pipe, cond, cfg, grid, torch.Generator().manual_seed(7),
+                                                 torch.float32, 6, 0.3)
     adv = ng.quasi_norm_advantages(torch.randn(6, generator=torch.Generator().manual_seed(8)), 0.8)
     model, j, k = tiny_pipe.transformer, 2, 5
     params = [p for p in model.parameters() if p.requires_grad]
@@ -172,7 +208,7 @@ def test_rho_is_one_and_gradient_is_minus_sum_adv_grad_distance_at_theta_old(tin
     assert abs_log_ratio < 1e-5  # matching solvers at theta = theta_old: rho = 1
     x = states[j, k].unsqueeze(0)
     x_theta = ng.euler_step(x, flux.velocity(model, x, grid[k], cond), grid[k], grid[k + 1])[0]
-    grad_d = torch.autograd.grad(-(adv * ng.neighbour_distances(states[:, k + 1], x_theta)).sum(), params,
+    grad_d = torch.autograd.grad(-(adv * ng.neighbor_distances(states[:, k + 1], x_theta)).sum(), params,
                                  allow_unused=True)
     pairs = [(a, b) for a, b in zip(grad_J, grad_d) if a is not None]
     assert pairs and all(torch.allclose(a, b, rtol=1e-3, atol=1e-9) for a, b in pairs)
@@ -186,8 +222,8 @@ def test_train_solver_old_anchor_gives_rho_one_at_theta_old_for_dpm_rollouts(tin
     cfg = tiny_cfg(None, "--group_size=6", "--rollout_batch_size=6")
     grid = ng.pipeline_grid(tiny_pipe, cfg, cfg.num_steps)
     cond = flux.encode_prompt(tiny_pipe, "a red cube", cfg, {})
-    states, train_next = ng.neighbourhood_rollout(tiny_pipe, cond, cfg, grid, torch.Generator().manual_seed(7), 6,
-                                                  0.3, dtype)
+    states, train_next = ng.neighborhood_rollout(tiny_pipe, cond, cfg, grid, torch.Generator().manual_seed(7),
+                                                 dtype, 6, 0.3)
     adv = ng.quasi_norm_advantages(torch.randn(6, generator=torch.Generator().manual_seed(8)), 0.8)
     ddim, stored = (ng.Group("a red cube", cond, states, old_next, torch.zeros(1, 6), adv, [], [])
                     for old_next in (train_next, states[:, 1:]))
@@ -294,8 +330,8 @@ def test_inference_sampler_is_flux_pipeline_sampling(tiny_pipe):
     grid = ng.time_grid(cfg.num_steps, flux.latent_shape(tiny_pipe, cfg.resolution)[0], tiny_pipe.scheduler.config)
     prompt = "a hamster resembling a horse"
     cond = flux.encode_prompt(tiny_pipe, prompt, cfg, {})
-    ours = ng.neighbourhood_rollout(tiny_pipe, cond, cfg, grid, torch.Generator().manual_seed(12), 1, 0.0,
-                                    torch.float32)[0][:, -1]
+    ours = ng.neighborhood_rollout(tiny_pipe, cond, cfg, grid, torch.Generator().manual_seed(12),
+                                   torch.float32, 1, 0.0)[0][:, -1]
     noise = ng.draw_noise(tiny_pipe, 1, cfg.resolution, torch.Generator().manual_seed(12), torch.device("cpu"))
     ref = tiny_pipe(prompt, height=cfg.resolution, width=cfg.resolution, num_inference_steps=cfg.num_steps,
                     guidance_scale=cfg.guidance_scale, latents=noise, output_type="latent",
@@ -316,7 +352,8 @@ def test_inference_sampler_is_flux_pipeline_sampling(tiny_pipe):
     (["--clip_range=0"], "clip_range"),
     (["--group_size=1", "--num_anchors=1"], "group_size"),
     (["--rollout_solver=heun"], "rollout_solver"),
-    (["--distance=l1"], "distance"),
+    (["--distance=l1"], "distance_reduction"),
+    (["--distance_metric=cosine"], "distance_metric"),
     (["--old_anchor=stored"], "old_anchor"),
     (["--lora_rank=-1"], "lora_rank"),
     (["--lora_rank=4", "--parallel=fsdp"], "parallel"),
@@ -364,7 +401,8 @@ def test_help_prints_every_field(capsys):
         ng.parse_config(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert all(f.name in out for f in ng.dataclasses.fields(ng.Config))
+    assert all(f.name in out for f in ng.dataclasses.fields(ng.SystemConfig))
+    assert out.index("class Config") < out.index("num_anchors") < out.index("class SystemConfig") < out.index("lora_rank")
 
 
 def test_empty_or_undecodable_prompt_files_are_one_line_errors_naming_the_file(tmp_path, capsys, monkeypatch):
@@ -399,7 +437,7 @@ def test_reward_returning_nan_fails_naming_the_reward_and_keeps_the_log(tmp_path
 
 def test_out_dir_holding_a_run_is_not_overwritten(tmp_path):
     (tmp_path / "log.jsonl").write_text('{"iter": 0}\n')
-    with pytest.raises(ng.ConfigError, match="out_dir"):
+    with pytest.raises(checkpoints.CheckpointError, match="out_dir"):
         ng.train(tiny_cfg(tmp_path))
     assert (tmp_path / "log.jsonl").read_text() == '{"iter": 0}\n'
 
@@ -436,6 +474,11 @@ def test_tiny_run_writes_log_samples_and_a_diffusers_checkpoint(tmp_path, capsys
     assert out[-1] == (f"done | held-out (iterations 0 -> 2): jpeg_compressibility {first:.4f} -> {last:.4f} "
                        f"({last - first:+.4f}) | best model (iteration 2: jpeg_compressibility {last:.4f}) in "
                        f"{tmp_path / 'best'} | in {tmp_path}: samples, curves.png, eval, transformer")
+    banner, code = out[0], report.source_of(ng.NEIGHBOR)  # which choices and which code ran: a fork names itself
+    assert banner.startswith("Neighbor GRPO | B=4 sigma=0.3 p=0.8 | distance squared_l2 (mean), pi_old at train_solver")
+    assert code.startswith("neighbor_grpo.py sha256:") and f"| {code} |" in banner
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["code"] == code and saved["distance_metric"] == "squared_l2" and saved["distance_reduction"] == "mean"
     trained = FluxTransformer2DModel.from_pretrained(tmp_path / "transformer")
     initial = flux.build_random_flux(cfg.seed, **flux.TINY).transformer
     assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), initial.parameters()))
@@ -457,9 +500,9 @@ def test_tiny_preset_learns_and_lr_zero_does_not_move(tmp_path):
     assert r0 == r0_frozen  # the same prompts and noise: only the update differs
 
 
-# (loss, mean training reward, clip fraction) per iteration of a fixed tiny run (brightness, seed 0, 3 iterations),
-# recorded with the single-file code before rewards.py, flux.py, sde_grpo.py and evaluate.py were split from it
-BEFORE_THE_SPLIT = dict(
+# (loss, mean training reward, clip fraction) per iteration of a fixed tiny run (brightness, seed 0, 3 iterations).
+# A change to the algorithm changes them, as it should: re-record with `python conftest.py` (it prints these).
+RECORDED = dict(
     train_solver=[(-4.000426270067692e-05, 0.5065285563468933, 0.5781250055879354),
                   (-3.7427060306072235e-05, 0.5129918456077576, 0.5260416595265269),
                   (-3.6665238440036774e-05, 0.5155649185180664, 0.4895833367481828)],
@@ -469,9 +512,10 @@ BEFORE_THE_SPLIT = dict(
 
 
 @pytest.mark.parametrize("old_anchor", ["train_solver", "rollout"])
-def test_the_split_into_files_is_numerically_invisible(tmp_path, old_anchor):
+def test_a_fixed_tiny_run_reproduces_its_recorded_numbers(tmp_path, old_anchor):
+    """Fails on any change to the numbers: expected after an algorithm change (re-record), a bug after a refactoring."""
     assert_same_figures(fixed_tiny_run(tmp_path, ng.parse_config, ng.NEIGHBOR, f"--old_anchor={old_anchor}"),
-                        BEFORE_THE_SPLIT[old_anchor])
+                        RECORDED[old_anchor])
 
 
 @pytest.mark.parametrize("args", [["--old_anchor=train_solver"], ["--old_anchor=rollout"],
@@ -620,7 +664,7 @@ def test_a_guarded_run_stops_exports_its_best_and_a_resumed_one_decides_alike(tm
 def kl_run(*args):
     cfg = tiny_cfg(None, "--kl_coef=1", "--eval_every=0", "--sample_every=0", "--rewards=brightness", *args)
     run = ng.build(dataclasses.replace(cfg, overwrite=True, out_dir=str(Path(tempfile.mkdtemp()))))
-    group = ng.neighbourhood_group(run, cfg, "a red cube", torch.Generator().manual_seed(3), lambda phase: None)
+    group = ng.make_group(run, cfg, "a red cube", torch.Generator().manual_seed(3))
     return run, cfg, [(group, j, k) for j in group.anchors[:2] for k in group.steps[0]]
 
 
@@ -661,7 +705,7 @@ def test_with_lora_the_reference_is_the_base_with_the_adapters_off():
 
 def test_kl_coef_zero_is_the_papers_objective_exactly(tmp_path):
     assert_same_figures(fixed_tiny_run(tmp_path, ng.parse_config, ng.NEIGHBOR, "--kl_coef=0"),
-                        BEFORE_THE_SPLIT["train_solver"])
+                        RECORDED["train_solver"])
 
 
 # ---------------------------------------------------------------------------- distributed, checkpoints, resume
@@ -689,7 +733,7 @@ import neighbor_grpo as ng
 out = sys.argv[1]
 cfg = ng.parse_config(sys.argv[2:] + ["--out_dir=" + out])
 run = ng.build(cfg)
-groups = [run.method.group(run, cfg, *ng.group_prompt(run.prompts, cfg, 0, g, run.world), lambda _: None)
+groups = [ng.make_group(run, cfg, *ng.group_prompt(run.prompts, cfg, 0, g, run.world))
           for g in run.group_ids]
 unsharded, real = [], ng.transitions_loss
 def spy(*args):  # FSDP2 keeps a gradient accumulated unsharded on its parameters' unsharded side
@@ -699,7 +743,8 @@ def spy(*args):  # FSDP2 keeps a gradient accumulated unsharded on its parameter
                          getattr(getattr(p, "_unsharded_param", None), "grad", None)) if t is not None))
     return real(*args)
 ng.transitions_loss = spy
-calls = ng.step_gradient(run, [(g, g.anchors[0], k) for g in groups for k in g.steps[0]], cfg)
+calls = ng.step_gradient(run.model, run.method, [(g, g.anchors[0], k) for g in groups for k in g.steps[0]], run.grid,
+                         cfg, run.dtype, run.reference)
 full = lambda t: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().float().cpu()
 loss = torch.cat([c[0] for c in calls]).sum()
 dist.all_reduce(loss)
@@ -767,7 +812,7 @@ def test_an_interrupted_save_leaves_the_last_checkpoint_loadable(tmp_path, monke
 
 
 def test_resume_without_a_checkpoint_is_an_error(tmp_path):
-    with pytest.raises(ng.ConfigError, match="resume"):
+    with pytest.raises(checkpoints.CheckpointError, match="resume"):
         ng.train(tiny_cfg(tmp_path, "--resume"))
 
 
@@ -986,10 +1031,13 @@ def test_non_finite_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoin
 
 
 
-@pytest.mark.parametrize("module,allowed", [("rewards", set()), ("report", set()), ("preflight", set()),
+@pytest.mark.parametrize("module,allowed", [("rewards", set()), ("report", set()), ("preflight", set()), ("guard", set()),
+                                            ("configurator", set()),
                                             ("models", {"rewards", "preflight"}), ("flux", {"models"}),
                                             ("sd3", {"models"}), ("qwen_image", {"models"}),
-                                            ("neighbor_grpo", {"models", "rewards", "report", "preflight"})])
+                                            ("checkpoints", {"models", "preflight"}),
+                                            ("neighbor_grpo", {"models", "rewards", "report", "checkpoints", "guard",
+                                                               "configurator"})])
 def test_each_file_imports_only_the_files_below_it(module, allowed):
     import ast
 

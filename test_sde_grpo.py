@@ -83,7 +83,7 @@ def test_sde_step_on_a_group_is_one_step_on_the_mean_of_its_per_sample_gradients
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     run = types.SimpleNamespace(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), method=sde.SDE,
                                 grid=grid, dtype=torch.float32, reference=None)
-    ng.policy_update(run, [group], cfg)
+    ng.policy_update(run.model, run.optimizer, run.method, [group], run.grid, cfg, run.dtype)
     reference = copy.deepcopy(tiny_pipe.transformer)  # per-sample gradients of -J / K, averaged over the group
     for b, j in enumerate(anchors):
         for k in steps[b]:
@@ -100,7 +100,8 @@ def test_sde_step_on_a_group_is_one_step_on_the_mean_of_its_per_sample_gradients
     calls = []
     run.optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     run.optimizer.register_step_pre_hook(lambda *_: calls.append(1))
-    ng.policy_update(run, [group], dataclasses.replace(cfg, sde_samples_per_step=1))
+    ng.policy_update(run.model, run.optimizer, run.method, [group], run.grid,
+                     dataclasses.replace(cfg, sde_samples_per_step=1), run.dtype)
     assert len(calls) == 4
 
 
@@ -145,13 +146,13 @@ def test_help_prints_the_baselines_fields_too(capsys):
 
 
 # (loss, mean training reward, clip fraction) of the fixed tiny run as the baseline, recorded before the split
-SDE_BEFORE_THE_SPLIT = [(-8.41100700199604e-09, 0.5063787698745728, 0.0),
+SDE_RECORDED = [(-8.41100700199604e-09, 0.5063787698745728, 0.0),
                         (-7.741618901491165e-09, 0.5137047171592712, 0.0),
                         (-2.0780134946107864e-08, 0.5109555125236511, 0.0)]
 
 
-def test_the_baselines_move_into_its_own_file_is_numerically_invisible(tmp_path):
-    assert_same_figures(fixed_tiny_run(tmp_path, sde.parse_config, sde.SDE), SDE_BEFORE_THE_SPLIT)
+def test_a_fixed_tiny_sde_run_reproduces_its_recorded_numbers(tmp_path):
+    assert_same_figures(fixed_tiny_run(tmp_path, sde.parse_config, sde.SDE), SDE_RECORDED)
 
 
 def test_every_sample_is_trained_on_its_own_steps_never_the_last():
