@@ -13,14 +13,21 @@ GIB = 2**30
 # parameters of the models beside the transformer, as bench.py --meta counts them from their configurations
 VAE = {"flux": 83_819_683}
 TEXT_ENCODERS = 123_060_480 + 4_762_310_656  # CLIP-L, T5-XXL encoder (FLUX.1-dev's)
-REWARDS = dict(hpsv2=986_109_441, pickscore=986_109_441, imagereward=446_665_953, clipscore=986_714_881,
-               aesthetic=427_616_513, hpsv3=7_748_610_610)  # fp32 towers; HPSv3 in bf16, as it was trained
+REWARD_PARAMETERS = dict(hpsv2=986_109_441, pickscore=986_109_441, imagereward=446_665_953, clipscore=986_714_881,
+                         aesthetic=427_616_513, hpsv3=7_748_610_610)  # fp32 towers; HPSv3 in bf16, as it was trained
 REWARD_BYTES = dict(hpsv3=2)  # bytes a parameter where not 4
+WEIGHTLESS = ("jpeg_compressibility", "jpeg_incompressibility", "brightness", "unifiedreward",  # functions, a server
+              "digit_alignment", "digit_cnn_alignment", "digit_realism")  # the digits' judges: kilobytes on the CPU
 
 
 def reward_bytes(name):
     """Bytes of a reward model's weights on the GPU (0 for one without: a function, a remote judge)."""
-    return REWARD_BYTES.get(name, 4) * REWARDS.get(name, 0)
+    return REWARD_BYTES.get(name, 4) * REWARD_PARAMETERS.get(name, 0)
+
+
+def unpriced(names):
+    """The rewards of names this file cannot price: neither counted above nor weightless (module:function, a new one)."""
+    return [n for n in dict.fromkeys(names) if n not in REWARD_PARAMETERS and n not in WEIGHTLESS]
 
 
 def transformer_sizes(config, lora_rank=0, lora_targets=()):
@@ -133,8 +140,8 @@ def gpu_phases(cfg, sizes, config, world, real_models, adamw="fused"):
     encoders, rewards, guards = 0, [], []
     if real_models:
         encoders = half * TEXT_ENCODERS
-        rewards = [reward_bytes(r) for r in cfg.rewards if r in REWARDS]
-        guards = [reward_bytes(r) for r in cfg.guard_rewards if r in REWARDS]
+        rewards = [reward_bytes(r) for r in cfg.rewards if r in REWARD_PARAMETERS]
+        guards = [reward_bytes(r) for r in cfg.guard_rewards if r in REWARD_PARAMETERS]
     if not cfg.offload_text_encoders:
         resident, encoders = resident + encoders, 0
     resident += 0 if cfg.reward_offload else sum(rewards)
@@ -172,6 +179,9 @@ def fits(cfg, sizes, config, world, capacity, real_models, offers, rank=0, ranks
     node needs), else one line naming the offers that do: {description: (cfg, world)}, in order."""
     phases = gpu_phases(cfg, sizes, config, world, real_models)
     top = max(phases, key=phases.get)
+    for name in unpriced([*cfg.rewards, *cfg.eval_rewards, *cfg.guard_rewards]) if rank == 0 else ():
+        print(f"memory: reward {name} is not priced (0 bytes assumed); add its parameter count to "
+              "preflight.REWARD_PARAMETERS")
     if phases[top] <= capacity:
         if rank == 0:
             host = host_bytes(cfg, transformer_sizes(config)["n"], world, ranks_per_node)

@@ -162,7 +162,7 @@ def test_the_preflights_model_sizes_are_the_ones_meta_counts():
     assert rows["CLIP-L text encoder"] + rows["T5-XXL encoder"] == preflight.TEXT_ENCODERS
     for name in ("hpsv2", "pickscore", "hpsv3", "clipscore", "aesthetic"):
         label = {"hpsv3": "HPSv3 (Qwen2-VL-7B in bf16 + its head)"}.get(name) or bench.CLIPS[name][0]
-        assert rows[label] == preflight.REWARDS[name], name
+        assert rows[label] == preflight.REWARD_PARAMETERS[name], name
 
 
 def test_random_stand_ins_built_on_their_device_are_seeded_and_finite():

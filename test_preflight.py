@@ -53,3 +53,15 @@ def test_adamw_foreach_step_is_priced_as_the_fp32_temporary_it_allocates_and_fus
 def test_the_usable_memory_is_the_free_memory_less_the_stated_margin():
     assert preflight.usable_memory(80 * GIB, 80 * GIB) == pytest.approx(80 * GIB - 1.5 * GIB - 1.6 * GIB)
     assert preflight.usable_memory(10 * GIB, 80 * GIB) < 10 * GIB - 1.5 * GIB  # another process's memory is not ours
+
+
+def test_a_reward_preflight_cannot_price_is_named_in_one_line(capsys):
+    """A reward neither counted nor known to hold no weights (a module:function) is priced at 0 bytes: said so."""
+    cfg = ng.parse_config(LORA + COMMON + ["--rewards=jpeg_compressibility,mymodule:score", "--guard_rewards=aesthetic",
+                                            "--eval_every=50"])
+    assert preflight.unpriced([*cfg.rewards, *cfg.guard_rewards]) == ["mymodule:score"]
+    sizes = flux.model_sizes(cfg.model_path)
+    assert preflight.fits(cfg, sizes, flux.transformer_config(**sizes), 1, 1000 * GIB, False, {})[0]
+    warned = [line for line in capsys.readouterr().out.splitlines() if "not priced" in line]
+    assert warned == ["memory: reward mymodule:score is not priced (0 bytes assumed); add its parameter count to "
+                      "preflight.REWARD_PARAMETERS"]
