@@ -27,7 +27,7 @@ def test_eval_table_has_table_1s_shape_with_the_papers_rows():
     assert lines[2] == "| runs/x/transformer (n = 3200) | 0.5000 ± 0.0100 | 1.5000 ± 0.0100 | 2.5000 ± 0.0100 |"
     assert lines[3] == "| FLUX.1-dev† (paper) | 0.310 | 6.108 | – |" and lines[-1].endswith("| 0.366 | 6.621 | – |")
     assert len(lines) == 3 + 4  # FLUX.1-dev, DanceGRPO, MixGRPO, Neighbor GRPO
-    assert ng.Config().eval_only_rewards == ("hpsv2", "pickscore", "imagereward", "clipscore", "unifiedreward",
+    assert ng.SystemConfig().eval_only_rewards == ("hpsv2", "pickscore", "imagereward", "clipscore", "unifiedreward",
                                              "aesthetic")
 
 

@@ -934,13 +934,22 @@ def test_reward_weights_are_normalised_to_sum_one(tmp_path):
     assert ng.reward_mix(tiny_cfg(None, rewards, "--reward_weights=3,1,0")) == (0.75, 0.25, 0.0)
 
 
-def test_resuming_a_finished_run_leaves_its_checkpoint_untouched(tmp_path, monkeypatch):
+def test_resuming_a_finished_run_leaves_its_checkpoint_untouched(tmp_path, monkeypatch, capsys):
+    """... also when it was saved with the field names of older versions (distance, no distance_metric): a changed
+    value is reported under the field's name now."""
     ng.train(tiny_cfg(tmp_path, "--iterations=1", "--sample_every=0", "--eval_every=0"))
+    meta = tmp_path / "checkpoints/step-000001/meta.json"
+    saved = json.loads(meta.read_text())
+    saved["config"]["distance"] = "sum" if saved["config"].pop("distance_reduction") == "mean" else "?"
+    del saved["config"]["distance_metric"]
+    meta.write_text(json.dumps(saved))
+    capsys.readouterr()
     saves = []
     monkeypatch.setattr(ng, "save_checkpoint", lambda *args: saves.append(args))
     ng.train(tiny_cfg(tmp_path, "--iterations=1", "--sample_every=0", "--eval_every=0", "--resume"))
     assert saves == []  # nothing new to save: the latest checkpoint is never rewritten in place
     assert (tmp_path / "checkpoints/latest").read_text() == "step-000001"
+    assert "with changed fields: distance_reduction sum -> mean" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------- preemption, bad steps, flaky rewards
