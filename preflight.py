@@ -126,6 +126,8 @@ def gpu_phases(cfg, sizes, config, world, real_models, adamw="fused"):
         rest, grads, step = 12 * n / shards, 4 * n / shards, ADAMW_STEP[adamw] * n / shards
         gathered = 2 * (2 * block + root) + 4 * block if shards > 1 else 0
         rolled = 2 * (2 * block + root) if shards > 1 else 0
+        if cfg.kl_coef:  # its reference (neighbor_grpo.starting_model): a frozen copy in the compute dtype, sharded
+            rest += half * n / shards  # like the model under FSDP; LoRA's is its adapters switched off, no copy
     update = rest + grads + inputs + max(gathered + work, step)  # the step runs after the backward has let go
     rollout = rest + inputs + rolled + 13 * tokens(min(cfg.rollout_batch_size, G))
     vae = decode_bytes(cfg.reward_batch_size, cfg.resolution, half, sizes)

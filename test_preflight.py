@@ -53,3 +53,15 @@ def test_adamw_foreach_step_is_priced_as_the_fp32_temporary_it_allocates_and_fus
 def test_the_usable_memory_is_the_free_memory_less_the_stated_margin():
     assert preflight.usable_memory(80 * GIB, 80 * GIB) == pytest.approx(80 * GIB - 1.5 * GIB - 1.6 * GIB)
     assert preflight.usable_memory(10 * GIB, 80 * GIB) < 10 * GIB - 1.5 * GIB  # another process's memory is not ours
+
+
+def test_kl_coef_reference_is_priced_as_a_frozen_copy_under_full_fine_tuning_and_nothing_under_lora():
+    sizes = flux.FLUX_DEV
+    config = flux.transformer_config(**sizes)
+    n = preflight.transformer_sizes(config)["n"]
+    peak = lambda args, world: max(preflight.gpu_phases(ng.parse_config(args), sizes, config, world, True).values())  # noqa: E731
+    for world in (1, 8):  # one rank holds the whole bf16 copy (22 GiB), each of 8 FSDP ranks its shard
+        extra = peak(["--preset=flux-dev", "--kl_coef=0.1"], world) - peak(["--preset=flux-dev"], world)
+        assert extra == pytest.approx(2 * n / world, rel=1e-6) and 2 * n / GIB == pytest.approx(22.2, abs=0.1)
+    lora = ["--preset=flux-dev-lora"]
+    assert peak([*lora, "--kl_coef=0.1"], 1) == peak(lora, 1)
