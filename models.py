@@ -431,8 +431,9 @@ def prepare_blocks(model, checkpointing, compiled):
     minutes at FLUX.1-dev's size on an H200); checkpointing and FSDP2's hooks stay outside the compiled code. The
     variants are static (dynamic=False: no shape-generic kernels): a grad mode at each batch size a run meets, the
     sample grid's min(num_samples, eval_batch_size), evaluation's eval_batch_size, the rollout's rollout_batch_size
-    and the update's update_batch_size (with their remainders), and the kl_coef reference's adapters-off forward.
-    The rollout and the update run the same compiled blocks: |log rho| at theta_old stays at round-off."""
+    and the update's update_batch_size (with their remainders), and the kl_coef reference's adapters-off forward;
+    the single blocks each twice, the first one's input laid out apart from the others' (a stride). The rollout and
+    the update run the same compiled blocks: |log rho| at theta_old stays at round-off."""
     if checkpointing:
         model.enable_gradient_checkpointing()
     if compiled:  # a block kind meets up to ~10 variants (grad mode, batch, layout, adapters off): above dynamo's 8
