@@ -162,11 +162,13 @@ def evaluation_phases(cfg, sizes, config, real_models, names):
 
 def host_bytes(cfg, n, world, ranks_per_node):
     """Host RAM per node at start-up: rank 0 reads the transformer (fp32 master weights; LoRA, NF4 and evaluate.py:
-    the compute dtype) and each rank holds its text encoders while it encodes, its offloaded models after."""
+    the compute dtype; full fine-tuning with kl_coef: twice, while its reference is copied from them) and each rank
+    holds its text encoders while it encodes, its offloaded models after."""
     master = 2 if cfg.lora_rank else 4
+    copies = 2 if cfg.kl_coef and not cfg.lora_rank else 1  # kl_coef's reference: a deepcopy of them, then its cast
     fsdp = world > 1 and cfg.parallel == "fsdp" and not cfg.lora_rank
     loads = 1 if fsdp else ranks_per_node  # FSDP: rank 0 alone reads the weights; DDP: every rank does
-    return loads * master * n + ranks_per_node * 2 * TEXT_ENCODERS
+    return loads * copies * master * n + ranks_per_node * 2 * TEXT_ENCODERS
 
 
 def fits(cfg, sizes, config, world, capacity, real_models, offers, rank=0, ranks_per_node=1):

@@ -65,3 +65,11 @@ def test_kl_coef_reference_is_priced_as_a_frozen_copy_under_full_fine_tuning_and
         assert extra == pytest.approx(2 * n / world, rel=1e-6) and 2 * n / GIB == pytest.approx(22.2, abs=0.1)
     lora = ["--preset=flux-dev-lora"]
     assert peak([*lora, "--kl_coef=0.1"], 1) == peak(lora, 1)
+
+
+def test_kl_coef_reference_is_copied_from_the_master_weights_in_host_ram_under_full_fine_tuning():
+    n = preflight.transformer_sizes(flux.transformer_config(**flux.FLUX_DEV))["n"]
+    host = lambda *args: preflight.host_bytes(ng.parse_config(list(args)), n, 8, 8)  # noqa: E731
+    assert host("--preset=flux-dev", "--kl_coef=0.1") - host("--preset=flux-dev") == 4 * n  # rank 0's fp32 copy
+    lora = ["--preset=flux-dev-lora"]
+    assert host(*lora, "--kl_coef=0.1") == host(*lora)  # LoRA's reference: its adapters off
