@@ -448,7 +448,7 @@ def compiled_variants(model):
     share them; DDP's wrapper and FSDP2's subclass do not change the kind)."""
     from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
 
-    codes = {type(b).forward.__code__ for b in blocks(getattr(model, "module", model))}  # FSDP2 subclasses a kind
+    codes = dict.fromkeys(type(b).forward.__code__ for b in blocks(getattr(model, "module", model)))  # in order
     return {c.co_qualname.split(".")[0]: len(_debug_get_cache_entry_list(c)) for c in codes}
 
 

@@ -314,3 +314,19 @@ def test_a_compiled_run_without_a_c_compiler_stops_in_one_line_before_any_model_
     assert done.returncode == 2 and len(errors) == 1, done.stderr
     assert "InvalidCxxCompiler" in errors[0] and "C compiler" in errors[0] and "--compile=false" in errors[0]
     assert done.stdout == "" and not (tmp_path / "run").exists()  # nothing loaded, nothing written
+
+
+def test_a_compiled_run_logs_each_block_kinds_variants_after_its_first_iteration(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from report import RunLog
+
+    cfg = ng.parse_config(["--preset=tiny", "--compile=true", f"--out_dir={tmp_path}"])
+    model = flux.meta_transformer(flux.TINY)  # real tensors on the CPU, compiled lazily: nothing compiled yet
+    models.prepare_blocks(model, False, True)
+    log = RunLog(SimpleNamespace(rank=0, start=0, world=1, method=ng.NEIGHBOR, model=model), cfg)
+    stats = {"loss": 0.0, "clip_frac": 0.0, "first_anchor_abs_log_ratio": 0.0, "time/total": 1.0}
+    for it in (0, 1):
+        log.iteration(it, torch.zeros(1, 2), stats)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("compiled blocks:")]
+    assert lines == ["compiled blocks: FluxTransformerBlock 0 variants, FluxSingleTransformerBlock 0 variants"]
