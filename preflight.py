@@ -5,6 +5,8 @@ largest phase 1 % apart at FLUX.1-dev's size, and test_bench.py holds them toget
 checkpoint's bytes on disk, and whether a checkpoint's files are whole. Imports nothing of ours.
 """
 
+import functools
+import json
 import math
 from pathlib import Path
 
@@ -26,11 +28,16 @@ def reward_bytes(name):
 def transformer_sizes(config, lora_rank=0, lora_targets=()):
     """FluxTransformer2DModel(**config) counted on the meta device (nothing allocated): its parameters, the largest
     block's, the root's own (outside the blocks), each nn.Linear weight's, and LoRA's adapters at lora_rank."""
+    return counted_sizes(json.dumps(config, sort_keys=True), lora_rank, tuple(lora_targets))
+
+
+@functools.lru_cache(maxsize=64)  # a plan prices tens of recipes of a few sizes: each size built once
+def counted_sizes(config_json, lora_rank, lora_targets):
     import torch
     from diffusers import FluxTransformer2DModel
 
     with torch.device("meta"):
-        model = FluxTransformer2DModel(**config)
+        model = FluxTransformer2DModel(**json.loads(config_json))
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     blocks = [count(b) for b in [*model.transformer_blocks, *model.single_transformer_blocks]]
     linears = [(n, m) for n, m in model.named_modules() if type(m) is torch.nn.Linear]
