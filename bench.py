@@ -1,7 +1,6 @@
 """
 Where a Neighbor GRPO iteration's time and memory go, and the runs that compare settings.
 
-    python bench.py --doctor --out=runs/doctor                      # a first GPU: doctor.py
     python bench.py --preset=tiny                                   # a real iteration's phases beside the cost model
     python bench.py --preset=flux-dev --flux_blocks=2,4 --rewards=jpeg_compressibility --prompt_file=  # GPU, random
     torchrun --nproc_per_node=8 bench.py --preset=flux-dev --flux_blocks=19,38 ...   # FLUX.1-dev's width, per rank
@@ -26,7 +25,7 @@ ODE sampler, or with --seconds=S each trained for S seconds; writes compare.csv 
 and any judges) first -> last in sweep.md and over iterations (--x=wall_clock: seconds) in sweep.png, in --out;
 runs are kept under --runs (default --out/runs) and an identical finished run is reused. --sweep=method=neighbor,sde
 runs the SDE baseline for --sde_iterations. Here --eval_every is the runs' Config field.
---doctor: doctor.py (a new GPU's kernels, attention, gradients and timed recipes; --out, --budget, --blocks, --only).
+A new GPU's checks are doctor.py's (python doctor.py --plan, then python doctor.py), not this file's.
 Every other --field=value is a neighbor_grpo field.
 """
 
@@ -69,6 +68,8 @@ def parse(argv):
     sweeping = any(arg.startswith("--sweep=") for arg in argv)  # then --eval_every is the training runs' field
     for arg in argv:
         key, _, value = arg.removeprefix("--").partition("=")
+        if key == "doctor":  # doctor.py imports this file, never the reverse
+            raise ng.ConfigError("--doctor: the doctor is its own script: run python doctor.py (the same options)")
         if key in ("compare", "meta", "batch1"):
             opts[key] = value in ("", "1", "true")
         elif key in opts and not (sweeping and key == "eval_every"):
@@ -757,10 +758,6 @@ def nf4_bytes(model):
 
 
 def main(argv):
-    if "--doctor" in argv:  # doctor.py's checks, by their first name
-        import doctor
-
-        return doctor.main([arg for arg in argv if arg != "--doctor"])
     return ng.main(argv, parse, lambda parsed: run(*parsed))
 
 

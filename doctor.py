@@ -1,30 +1,36 @@
 """
 What a GPU can do with this code, in minutes and with no download. The first command on a new GPU:
 
-    python doctor.py --out=runs/doctor                  # ~5 minutes on an H100/H200 (bench.py --doctor runs this)
-    python doctor.py --out=runs/doctor --budget=900 --blocks=19,38   # FLUX.1-dev's 57 blocks, more time
-    python doctor.py --out=runs/more --only=sde,lora-compiled        # checks by name
+    python doctor.py --plan                             # what would run, each check's estimate and the total
+    python doctor.py --out=runs/doctor                  # every recipe within 8 minutes (--budget=480) on an H100/H200
+    python doctor.py --out=runs/more --only=lora-cudnn-forward,lora-compiled,lora-no-checkpointing,profile,flops
 
-The checks, in order of importance, each in a process of its own on a GPU (a kernel that corrupts memory poisons
-only its own CUDA context; --isolate=false runs them here), each killed at its share of what is left of --budget
-(seconds; what does not fit is listed as skipped, with why):
-  kernels        the bf16 matmul rate (MFU's denominator), bf16 and NF4 against fp32, an all-reduce, and the SDPA
-                 kernel training calls with and without a gradient under each attention_backend (models.set_attention)
+The default run, in order of what a user must know first, each check in a process of its own on a GPU (a kernel that
+corrupts memory poisons only its own CUDA context; --isolate=false runs them here), each killed at its share of what
+is left of --budget (seconds; what does not fit is listed as skipped, with why; ESTIMATES: an H200's seconds):
+  kernels        the bf16 matmul rate (MFU's denominator), bf16 against fp64, NF4 as training runs it (4096 rows,
+                 forward and backward through bitsandbytes' MatMul4Bit) against fp32, an all-reduce, and the SDPA
+                 kernel training calls with and without a gradient under each attention_backend (models.set_attention),
+                 at FLUX's call in diffusers' layout (permuted, non-contiguous q, k, v; 24 heads, 2537 tokens)
+  preset         flux-dev-lora as it ships (compiled, cuDNN's forward, no checkpointing) at FLUX.1-dev's 19 + 38
+                 blocks: a sample grid and an evaluation batch, then two iterations (the first's compile time apart
+                 from the steady one), the variants each block kind compiled
   attention-flash, attention-efficient, attention-cudnn
                  one SDPA backend, forward and backward, at each family's real transformer call (FLUX's double and
                  single blocks, SD3.5's joint blocks, Qwen-Image's block; their widths, 512² to 1024²) in bf16 against
                  an fp32 math reference: WRONG if its error is over 3x the math backend's in bf16
   gradient       a real update step's gradient (full fine-tuning, 1 + 2 blocks): finite, and bf16 against fp32
-  lora-eager, lora-no-checkpointing, nf4-lora, full, sde, lora-cudnn-forward, lora-compiled
-                 real iterations (bench.setup: random weights at FLUX.1-dev's width, --blocks or fewer where preflight's
-                 prediction does not fit): LoRA r=64 eager (profiled), with cuDNN's forward, compiled blocks and no
-                 checkpointing; NF4 + LoRA; full fine-tuning; the SDE baseline in DanceGRPO's setting (Table 3's
-                 ratio). Each: s/iteration and per phase, the first iteration (compile time), the peak memory beside
-                 preflight.gpu_phases' prediction, |log rho| at theta_old, FLOPs counted on an iteration of their own
-                 and by bench.py --meta, MFU; the report names the fastest correct LoRA setting
-doctor.json and doctor.md in --out are rewritten after every check, so a time-out or a kill keeps what was measured;
-logs/NAME.log holds each process's output. On a CPU the same checks run in this process on the tiny models, in
-seconds, the CUDA-only ones listed as skipped.
+  nf4-lora, full, sde, lora-eager
+                 real iterations (bench.setup: random weights at FLUX.1-dev's width, the most blocks up to --blocks
+                 whose preflight prediction fits): NF4 + LoRA; full fine-tuning; the SDE baseline in DanceGRPO's
+                 setting (Table 3's ratio); LoRA r=64 eager
+Each timed run: s/iteration and per phase, the first iteration, the peak memory beside preflight.gpu_phases'
+prediction (within +2 % or 0.5 GiB it matches; above, preflight is named wrong, not the run), |log rho| at theta_old
+against 1e-5 with its margin. The studies, a second run by name (--only): the LoRA levers one by one (cuDNN's forward,
+compiled blocks, no checkpointing), an eager iteration profiled (profile_eager.txt), its FLOPs counted beside
+bench.py --meta's (MFU). doctor.json and doctor.md in --out are rewritten after every check, so a time-out or a kill
+keeps what was measured; logs/NAME.log holds each process's output. On a CPU the same checks run in this process on
+the tiny models, eagerly, in seconds, the CUDA-only ones listed as skipped.
 """
 import dataclasses
 import functools
@@ -46,6 +52,7 @@ import models
 import neighbor_grpo as ng
 import preflight
 import sde_grpo
+from report import clock
 
 ROOT = Path(__file__).resolve().parent
 BF16_TFLOPS = {"H100": 989, "H200": 989, "H800": 989, "H20": 148, "A100": 312, "A800": 312, "L40S": 362, "L40": 181,
@@ -55,6 +62,7 @@ BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIE
             "cudnn": SDPBackend.CUDNN_ATTENTION}  # the SDPA backends checked, each in its own process on a GPU
 WRONG = 3.0  # a backend's bf16 error this many times the math backend's is a wrong kernel, not round-off
 MAX_LOG_RATIO = 1e-5  # |log rho| at theta_old above this: the rollout's and the update's kernels disagree
+PEAK_TOLERANCE = (0.02, 0.5)  # a peak above preflight's prediction by at most 2 % or 0.5 GiB (the larger) matches
 TIMEOUT = (60, 3)  # a check's process is killed after the larger of 60 s and 3x its estimate (or what is left)
 
 
@@ -87,15 +95,29 @@ def check_bf16(device):
 
 
 def check_nf4(device):
-    """A FLUX-sized layer (smaller on a CPU) through models.quantize_base: bitsandbytes' kernels, against bf16."""
-    width = 3072 if device.type == "cuda" else 512
-    layer = torch.nn.Sequential(torch.nn.Linear(width, width))
-    x = torch.randn(16, width)
-    reference = layer.to(device, torch.bfloat16)(x.to(device, torch.bfloat16)).float()
+    """NF4 as training runs it: models.quantize_base's layer (FLUX's MLP up-projection, 3072 -> 12288; smaller on a
+    CPU) at 4096 rows, forward and backward through bitsandbytes' MatMul4Bit (the weight dequantized, then a bf16
+    matmul), against fp32 on the same dequantized weight (the kernels' error); and its output against the bf16 layer
+    it was quantized from (the 4-bit rounding)."""
+    import bitsandbytes as bnb
+
+    width, rows = (3072, 4096) if device.type == "cuda" else (256, 4096)
+    gen = torch.Generator().manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(width, 4 * width))
+    x, grad = torch.randn(rows, width, generator=gen), torch.randn(rows, 4 * width, generator=gen)
+    bf16 = layer.to(device, torch.bfloat16)(x.to(device, torch.bfloat16)).float()
     models.quantize_base(layer, torch.bfloat16, device)
-    with torch.no_grad():
-        out = layer(x.to(device, torch.bfloat16)).float()
-    return {"relative_error": ((out - reference).norm() / reference.norm()).item(), "expected": "about 0.1"}
+    nf4, x4 = layer[0], x.to(device, torch.bfloat16).requires_grad_()
+    out = nf4(x4)
+    out.backward(grad.to(device, torch.bfloat16))
+    weight = bnb.functional.dequantize_4bit(nf4.weight.data, nf4.weight.quant_state).float()
+    x32 = x4.detach().float().requires_grad_()
+    exact = torch.nn.functional.linear(x32, weight, nf4.bias.float())
+    exact.backward(grad.to(device))
+    rel = lambda a, b: ((a.float() - b).norm() / b.norm()).item()  # noqa: E731
+    return {"rows": rows, "path": type(out.grad_fn).__name__, "out_vs_fp32": rel(out, exact),
+            "dx_vs_fp32": rel(x4.grad, x32.grad), "nf4_vs_bf16": rel(out, bf16),
+            "expected": "below 1e-2 against fp32 (bf16 round-off); about 0.1 against the bf16 layer (4-bit weights)"}
 
 
 def check_collectives(device):
@@ -115,11 +137,13 @@ def check_collectives(device):
 
 
 def training_attention(device):
-    """The SDPA kernel PyTorch picks at FLUX's attention shape (720², bf16) with and without a gradient, under the
-    flags models.set_attention sets for each attention_backend (the process's default put back after)."""
-    shape, dtype = ((1, 24, 2537, 128), torch.bfloat16) if device.type == "cuda" else ((1, 2, 64, 16), torch.float32)
-    q = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
-    picked = lambda: SDPBackend(torch._fused_sdp_choice(q, q, q)).name.lower()  # noqa: E731
+    """The SDPA kernel PyTorch picks at FLUX's attention call (720²: 2537 tokens, 24 heads of 128, bf16) with and
+    without a gradient, under the flags models.set_attention sets for each attention_backend (the process's default
+    put back after). q, k, v in diffusers' layout: [B, L, H, D] permuted to [B, H, L, D], non-contiguous views, as
+    its attention dispatch hands them to SDPA."""
+    shape, dtype = ((2, 2537, 24, 128), torch.bfloat16) if device.type == "cuda" else ((2, 64, 2, 16), torch.float32)
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype).requires_grad_().permute(0, 2, 1, 3) for _ in range(3))
+    picked = lambda: SDPBackend(torch._fused_sdp_choice(q, k, v)).name.lower()  # noqa: E731
     out = {}
     for backend in models.ATTENTION_BACKENDS:
         models.set_attention(backend)
@@ -295,14 +319,17 @@ def reset_peak(device):
 
 
 def check_iterations(spec, device, found):
-    """Build the run as training does (bench.setup), run spec["iterations"] iterations (the last one timed, its peak
-    memory read), then untimed: one profiled, one under the FLOP counter, and --meta's count of the same config."""
+    """Build the run as training does (bench.setup), the sample grid's and evaluation's calls first where asked, run
+    spec["iterations"] iterations (the last one timed, its peak memory read; the first less it: compile time), then
+    untimed where asked: one profiled, one under the FLOP counter, and --meta's count of the same config."""
     sde = spec["method"] == "sde"
     cfg = (sde_grpo.parse_config if sde else ng.parse_config)(spec["args"])
     method = sde_grpo.SDE if sde else ng.NEIGHBOR
     s = bench.setup(cfg, "", method)
     if spec.get("warmup"):  # one iteration timed: its transformer calls run once before (lazy kernels, the allocator)
         found.update(unit_costs_s=bench.unit_costs(s, cfg))
+    if spec.get("sampling"):  # as a run begins: a sample grid, then an evaluation's batch (compiled: their variants)
+        found.update(sampling_s=sampling(s, cfg, device))
     seconds = []
     for i in range(spec["iterations"]):
         reset_peak(device)
@@ -314,6 +341,8 @@ def check_iterations(spec, device, found):
                  else None, peak_gib=peak, abs_log_ratio=stats["first_anchor_abs_log_ratio"],
                  grad_norm=stats["grad_norm"], finite=math.isfinite(stats["loss"]) and not stats["skipped_steps"],
                  GTBK=f"{cfg.group_size}, {cfg.num_steps}, {bench.trained_per_group(cfg)}, {cfg.num_train_steps}")
+    if cfg.compile:  # every batch size the run met by now: the static set prepare_blocks names
+        found.update(compiled_variants=models.compiled_variants(s.model))
     if spec.get("profile"):
         found.update(profile=checked(lambda: profile_iteration(s, cfg, len(seconds), device, Path(spec["profile"]))))
     if spec.get("count"):
@@ -323,6 +352,18 @@ def check_iterations(spec, device, found):
     if spec.get("meta"):
         found.update(tflop_meta=meta_flops(cfg) * 1e-12)
     return found
+
+
+def sampling(s, cfg, device):
+    """Seconds of the sample grid (num_samples prompts) and of one evaluation batch (eval_batch_size, on its grid),
+    through the loop's own sampler (neighbor_grpo.generate); the prompts are ones build() encoded."""
+    prompts, out = s.prompts[: cfg.num_samples], {}
+    for name, batch, grid in (("sample grid", prompts, s.grid),
+                              ("evaluation", (prompts * cfg.eval_batch_size)[: cfg.eval_batch_size], s.eval_grid)):
+        t0 = clock(device)
+        ng.generate(s.pipe, batch, cfg, grid, cfg.seed, s.dtype, s.cache)
+        out[name] = clock(device) - t0
+    return out
 
 
 def profile_iteration(s, cfg, iteration, device, path):
@@ -376,26 +417,37 @@ TINY = ["--preset=tiny", "--group_size=4", "--num_anchors=2", "--num_steps=4", "
 # CPU's smoke test of the same code (the SDE baseline's too: not DanceGRPO's 25 steps there)
 RECIPES = dict(  # (preset at FLUX.1-dev's width, the fields that carry over to the tiny preset)
     full=("flux-dev", dict(grad_checkpointing=True)),
-    lora=("flux-dev-lora", dict(lora_rank=4, lora_alpha=8.0)),
+    lora=("flux-dev-lora", dict(lora_rank=4, lora_alpha=8.0, grad_checkpointing=False, update_batch_size=2)),
     nf4=("flux-dev-24gb", dict(lora_rank=4, lora_alpha=8.0, base_quantization="nf4", reward_offload=True,
                                grad_checkpointing=True)))
+EAGER = dict(compile=False, attention_backend="sdpa", grad_checkpointing=True, update_batch_size=4)  # no lever on
 LEVERS = (  # the LoRA recipe's settings, each adding a lever to the one before (update_batch_size 0: by memory)
-    ("lora-eager", "LoRA r=64, eager", dict(compile=False, attention_backend="sdpa", grad_checkpointing=True,
-                                            update_batch_size=4)),
-    ("lora-cudnn-forward", "LoRA, + cuDNN's forward", dict(compile=False, attention_backend="cudnn_forward",
-                                                          grad_checkpointing=True, update_batch_size=4)),
-    ("lora-compiled", "LoRA, + compiled blocks", dict(compile=True, attention_backend="cudnn_forward",
-                                                     grad_checkpointing=True, update_batch_size=4)),
+    ("lora-cudnn-forward", "LoRA, + cuDNN's forward", {**EAGER, "attention_backend": "cudnn_forward"}),
+    ("lora-compiled", "LoRA, + compiled blocks", {**EAGER, "attention_backend": "cudnn_forward", "compile": True}),
     ("lora-no-checkpointing", "LoRA, + no checkpointing", dict(compile=True, attention_backend="cudnn_forward",
                                                               grad_checkpointing=False, update_batch_size=0)))
-ORDER = ("kernels", "attention-flash", "attention-efficient", "attention-cudnn", "gradient", "lora-eager",
-         "lora-no-checkpointing", "nf4-lora", "full", "sde", "lora-cudnn-forward", "lora-compiled")
-ESTIMATES = {"kernels": 30, "attention": 25, "gradient": 25, "lora-eager": 50, "lora-no-checkpointing": 110,
-             "nf4-lora": 50, "full": 45, "sde": 75, "lora-cudnn-forward": 40, "lora-compiled": 110}  # H200, 6 + 12
+ORDER = ("kernels", "preset", "attention-flash", "attention-efficient", "attention-cudnn", "gradient", "nf4-lora",
+         "full", "sde", "lora-eager")  # the default run: what a user must know first, first
+STUDIES = ("lora-cudnn-forward", "lora-compiled", "lora-no-checkpointing", "profile", "flops")  # --only=...: a second
+# run, the levers one by one, the eager iteration's top kernels, its FLOPs counted beside --meta's
+ESTIMATES = {  # seconds on an H200 from a cold process (~20 s: Python, torch, a random model), from docs/cost.md's
+    "kernels": 25,  # an 8192³ bf16 matmul rate, NF4 at 4096 rows with its backward, one all-reduce, SDPA's choice
+    "preset": 175,  # 19 + 38 blocks: 25 s to build; the sample grid's and evaluation's variants compiled and run, ~45;
+    # the first iteration 93 (compiled at the rollout's and update's batches); the steady one 10.0
+    "attention": 20,  # a backend: 4 families' blocks at 3 resolutions, forward and backward
+    "gradient": 20,  # 1 + 2 blocks: a group rolled out and three gradients
+    "nf4-lora": 35,  # 6 + 12 blocks: two eager iterations of ~5 s (16.3 s at 19 + 38) and NF4's dequantization
+    "full": 40,  # 6 + 12 blocks: two eager iterations of ~6.6 s (4.45 s at 4 + 8)
+    "sde": 65,  # 6 + 12 blocks: its transformer calls once, then an iteration of ~35 s (5.3x full's: Table 3)
+    "lora-eager": 30,  # 6 + 12 blocks: two eager iterations of ~5 s
+    "lora-cudnn-forward": 30, "lora-compiled": 120, "lora-no-checkpointing": 120,  # compiled: ~90 s at any depth
+    "profile": 35, "flops": 60}  # one eager iteration profiled; one counted, and --meta's count on fake tensors
+NOT_SELECTED = "not selected (the default run, or --only)"
+H200 = 139.8 * 2**30  # docs/cost.md's card: what --plan plans for where there is no GPU
 
 
 def cost(name, device):
-    """Seconds a check is expected to take: on a GPU an H200's at 6 + 12 blocks (the budget's unit), on a CPU one."""
+    """Seconds a check is expected to take: on a GPU an H200's (the budget's unit), on a CPU one."""
     return ESTIMATES[name.partition("-")[0] if name.startswith("attention") else name] if device.type == "cuda" else 1
 
 
@@ -428,21 +480,18 @@ def memory_batch(fields, capacity):
     return 1
 
 
-def timed_check(name, label, recipe, fields, device, capacity, most, out, method="neighbor"):
-    """A Check of real iterations of a recipe (RECIPES) with fields; on a CPU the tiny preset with what carries
-    over."""
-    gpu, compiled = device.type == "cuda", fields.get("compile", False)
-    parse = sde_grpo.parse_config if method == "sde" else ng.parse_config
-    # the SDE baseline: one long iteration after its transformer calls once each, neither counted nor priced by --meta;
-    # compiled: the counter would compile the blocks again (its count is --meta's); a CPU: one iteration, no compile
-    neighbor = method == "neighbor"
-    spec = dict(method=method, iterations=2 if gpu and neighbor else 1, meta=neighbor, count=neighbor and not compiled,
-                warmup=gpu and not neighbor, profile=str(out / "profile_eager.txt") if name == "lora-eager" else "")
+def timed_check(name, label, recipe, fields, device, capacity, most, method="neighbor", **spec):
+    """A Check of real iterations of a recipe (RECIPES) with fields, the preset's own where fields leaves them (two
+    iterations on a GPU: the first, compile included, and a steady one); on a CPU the tiny preset with what carries
+    over, eager. spec: sampling (the sample grid's and evaluation's calls first), profile, count, meta, warmup."""
+    gpu, parse = device.type == "cuda", sde_grpo.parse_config if method == "sde" else ng.parse_config
+    spec = {"method": method, "iterations": 2 if gpu and method == "neighbor" else 1, **spec}
     if not gpu:
         spec["args"] = [*TINY, *as_args({**RECIPES[recipe][1], **fields})]
+        compiled = fields.get("compile", False)
         skip = "GPU only: torch.compile's first iteration takes minutes on a CPU" if compiled else (
             "GPU only: cuDNN is a CUDA library" if fields.get("attention_backend") == "cudnn_forward" else "")
-        return Check(name, label + " (tiny)", "iterations", cost(name, device), spec, skip)
+        return Check(name, label + " (tiny, eager)", "iterations", cost(name, device), spec, skip)
     args = sized([f"--preset={RECIPES[recipe][0]}", *SMALL, *as_args(fields)], parse, capacity, most)
     if args is None:
         return Check(name, label, "iterations", cost(name, device), spec, "no block count's prediction fits this GPU")
@@ -452,23 +501,64 @@ def timed_check(name, label, recipe, fields, device, capacity, most, out, method
 
 
 def plan(device, capacity, opts):
-    """Every check after kernels, in ORDER (the most important first), given this GPU's usable bytes (None: not
-    known, or a CPU)."""
+    """Every check after kernels, the default run's in ORDER (the most important first), then the studies, given
+    this GPU's usable bytes (None: not known, or a CPU)."""
     gpu, out, most = device.type == "cuda", Path(opts["out"]).resolve(), opts["blocks"]
-    checks = [Check(f"attention-{b}", f"attention: {b}", "attention", cost("attention", device), {"backend": b},
-                    "" if gpu or b == "flash" else "GPU only: a CUDA kernel") for b in BACKENDS]
+    checks = [timed_check("preset", "flux-dev-lora as it ships", "lora", {}, device, capacity, "19,38",
+                          sampling=True)]
+    checks += [Check(f"attention-{b}", f"attention: {b}", "attention", cost("attention", device), {"backend": b},
+                     "" if gpu or b == "flash" else "GPU only: a CUDA kernel") for b in BACKENDS]
     grad_args = ["--preset=flux-dev", *SMALL, "--model_path=random:1,2"] if gpu else TINY
     checks.append(Check("gradient", "a training step's gradient", "gradient", cost("gradient", device),
                         {"args": [*grad_args, "--mixed_precision=bf16"]}))
+    checks += [timed_check("nf4-lora", "NF4 + LoRA r=64", "nf4", {}, device, capacity, most),
+               timed_check("full", "full fine-tuning", "full", {}, device, capacity, most),  # as many blocks as fit
+               timed_check("sde", "SDE baseline (DanceGRPO's setting), full fine-tuning", "full", {}, device,
+                           capacity, most, method="sde", warmup=gpu),  # the same blocks as full's (Table 3's ratio)
+               timed_check("lora-eager", "LoRA r=64, eager", "lora", EAGER, device, capacity, most)]
     for name, label, fields in LEVERS:
         if not fields["update_batch_size"]:
             fields = {**fields, "update_batch_size": memory_batch(fields, capacity) if gpu else 2}
-        checks.append(timed_check(name, label, "lora", fields, device, capacity, most, out))
-    checks += [timed_check("nf4-lora", "NF4 + LoRA r=64", "nf4", {}, device, capacity, most, out),
-               timed_check("full", "full fine-tuning", "full", {}, device, capacity, most, out),
-               timed_check("sde", "SDE baseline (DanceGRPO's setting), full fine-tuning", "full", {}, device, capacity,
-                           most, out, method="sde")]
-    return sorted(checks, key=lambda c: ORDER.index(c.name))
+        checks.append(timed_check(name, label, "lora", fields, device, capacity, most))
+    checks += [timed_check("profile", "LoRA r=64, eager, profiled", "lora", EAGER, device, capacity, most,
+                           iterations=1, profile=str(out / "profile_eager.txt")),
+               timed_check("flops", "LoRA r=64, eager, FLOPs counted", "lora", EAGER, device, capacity, most,
+                           iterations=1, count=True, meta=True)]
+    return sorted(checks, key=lambda c: (ORDER + STUDIES).index(c.name))
+
+
+def why_not(check, left, selected):
+    """Why check does not run with left seconds of the budget ("" if it runs): not selected, its own skip, or time."""
+    if check.name not in selected:
+        return NOT_SELECTED
+    return check.skip or ("" if left >= check.estimate else
+                          f"the budget: {max(left, 0):.0f} s left, it takes ~{check.estimate:.0f} s")
+
+
+def kernels_check(device):
+    return Check("kernels", "the device and its kernels", "kernels", cost("kernels", device), {})
+
+
+def print_plan(opts):
+    """What the doctor would run here with these options, each check with its estimate as if each took it, and the
+    total, without running any: on a machine without a GPU, an H200's plan. Returns {"checks": [...], "total_s"}."""
+    here = torch.cuda.is_available()
+    device = torch.device("cuda")  # the estimates and sizes are a GPU's
+    capacity = models.device_memory(device) if here else preflight.usable_memory(H200, H200)
+    selected, left, rows = [n for n in opts["only"].split(",") if n] or ORDER, opts["budget"], []
+    for check in [kernels_check(device), *plan(device, capacity, opts)]:
+        why = why_not(check, left, selected)
+        left -= 0 if why else check.estimate
+        if why != NOT_SELECTED:
+            rows.append(dict(name=check.name, label=check.label, estimate_s=check.estimate, skipped=why))
+    total = sum(r["estimate_s"] for r in rows if not r["skipped"])
+    device_name = torch.cuda.get_device_name() if here else f"an H200 ({H200 / 2**30:.1f} GiB; no GPU here)"
+    print(f"the doctor's plan on {device_name}, --budget={opts['budget']:.0f} s:")
+    for r in rows:
+        print(f"  {r['name']:<22} {r['estimate_s']:>4.0f} s  {r['label']}" + (f"  SKIPPED: {r['skipped']}"
+                                                                               if r["skipped"] else ""))
+    print(f"  {'total':<22} {total:>4.0f} s of {opts['budget']:.0f}")
+    return {"checks": rows, "total_s": total}
 
 
 # -----------------------------------------------------------------------------
@@ -557,15 +647,14 @@ def doctor(opts):
     out, start = Path(opts["out"]).resolve(), time.monotonic()
     (out / "logs").mkdir(parents=True, exist_ok=True)
     isolate = opts["isolate"] if opts["isolate"] != "auto" else device.type == "cuda"
-    only = [n for n in opts["only"].split(",") if n]
+    selected = [n for n in opts["only"].split(",") if n] or ORDER
     report = dict(budget_s=opts["budget"], elapsed_s=0.0, isolated=isolate, checks={})
-    kernels = Check("kernels", "the device and its kernels", "kernels", cost("kernels", device), {})
+    kernels = kernels_check(device)
     checks = [kernels]
     while checks:
         check, found = checks.pop(0), {}
         left = opts["budget"] - (time.monotonic() - start)
-        why = "not in --only" if only and check.name not in only else check.skip or ("" if left >= check.estimate
-              else f"the budget: {max(left, 0):.0f} s left, it takes ~{check.estimate:.0f} s")
+        why = why_not(check, left, selected)
         if why:
             report["checks"][check.name] = {"label": check.label, "status": "skipped", "why": why}
         else:
@@ -631,11 +720,11 @@ def summarise(report):
         run["mfu_sheet"] = sheet and run["tflop_per_s"] and run["tflop_per_s"] / sheet
         run["count_vs_meta"] = run.get("tflop_counted") and run.get("tflop_meta") and (
             run["tflop_counted"] / run["tflop_meta"])
-        predicted = run.get("predicted_gib")
         why = [w for w, bad in (("not finite", not run["finite"]), (f"|log rho| over {MAX_LOG_RATIO:g}",
-                                run["abs_log_ratio"] > MAX_LOG_RATIO), ("peak above the prediction", None not in (
-                                run["peak_gib"], predicted) and run["peak_gib"] > predicted)) if bad]
+                                run["abs_log_ratio"] > MAX_LOG_RATIO)) if bad]
         run["correct"], run["not_correct_because"] = not why, why
+        run["log_ratio_margin"] = MAX_LOG_RATIO - run["abs_log_ratio"]  # what is left below the limit
+        run["preflight"] = peak_verdict(run["peak_gib"], run.get("predicted_gib"))
     for name, check in report["checks"].items():
         if name.startswith("attention-") and "calls" in check:
             backend = name.removeprefix("attention-")
@@ -645,7 +734,7 @@ def summarise(report):
     if ng.SystemConfig.attention_backend in picks:
         report["training_attention"] = {call: training_verdict(report, kernel, call) for call, kernel in
                                         picks[ng.SystemConfig.attention_backend].items()}
-    settings = {n: r for n, r in timed_runs(report).items() if n.startswith("lora-") and r["correct"]}
+    settings = {n: r for n, r in timed_runs(report).items() if n.startswith(("lora-", "preset")) and r["correct"]}
     fastest = min(settings, key=lambda n: settings[n]["s_per_iteration"], default=None)
     report["fastest_correct_lora_setting"] = fastest and {"check": fastest, "label": settings[fastest]["label"],
                                                           "s_per_iteration": settings[fastest]["s_per_iteration"]}
@@ -654,6 +743,17 @@ def summarise(report):
         sde, neighbor = runs["sde"]["s_per_iteration"], runs["full"]["s_per_iteration"]
         report["table3"] = {"sde_s": sde, "neighbor_s": neighbor, "ratio": sde / neighbor,
                             "paper_ratio": bench.PAPER_S_PER_ITER["sde"] / bench.PAPER_S_PER_ITER["neighbor"]}
+
+
+def peak_verdict(peak, predicted):
+    """"matches" when the peak is within PEAK_TOLERANCE above preflight's prediction (or below it), else preflight
+    named wrong: the run held what it holds, the prediction missed it. None: not measured (a CPU)."""
+    if None in (peak, predicted):
+        return None
+    slack = max(PEAK_TOLERANCE[0] * predicted, PEAK_TOLERANCE[1])
+    return "matches" if peak <= predicted + slack else (
+        f"preflight is wrong: the peak {peak:.1f} GiB is {peak - predicted:.1f} above its {predicted:.1f} GiB "
+        f"(tolerance {slack:.1f})")
 
 
 def fmt(value, spec=".3g", none="-"):
@@ -690,7 +790,7 @@ def markdown(report):
     lines += runs_markdown(report)
     lines += ["", "| check | not measured |", "| --- | --- |"]
     lines += [f"| {n} | {c['status']}: {c.get('why') or c.get('error')} |" for n, c in report["checks"].items()
-              if c.get("status") != "ok" and c.get("why") != "not in --only"]
+              if c.get("status") != "ok" and c.get("why") != NOT_SELECTED]
     return "\n".join(lines) + "\n"
 
 
@@ -719,8 +819,8 @@ def runs_markdown(report):
     if not runs:
         return []
     lines = ["", "| timed iteration | G, T, B, K | s/iter | rollout | reward | update | first iter | TFLOP counted | "
-             "--meta | ratio | MFU (measured matmul) | MFU (sheet) | peak GiB | predicted GiB | \\|log ρ\\| | "
-             "correct |", "| --- |" + " --- |" * 15]
+             "--meta | ratio | MFU (measured matmul) | MFU (sheet) | peak GiB | predicted GiB | preflight | "
+             f"\\|log ρ\\| (limit {MAX_LOG_RATIO:g}) | correct |", "| --- |" + " --- |" * 16]
     for r in runs.values():
         p = r["phases_s"]
         lines.append(
@@ -728,14 +828,20 @@ def runs_markdown(report):
             f"{fmt(p.get('reward'), '.2f')} | {fmt(p.get('update'), '.2f')} | {r['first_iteration_s']:.2f} | "
             f"{fmt(r.get('tflop_counted'))} | {fmt(r.get('tflop_meta'))} | {fmt(r.get('count_vs_meta'), '.3f')} | "
             f"{fmt(r.get('mfu'), '.1%')} | {fmt(r.get('mfu_sheet'), '.1%')} | {fmt(r['peak_gib'], '.1f')} | "
-            f"{fmt(r.get('predicted_gib'), '.1f')} | {r['abs_log_ratio']:.1e} | "
+            f"{fmt(r.get('predicted_gib'), '.1f')} | {r.get('preflight') or '-'} | {r['abs_log_ratio']:.1e} "
+            f"(margin {r['log_ratio_margin']:.1e}) | "
             f"{'yes' if r['correct'] else 'no: ' + ', '.join(r['not_correct_because'])} |")
     fastest = report.get("fastest_correct_lora_setting")
-    lines += ["", f"- the fastest correct LoRA setting (finite, |log ρ| <= {MAX_LOG_RATIO:g}, peak within the "
-              "prediction): " + (f"{fastest['label']}, {fastest['s_per_iteration']:.2f} s/iteration" if fastest else
-                                 "none measured")]
-    lines += [f"- compile time ({r['label']}): {r['compile_s']:.0f} s (the first iteration less the next)"
+    lines += ["", f"- the fastest correct LoRA setting (finite, |log ρ| <= {MAX_LOG_RATIO:g}): " + (
+        f"{fastest['label']}, {fastest['s_per_iteration']:.2f} s/iteration" if fastest else "none measured")]
+    lines += [f"- compile time ({r['label']}): {r['compile_s']:.0f} s (the first iteration less the steady one)"
               for r in runs.values() if r.get("compile_s") is not None]
+    lines += [f"- before the iterations ({r['label']}): " + ", ".join(f"the {k} {v:.1f} s" for k, v in
+                                                                      r["sampling_s"].items())
+              for r in runs.values() if r.get("sampling_s")]
+    lines += [f"- compiled variants ({r['label']}): " + ", ".join(f"{k} {v}" for k, v in
+                                                                 r["compiled_variants"].items())
+              for r in runs.values() if r.get("compiled_variants")]
     t3 = report.get("table3")
     if t3:
         lines.append(f"- Table 3: the SDE baseline's iteration {t3['sde_s']:.2f} s against Neighbor GRPO's "
@@ -753,20 +859,21 @@ def runs_markdown(report):
 
 
 def parse(argv):
-    opts = dict(out="runs/doctor", budget=320.0, blocks="6,12", only="", isolate="auto", one="", result="")
+    opts = dict(out="runs/doctor", budget=480.0, blocks="6,12", only="", isolate="auto", plan=False, one="",
+                result="")
     for arg in argv:
         key, _, value = arg.removeprefix("--").partition("=")
         if key not in opts or not arg.startswith("--"):
             raise ng.ConfigError(f"{arg}: doctor.py takes --{', --'.join(opts)} (see its docstring)")
-        if key == "isolate":  # auto: on a GPU
+        if key in ("isolate", "plan"):  # isolate=auto: on a GPU
             opts[key] = value if value == "auto" else value in ("", "1", "true")
         else:
             opts[key] = type(opts[key])(value)
     if opts["blocks"] not in DOCTOR_BLOCKS:
         raise ng.ConfigError(f"--blocks={opts['blocks']}: use one of {', '.join(DOCTOR_BLOCKS)}")
-    unknown = set(filter(None, opts["only"].split(","))) - set(ORDER)
+    unknown = set(filter(None, opts["only"].split(","))) - set(ORDER + STUDIES)
     if unknown:
-        raise ng.ConfigError(f"--only: no check {', '.join(sorted(unknown))}; the checks: {', '.join(ORDER)}")
+        raise ng.ConfigError(f"--only: no check {', '.join(sorted(unknown))}; the checks: {', '.join(ORDER + STUDIES)}")
     return opts
 
 
@@ -774,6 +881,8 @@ def main(argv):
     def job(opts):
         if opts["one"]:
             return one(json.loads(opts["one"]), Path(opts["result"]))
+        if opts["plan"]:
+            return print_plan(opts)
         previous = signal.signal(signal.SIGTERM, interrupted)
         try:
             return doctor(opts)

@@ -427,16 +427,47 @@ def no_grad_attention():
 
 def prepare_blocks(model, checkpointing, compiled):
     """Gradient checkpointing (each block recomputed in the backward), and torch.compile on each block (regional
-    compilation): the blocks repeat, so each kind compiles once per grad mode and batch shape, in the first iteration
-    (about 1.5 minutes at FLUX.1-dev's size on an H200); checkpointing and FSDP2's hooks stay outside the compiled
-    code. The rollout and the update run the same compiled blocks: |log rho| at theta_old stays at round-off."""
+    compilation): the blocks repeat, so each kind compiles once per variant, in the first iteration (about 1.5
+    minutes at FLUX.1-dev's size on an H200); checkpointing and FSDP2's hooks stay outside the compiled code. The
+    variants are static (dynamic=False: no shape-generic kernels): a grad mode at each batch size a run meets, the
+    sample grid's min(num_samples, eval_batch_size), evaluation's eval_batch_size, the rollout's rollout_batch_size
+    and the update's update_batch_size (with their remainders), and the kl_coef reference's adapters-off forward;
+    the single blocks each twice, the first one's input laid out apart from the others' (a stride). The rollout and
+    the update run the same compiled blocks: |log rho| at theta_old stays at round-off."""
     if checkpointing:
         model.enable_gradient_checkpointing()
     if compiled:  # a block kind meets up to ~10 variants (grad mode, batch, layout, adapters off): above dynamo's 8
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)  # would run eager
         torch._dynamo.config.optimize_ddp = False  # DDP's hooks overlap the all-reduce; no splitting of each block
         for block in blocks(model):
-            block.compile()
+            block.compile(dynamic=False)
+
+
+def compiled_variants(model):
+    """{block kind: variants compiled so far}: dynamo's cache entries of each kind's forward (the blocks of a kind
+    share them; DDP's wrapper and FSDP2's subclass do not change the kind)."""
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    codes = dict.fromkeys(type(b).forward.__code__ for b in blocks(getattr(model, "module", model)))  # in order
+    return {c.co_qualname.split(".")[0]: len(_debug_get_cache_entry_list(c)) for c in codes}
+
+
+def check_compiler(cfg, device):
+    """compile=true: a trivial function compiled and run on device before any model loads, so a machine that cannot
+    build kernels (no C compiler, no Python headers) stops in one line instead of minutes into the first iteration.
+    Inductor's caches are off for it: a cached kernel would hide a compiler that is missing."""
+    if not cfg.compile:
+        return
+    import torch._inductor.config
+
+    try:
+        with torch._inductor.config.patch(force_disable_caches=True):
+            torch.compile(lambda x: (x * 2).sin() + 1, dynamic=False)(torch.ones(8, device=device))
+    except Exception as e:  # noqa: BLE001 - any failure to build a kernel means the same fix
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise ModelError(f"compile=true: torch.compile cannot build kernels here ({type(e).__name__}: {why}); "
+                         "install a C compiler and Python's headers (apt install build-essential python3-dev, or set "
+                         "CXX), or run with --compile=false") from None
 
 
 # -----------------------------------------------------------------------------

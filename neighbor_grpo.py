@@ -45,9 +45,9 @@ from checkpoints import (CheckpointError, Preemption, all_gather_objects, barrie
                          save_checkpoint)
 from configurator import ConfigError, configure
 from guard import guard
-from models import (ATTENTION_BACKENDS, ModelError, adapters_off, blocks, check_memory, decode_images, draw_noise,
-                    encode_prompt, export_model, load_pipeline, prepare_blocks, presets as family_presets, schedule,
-                    set_attention, stack_conditions, text_encoders, velocity)
+from models import (ATTENTION_BACKENDS, ModelError, adapters_off, blocks, check_compiler, check_memory, decode_images,
+                    draw_noise, encode_prompt, export_model, load_pipeline, prepare_blocks, presets as family_presets,
+                    schedule, set_attention, stack_conditions, text_encoders, velocity)
 from report import RunLog, Stopwatch, progress, save_grid, write_evaluation
 from rewards import RewardError, load_reward, reward_config_problems, score
 
@@ -917,6 +917,7 @@ def build(cfg, method=NEIGHBOR):
     resumed state, and every prompt this rank will meet encoded (known from the seed) before the text encoders
     leave the GPU."""
     rank, world, device = setup_distributed(cfg)
+    check_compiler(cfg, device)  # compile=true: a C compiler, before minutes of loading
     dtype = compute_dtype(cfg)
     require([check_memory(cfg, device, world, rank, PRESETS)])  # preflight.py, before any weight loads
     resume_from = resume_state(cfg, Path(cfg.out_dir))

@@ -5,6 +5,8 @@ largest phase 1 % apart at FLUX.1-dev's size, and test_bench.py holds them toget
 checkpoint's bytes on disk, and whether a checkpoint's files are whole. Imports nothing of ours.
 """
 
+import functools
+import json
 import math
 from pathlib import Path
 
@@ -33,11 +35,16 @@ def unpriced(names):
 def transformer_sizes(config, lora_rank=0, lora_targets=()):
     """FluxTransformer2DModel(**config) counted on the meta device (nothing allocated): its parameters, the largest
     block's, the root's own (outside the blocks), each nn.Linear weight's, and LoRA's adapters at lora_rank."""
+    return counted_sizes(json.dumps(config, sort_keys=True), lora_rank, tuple(lora_targets))
+
+
+@functools.lru_cache(maxsize=64)  # a plan prices tens of recipes of a few sizes: each size built once
+def counted_sizes(config_json, lora_rank, lora_targets):
     import torch
     from diffusers import FluxTransformer2DModel
 
     with torch.device("meta"):
-        model = FluxTransformer2DModel(**config)
+        model = FluxTransformer2DModel(**json.loads(config_json))
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     blocks = [count(b) for b in [*model.transformer_blocks, *model.single_transformer_blocks]]
     linears = [(n, m) for n, m in model.named_modules() if type(m) is torch.nn.Linear]
@@ -133,6 +140,8 @@ def gpu_phases(cfg, sizes, config, world, real_models, adamw="fused"):
         rest, grads, step = 12 * n / shards, 4 * n / shards, ADAMW_STEP[adamw] * n / shards
         gathered = 2 * (2 * block + root) + 4 * block if shards > 1 else 0
         rolled = 2 * (2 * block + root) if shards > 1 else 0
+        if cfg.kl_coef:  # its reference (neighbor_grpo.starting_model): a frozen copy in the compute dtype, sharded
+            rest += half * n / shards  # like the model under FSDP; LoRA's is its adapters switched off, no copy
     update = rest + grads + inputs + max(gathered + work, step)  # the step runs after the backward has let go
     rollout = rest + inputs + rolled + 13 * tokens(min(cfg.rollout_batch_size, G))
     vae = decode_bytes(cfg.reward_batch_size, cfg.resolution, half, sizes)
@@ -167,11 +176,13 @@ def evaluation_phases(cfg, sizes, config, real_models, names):
 
 def host_bytes(cfg, n, world, ranks_per_node):
     """Host RAM per node at start-up: rank 0 reads the transformer (fp32 master weights; LoRA, NF4 and evaluate.py:
-    the compute dtype) and each rank holds its text encoders while it encodes, its offloaded models after."""
+    the compute dtype; full fine-tuning with kl_coef: twice, while its reference is copied from them) and each rank
+    holds its text encoders while it encodes, its offloaded models after."""
     master = 2 if cfg.lora_rank else 4
+    copies = 2 if cfg.kl_coef and not cfg.lora_rank else 1  # kl_coef's reference: a deepcopy of them, then its cast
     fsdp = world > 1 and cfg.parallel == "fsdp" and not cfg.lora_rank
     loads = 1 if fsdp else ranks_per_node  # FSDP: rank 0 alone reads the weights; DDP: every rank does
-    return loads * master * n + ranks_per_node * 2 * TEXT_ENCODERS
+    return loads * copies * master * n + ranks_per_node * 2 * TEXT_ENCODERS
 
 
 def fits(cfg, sizes, config, world, capacity, real_models, offers, rank=0, ranks_per_node=1):

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from models import compiled_variants
+
 
 class RunLog:
     """The run's record, written by rank 0: config.json, log.jsonl (a record per iteration, evaluations in it), a
@@ -55,6 +57,9 @@ class RunLog:
             print(f"iter {it:4d} | " + " ".join(f"{n} {r.mean():.4f}" for n, r in zip(cfg.rewards, rewards)) +
                   f" | loss {stats['loss']:+.3e} | clip {stats['clip_frac']:.2f} | "
                   f"|log rho| {stats['first_anchor_abs_log_ratio']:.1e} | {stats['time/total']:.2f}s")
+            if cfg.compile and it == self.run.start:  # by now the sample grid, evaluation, rollout and update ran
+                print("compiled blocks: " + ", ".join(f"{kind} {n} variants" for kind, n in
+                                                      compiled_variants(self.run.model).items()))
 
     def write(self, record):
         self.file.write(json.dumps(record) + "\n")

@@ -1,6 +1,10 @@
 """The model families (models.py): SD3.5 and Qwen-Image through the same loop as FLUX, on tiny random pipelines."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -298,3 +302,31 @@ def test_bench_meta_prices_a_family_at_its_width_with_guidance_twice_the_forward
     fam = models.family(width)
     billions = bench.parameter_count(lambda: fam.meta_transformer(fam.model_sizes(fam.REPO))) / 1e9
     assert billions == pytest.approx({"sd3.5-medium": 2.24, "qwen-image": 20.43}[preset], abs=0.01)
+
+
+def test_a_compiled_run_without_a_c_compiler_stops_in_one_line_before_any_model_loads(tmp_path):
+    root = Path(__file__).resolve().parent
+    env = {**os.environ, "CXX": str(tmp_path / "no-compiler")}  # inductor's C++ compiler: $CXX, else g++
+    done = subprocess.run([sys.executable, str(root / "neighbor_grpo.py"), "--preset=tiny", "--compile=true",
+                           f"--out_dir={tmp_path / 'run'}"], capture_output=True, text=True, env=env, cwd=root,
+                          timeout=300)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2 and len(errors) == 1, done.stderr
+    assert "InvalidCxxCompiler" in errors[0] and "C compiler" in errors[0] and "--compile=false" in errors[0]
+    assert done.stdout == "" and not (tmp_path / "run").exists()  # nothing loaded, nothing written
+
+
+def test_a_compiled_run_logs_each_block_kinds_variants_after_its_first_iteration(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from report import RunLog
+
+    cfg = ng.parse_config(["--preset=tiny", "--compile=true", f"--out_dir={tmp_path}"])
+    model = flux.meta_transformer(flux.TINY)  # real tensors on the CPU, compiled lazily: nothing compiled yet
+    models.prepare_blocks(model, False, True)
+    log = RunLog(SimpleNamespace(rank=0, start=0, world=1, method=ng.NEIGHBOR, model=model), cfg)
+    stats = {"loss": 0.0, "clip_frac": 0.0, "first_anchor_abs_log_ratio": 0.0, "time/total": 1.0}
+    for it in (0, 1):
+        log.iteration(it, torch.zeros(1, 2), stats)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("compiled blocks:")]
+    assert lines == ["compiled blocks: FluxTransformerBlock 0 variants, FluxSingleTransformerBlock 0 variants"]

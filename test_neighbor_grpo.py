@@ -1156,21 +1156,25 @@ def lever_iteration(*args):
     steps = []
     run.optimizer.register_step_pre_hook(lambda *_: steps.append([p.grad.clone() for p in params]))
     groups, stats, _ = ng.train_iteration(run, cfg, 0)
-    return groups[0].states, steps, stats["first_anchor_abs_log_ratio"]
+    variants = models.compiled_variants(run.model) if cfg.compile else None
+    return groups[0].states, steps, stats["first_anchor_abs_log_ratio"], variants
 
 
 def test_the_speed_levers_give_the_eager_rollout_and_gradients_within_round_off(monkeypatch):
     """compile (the transformer's blocks through inductor on this CPU) and the attention backends change kernels, not
     the algorithm: the same rollout states and update gradients, and rho = 1 at theta_old to round-off."""
     monkeypatch.setattr(models, "cudnn_forward_measured", lambda: True)  # cuDNN first without grad, as on Hopper
-    states, steps, log_ratio = lever_iteration("--compile=false", "--attention_backend=sdpa")
+    states, steps, log_ratio, _ = lever_iteration("--compile=false", "--attention_backend=sdpa")
     assert log_ratio < 1e-6
     for lever in (["--attention_backend=cudnn_forward"], ["--compile=true", "--grad_checkpointing=true"]):
-        lever_states, lever_steps, lever_log_ratio = lever_iteration(*lever)
+        lever_states, lever_steps, lever_log_ratio, variants = lever_iteration(*lever)
         torch.testing.assert_close(lever_states, states, rtol=1e-4, atol=1e-5)
         for grads, lever_grads in zip(steps, lever_steps, strict=True):  # each step's gradient, as one vector
             g, h = torch.cat([g.flatten() for g in grads]), torch.cat([h.flatten() for h in lever_grads])
             assert (h - g).norm() <= 1e-4 * g.norm()
         assert lever_log_ratio < 1e-6
+    # static shapes: the rollout's batch of 4 without gradient, the update's 2 with it; a single block twice each, as
+    # the first one's input is laid out apart from the others' (a stride)
+    assert variants == {"FluxTransformerBlock": 2, "FluxSingleTransformerBlock": 4}
     monkeypatch.undo()
     models.set_attention("cudnn_forward")  # the default on this CPU, for the tests after this one

@@ -65,3 +65,23 @@ def test_a_reward_preflight_cannot_price_is_named_in_one_line(capsys):
     warned = [line for line in capsys.readouterr().out.splitlines() if "not priced" in line]
     assert warned == ["memory: reward mymodule:score is not priced (0 bytes assumed); add its parameter count to "
                       "preflight.REWARD_PARAMETERS"]
+
+
+def test_kl_coef_reference_is_priced_as_a_frozen_copy_under_full_fine_tuning_and_nothing_under_lora():
+    sizes = flux.FLUX_DEV
+    config = flux.transformer_config(**sizes)
+    n = preflight.transformer_sizes(config)["n"]
+    peak = lambda args, world: max(preflight.gpu_phases(ng.parse_config(args), sizes, config, world, True).values())  # noqa: E731
+    for world in (1, 8):  # one rank holds the whole bf16 copy (22 GiB), each of 8 FSDP ranks its shard
+        extra = peak(["--preset=flux-dev", "--kl_coef=0.1"], world) - peak(["--preset=flux-dev"], world)
+        assert extra == pytest.approx(2 * n / world, rel=1e-6) and 2 * n / GIB == pytest.approx(22.2, abs=0.1)
+    lora = ["--preset=flux-dev-lora"]
+    assert peak([*lora, "--kl_coef=0.1"], 1) == peak(lora, 1)
+
+
+def test_kl_coef_reference_is_copied_from_the_master_weights_in_host_ram_under_full_fine_tuning():
+    n = preflight.transformer_sizes(flux.transformer_config(**flux.FLUX_DEV))["n"]
+    host = lambda *args: preflight.host_bytes(ng.parse_config(list(args)), n, 8, 8)  # noqa: E731
+    assert host("--preset=flux-dev", "--kl_coef=0.1") - host("--preset=flux-dev") == 4 * n  # rank 0's fp32 copy
+    lora = ["--preset=flux-dev-lora"]
+    assert host(*lora, "--kl_coef=0.1") == host(*lora)  # LoRA's reference: its adapters off
