@@ -93,8 +93,8 @@ def plan(cfg, evaluation=False, everything=False):
             needs.append(Need(f"{role} {name}" + ("" if own else f" ({key})"),
                               current, patterns, required, names=tuple(dict.fromkeys((repo, current)))))
         if name == "unifiedreward":
-            notes.append(f"{role} unifiedreward: a server ({cfg.unifiedreward_url or 'no --unifiedreward_url: skipped'})"
-                         ", nothing to download")
+            url = cfg.unifiedreward_url or "no --unifiedreward_url: skipped"
+            notes.append(f"{role} unifiedreward: a server ({url}), nothing to download")
     prompts = []
     if (not evaluation or everything) and cfg.prompt_file == "hpdv2":
         prompts.append(HPDV2 / "train.txt")
@@ -182,7 +182,7 @@ def license_line(repo):
 def list_files(need):
     """need.files and need.gated from the hub's listing; an error line, or ""."""
     from huggingface_hub import HfApi, get_token
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
+    from huggingface_hub.errors import GatedRepoError
 
     api = HfApi()
     info = api.dataset_info if need.repo_type == "dataset" else api.model_info
@@ -190,7 +190,7 @@ def list_files(need):
         listing = info(need.repo, files_metadata=True)
     except GatedRepoError:
         return license_line(need.repo)
-    except (HfHubHTTPError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 -- not found, a 5xx, a dropped connection: one line each
         return f"{need.repo}: the hub did not list it ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
     need.gated = bool(listing.gated)
     sizes = {s.rfilename: s.size or 0 for s in listing.siblings}
@@ -199,6 +199,9 @@ def list_files(need):
     need.files = [(f, sizes[f]) for f in sorted(chosen)  # a pickle only where no safetensors is (as transformers)
                   if not (f.endswith(".bin") and posixpath.dirname(f) in safetensors)]
     need.left_out = sum(size for f, size in sizes.items() if f not in dict(need.files))
+    absent = [choice for choice in need.required if not set(choice) & set(sizes)]
+    if absent:
+        return f"{need.repo}: the hub lists none of {', '.join(absent[0])}; is it the repository meant?"
     if need.gated and not get_token():
         return license_line(need.repo)
     return ""
@@ -243,6 +246,13 @@ def print_plan(needs, prompts, notes, why):
         print(f"  total {gb(total)}")
 
 
+def named(need):
+    """The repository, its files when they are a few single ones, and where a gated one's license is accepted."""
+    files = "" if "*" in str(need.patterns) or len(need.patterns) > 3 else f" {', '.join(need.patterns)}"
+    gated = f" (gated: accept its license at https://huggingface.co/{need.repo}, set HF_TOKEN)" if need.gated else ""
+    return need.repo + files + gated
+
+
 def fetch_command():
     return "python " + shlex.join([*COMMAND, "--fetch"])
 
@@ -252,9 +262,7 @@ def require_downloads(cfg, evaluation=False):
     one FetchError naming each missing piece and the --fetch command; online, missing hub files download as they
     load (a line says which), missing prompts stop it. Reads only the cache and the disk (a 2 s probe if needed)."""
     needs, prompts, _ = plan(cfg, evaluation)
-    missing = [f"  {n.what}: {n.repo}" + ("" if "*" in str(n.patterns) or len(n.patterns) > 3 else f" {', '.join(n.patterns)}") + f", {m}" +
-               (f" (gated: accept its license at https://huggingface.co/{n.repo}, then set HF_TOKEN)" if n.gated else "")
-               for n in needs if (m := cache_missing(n))]
+    missing = [f"  {n.what}: {named(n)}, {m}" for n in needs if (m := cache_missing(n))]
     absent = [p for p in prompts if not p.is_file()]
     if absent:
         missing.append(f"  prompts: {', '.join(str(p.relative_to(ROOT)) for p in absent)} (HPDv2's, written by "
@@ -318,7 +326,8 @@ def dispatch(argv, job):
     --fetch --dry-run. Remembers the script and its arguments for require_downloads' message."""
     flags = [a for a in argv if a.split("=")[0] in ("--fetch", "--dry-run", "--dry_run")]
     rest = [a for a in argv if a not in flags]
-    COMMAND[:] = [sys.argv[0] if sys.argv[0].endswith(".py") else "neighbor_grpo.py", *rest]
+    ours = Path(sys.argv[0]).suffix == ".py" and Path(sys.argv[0]).resolve().parent == ROOT  # not pytest's
+    COMMAND[:] = [sys.argv[0] if ours else "neighbor_grpo.py", *rest]
     if not flags:
         return rest, job
     wrong = [a for a in flags if a not in FLAGS]

@@ -115,7 +115,8 @@ def hub_files(model_path, skip=()):
                             tuple(f"{c}/{f}" for f in ("tokenizer.json", "vocab.json", "spiece.model", "vocab.txt")))
         else:  # transformers' text encoders save model*.safetensors, diffusers' models diffusion_pytorch_model*
             w = f"{c}/model" if c.startswith("text_encoder") else f"{c}/diffusion_pytorch_model"
-            patterns += [f"{c}/config.json", f"{w}.safetensors", f"{w}-*-of-*.safetensors", f"{w}.safetensors.index.json"]
+            patterns += [f"{c}/config.json", f"{w}.safetensors", f"{w}-*-of-*.safetensors",
+                         f"{w}.safetensors.index.json"]
             required += [(f"{c}/config.json",), (f"{w}.safetensors", f"{w}.safetensors.index.json")]
     return patterns, required
 

@@ -152,7 +152,7 @@ DIRECTORY_FILES = {
 
 def reward_files(name, cfg):
     """What load_reward(name, cfg) reads from the hub: [(key, repo, allow_patterns, required)], required as
-    DIRECTORY_FILES'; the keys --reward_paths gives locally are left out, and so is every reward of REWARD_KEYS'."""
+    DIRECTORY_FILES'; the keys --reward_paths gives locally left out; none for a reward REWARD_KEYS does not name."""
     local = {item.split("=", 1)[0] for item in cfg.reward_paths}
     out = []
     for key in REWARD_KEYS.get(name, ()):
