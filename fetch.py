@@ -295,6 +295,7 @@ def fetch(cfg, plan_only=False):
     """Print the plan of everything cfg reads (training and evaluation), download what the cache lacks, and check
     the result offline."""
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError
 
     needs, prompts, notes = plan(cfg, everything=True)
     why = offline()
@@ -310,10 +311,19 @@ def fetch(cfg, plan_only=False):
                          "into the same HF_HOME")
     for n in todo:
         print(f"downloading {n.repo} ({n.what})")
-        snapshot_download(n.repo, repo_type=n.repo_type,
-                          allow_patterns=[f for f, _ in n.files] if n.files is not None else n.patterns)
+        try:
+            snapshot_download(n.repo, repo_type=n.repo_type,
+                              allow_patterns=[f for f, _ in n.files] if n.files is not None else n.patterns)
+        except GatedRepoError:  # a token, but its account has not accepted the license
+            raise FetchError(license_line(n.repo)) from None
+        except Exception as e:  # noqa: BLE001 -- a dropped connection, a full disk: one line, and how to go on
+            raise FetchError(f"{n.repo}: the download stopped ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+                             f"run {fetch_command()} again: it resumes") from None
     if any(not p.is_file() for p in prompts):
-        prepare_module().main([f"--out={HPDV2}"])
+        try:
+            prepare_module().main([f"--out={HPDV2}"])
+        except SystemExit as e:  # prepare.py's one line: what to download, or which local copies to pass
+            raise FetchError(str(e)) from None
     left = [f"{n.repo} {m}" for n in needs if (m := cache_missing(n))] + [str(p) for p in prompts if not p.is_file()]
     if left:
         raise FetchError(f"after the download, still missing: {'; '.join(left)}")

@@ -439,3 +439,15 @@ def test_fetch_dry_run_offline_prints_the_plan_without_sizes(tmp_path, monkeypat
     assert "HF_HUB_OFFLINE=1: no sizes, nothing downloads" in out and "black-forest-labs/FLUX.1-dev  gated, size " \
         "unknown, missing" in out
     assert "flux1-dev" not in out and "transformer/{config.json, diffusion_pytorch_model.safetensors" in out
+
+
+def test_fetch_offline_prints_the_plan_then_stops_in_one_line(tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(SystemExit) as exit_info:
+        ng.main(["--preset=sd3.5-medium", "--fetch"])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2 and "stabilityai/stable-diffusion-3.5-medium  gated" in captured.out
+    assert captured.err.strip() == ("error: cannot download: offline (HF_HUB_OFFLINE=1); run this on a machine with "
+                                    "internet (a login node) into the same HF_HOME")
