@@ -228,14 +228,14 @@ def print_plan(needs, prompts, notes, why):
     print(f"fetch plan (Hugging Face cache {cache_dir()}" + (f"; {why}: no sizes, nothing downloads)" if why else ")"))
     total = 0
     for n in needs:
-        gated = {True: "gated", False: "not gated", None: "gated?"}[n.gated]
+        gated = {True: "gated", False: "not gated", None: "gated: unknown"}[n.gated]
         size = gb(sum(s for _, s in n.files)) if n.files is not None else "size unknown"
         total += sum(s for _, s in n.files or ())
         status = "missing" if cache_missing(n) else "cached"
         print(f"  {n.what:<36} {n.repo}  {gated}, {size}, {status}")
         print(f"      {grouped([f for f, _ in n.files] if n.files is not None else n.patterns)}")
         if n.left_out >= 1e9:
-            print(f"      left out: {gb(n.left_out)} from_pretrained does not read (single-file checkpoints, ...)")
+            print(f"      left out: {gb(n.left_out)} of the repository that nothing here reads")
     if prompts:
         status = "missing" if any(not p.is_file() for p in prompts) else "cached"
         print(f"  {'prompts (HPDv2)':<36} {prepare_module().TRAIN_REPO} train.json, {prepare_module().BENCHMARK_REPO} "
