@@ -244,6 +244,8 @@ def print_plan(needs, prompts, notes, why):
         print(f"  {note}")
     if total:
         print(f"  total {gb(total)}")
+    if not needs and not prompts:
+        print("  nothing to download: the model, rewards and prompts are local")
 
 
 def named(need):
@@ -301,7 +303,7 @@ def fetch(cfg, plan_only=False):
     why = offline()
     errors = [] if why else [e for e in (list_files(n) for n in needs) if e]
     print_plan(needs, prompts, notes, why)
-    if plan_only:
+    if plan_only or not needs and not prompts:
         return
     if errors:
         raise FetchError("; ".join(dict.fromkeys(errors)))
