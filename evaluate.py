@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import fetch
 import models
 import neighbor_grpo as ng
 import preflight
@@ -113,6 +114,7 @@ def evaluate_model(cfg):
     if (out / "eval.json").exists() and not cfg.overwrite:
         raise ng.ConfigError(f"out_dir={out}: already holds eval.json; pass --overwrite or another --out_dir")
     check_memory(cfg, device, rank, world)
+    fetch.require_downloads(cfg, evaluation=True)  # offline: every missing piece named at once
     prompts, reward_fns = ng.eval_setup(cfg, {}, device, cfg.eval_only_rewards, PRECISIONS.get(cfg.reward_precision))
     pipe = ng.load_pipeline(cfg, device, dtype, inference=True)  # read in the compute dtype: no fp32 copy on the host
     pipe.transformer.to(device, dtype).eval()  # nothing sharded: each rank samples its prompts with a full copy

@@ -15,6 +15,7 @@ import torch
 from models import clip_tokenizer, random_model, t5_tokenizer, t5_xxl
 
 NAME, REPO = "FLUX", "black-forest-labs/FLUX.1-dev"
+GATED = {REPO}  # its license is accepted on the hub page before a token may download it
 PIPELINE, TRANSFORMER = "FluxPipeline", "FluxTransformer2DModel"
 
 

@@ -6,6 +6,7 @@ each forwarded to the family of the pipeline, transformer or condition it is giv
 
 A family module defines (flux.py is the one to copy):
     NAME, REPO                 its name in messages, the hub repository to download
+    GATED                      its hub ids whose license is accepted on the hub before a token downloads them
     PIPELINE, TRANSFORMER      its diffusers classes
     random_pipeline(model_path, seed, device, dtype, master)   a random pipeline for a random preset's name (the
                                transformer in master: fp32, or dtype for a frozen base), else None
@@ -84,6 +85,40 @@ def hub_config(model_path):
         if isinstance(cached, str):
             return json.loads(Path(cached).read_text())
     return None
+
+
+def is_hub_id(model_path):
+    """Whether model_path names a hub repository ("org/name") rather than a local directory or a random preset."""
+    return (model_path.count("/") == 1 and not model_path.startswith((".", "/", "~"))
+            and not Path(model_path).exists())
+
+
+def hub_files(model_path, skip=()):
+    """What the family pipeline's from_pretrained reads of a hub repository, as DiffusionPipeline.download chooses it:
+    model_index.json; of each component its pipeline requires (skip: those passed in, e.g. a transformer_path), a
+    model's config.json and safetensors weights (one file, or an index and its shards), a scheduler's or tokenizer's
+    whole folder. Returns (patterns, required): snapshot_download's allow_patterns, and per piece the files of which
+    one must be there (an index.json: with its shards). The repository's single-file checkpoints at its root
+    (FLUX.1-dev's flux1-dev.safetensors, 23.8 GB) match no pattern. None for a local or random model."""
+    if not is_hub_id(model_path):
+        return None
+    import inspect
+
+    import diffusers
+
+    init = inspect.signature(getattr(diffusers, family(model_path).PIPELINE).__init__).parameters
+    patterns, required = ["model_index.json"], [("model_index.json",)]
+    for c in [k for k, v in init.items() if v.default is inspect.Parameter.empty and k != "self" and k not in skip]:
+        if c.startswith(("scheduler", "tokenizer")):  # not models: diffusers downloads the folder whole
+            patterns.append(f"{c}/*")
+            required.append((f"{c}/scheduler_config.json",) if c.startswith("scheduler") else
+                            tuple(f"{c}/{f}" for f in ("tokenizer.json", "vocab.json", "spiece.model", "vocab.txt")))
+        else:  # transformers' text encoders save model*.safetensors, diffusers' models diffusion_pytorch_model*
+            w = f"{c}/model" if c.startswith("text_encoder") else f"{c}/diffusion_pytorch_model"
+            patterns += [f"{c}/config.json", f"{w}.safetensors", f"{w}-*-of-*.safetensors",
+                         f"{w}.safetensors.index.json"]
+            required += [(f"{c}/config.json",), (f"{w}.safetensors", f"{w}.safetensors.index.json")]
+    return patterns, required
 
 
 def family(obj):
@@ -210,7 +245,7 @@ def load_pipeline(cfg, device, dtype, meta=False, inference=False):
     def load(fn, field, path, **kwargs):
         fix = ("pass a trained transformer's directory (a run's out_dir/transformer)" if field == "transformer_path"
                else f"download {fam.REPO} (huggingface-cli download) and pass its directory")
-        if not Path(path).exists() and (path.count("/") != 1 or path.startswith((".", "/", "~"))):  # not a hub id
+        if not Path(path).exists() and not is_hub_id(path):
             raise ModelError(f"{field}={path}: no such directory; {fix}")
         verbosity = diffusers.utils.logging.get_verbosity()
         diffusers.utils.logging.set_verbosity(logging.CRITICAL)  # a missing file is said once, below, not as its log

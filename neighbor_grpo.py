@@ -41,6 +41,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import fetch
 from checkpoints import (CheckpointError, Preemption, all_gather_objects, barrier, export_best, restore, resume_state,
                          save_checkpoint)
 from configurator import ConfigError, configure
@@ -921,6 +922,7 @@ def build(cfg, method=NEIGHBOR):
     dtype = compute_dtype(cfg)
     require([check_memory(cfg, device, world, rank, PRESETS)])  # preflight.py, before any weight loads
     resume_from = resume_state(cfg, Path(cfg.out_dir))
+    fetch.require_downloads(cfg)  # every download here, or (offline) all missing ones named at once
     prompts = load_prompts(cfg.prompt_file)
     home = torch.device("cpu") if cfg.reward_offload else device  # where the reward models wait between calls
     reward_fns = {name: load_reward(name, cfg, home, dtype) for name in cfg.rewards}
@@ -966,7 +968,8 @@ def main(argv=None, parse=parse_config, job=train):
     """job(parse(argv)): training here, sde_grpo.py's baseline, evaluate.py's and bench.py's runs. What cannot work
     ends in one line on stderr and exit status 2."""
     try:
-        return job(parse(sys.argv[1:] if argv is None else argv))
+        argv, job = fetch.dispatch(sys.argv[1:] if argv is None else argv, job)  # --fetch: download instead
+        return job(parse(argv))
     except (ConfigError, CheckpointError, ModelError, RewardError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

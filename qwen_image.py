@@ -14,6 +14,7 @@ from models import local_configs, random_model
 
 NAME, REPO = "Qwen-Image", "Qwen/Qwen-Image"
 PIPELINE, TRANSFORMER = "QwenImagePipeline", "QwenImageTransformer2DModel"
+GATED = set()  # Apache 2.0, no license to accept
 
 TRANSFORMER_CONFIG = dict(  # transformer/config.json of Qwen/Qwen-Image
     patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128, num_attention_heads=24,

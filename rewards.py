@@ -120,6 +120,48 @@ REWARD_WEIGHTS = {
 
 RENAMED = {"apple/DFN5B-CLIP-ViT-H-14-378": "apple/DFN5B-CLIP-ViT-H-14-384"}  # the hub's current name: its former
 
+# What each reward downloads: its keys above, in the order its factory asks for them. The others download nothing:
+# unifiedreward is a server, the toy and digits rewards and module:function are local; hpsv2's tokenizer ships in its
+# package, and open_clip builds its model from the package's config (pretrained=None).
+REWARD_KEYS = {
+    "hpsv2": ("hpsv2",),
+    "pickscore": ("pickscore_processor", "pickscore"),
+    "imagereward": ("imagereward_bert", "imagereward_med_config", "imagereward"),
+    "clipscore": ("clipscore_config", "clipscore"),
+    "aesthetic": ("aesthetic", "aesthetic_clip"),
+    "hpsv3": ("hpsv3_processor", "hpsv3"),
+}
+# the files a from_pretrained directory's loader reads: (allow_patterns, required: one file of each tuple); a weight
+# as safetensors, else pytorch_model.bin (transformers' order; fetch.py takes the .bin only where no .safetensors is)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja")
+MODEL_FILES = (("config.json", "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
+                "pytorch_model.bin"), [("config.json",), ("model.safetensors", "model.safetensors.index.json",
+                                                          "pytorch_model.bin")])
+DIRECTORY_FILES = {
+    "pickscore": MODEL_FILES,  # CLIPModel.from_pretrained
+    "aesthetic_clip": MODEL_FILES,
+    "pickscore_processor": (TOKENIZER_FILES + ("vocab.json", "merges.txt"), [("tokenizer.json", "vocab.json")]),
+    "imagereward_bert": (TOKENIZER_FILES + ("vocab.txt",), [("tokenizer.json", "vocab.txt")]),  # BertTokenizer
+    "hpsv3_processor": (  # AutoProcessor (Qwen2-VL's tokenizer, image and video processors) and AutoConfig: no weights
+        TOKENIZER_FILES + ("vocab.json", "merges.txt", "config.json", "preprocessor_config.json",
+                           "video_preprocessor_config.json", "processor_config.json", "chat_template.json"),
+        [("config.json",), ("preprocessor_config.json",), ("tokenizer.json", "vocab.json")]),
+}
+
+
+def reward_files(name, cfg):
+    """What load_reward(name, cfg) reads from the hub: [(key, repo, allow_patterns, required)], required as
+    DIRECTORY_FILES'; the keys --reward_paths gives locally left out; none for a reward REWARD_KEYS does not name."""
+    local = {item.split("=", 1)[0] for item in cfg.reward_paths}
+    out = []
+    for key in REWARD_KEYS.get(name, ()):
+        repo, filename = REWARD_WEIGHTS[key]
+        if key not in local:
+            patterns, required = DIRECTORY_FILES[key] if filename is None else ((filename,), [(filename,)])
+            out.append((key, repo, list(patterns), list(required)))
+    return out
+
 
 def missing_weights(key, error):
     repo, filename = REWARD_WEIGHTS[key]

@@ -27,6 +27,7 @@ LARGE = {**MEDIUM, "num_layers": 38, "num_attention_heads": 38, "caption_project
          "pos_embed_max_size": 192, "dual_attention_layers": ()}
 TEXT = dict(clip=(768, 1280), text_dim=4096)  # CLIP-L, OpenCLIP bigG (projections of the same widths), T5-XXL
 HUB = {REPO: MEDIUM, "stabilityai/stable-diffusion-3.5-large": LARGE}
+GATED = set(HUB)  # their license is accepted on the hub page before a token may download them
 TINY = dict(transformer=dict(
     sample_size=32, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
     joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32, out_channels=4,

@@ -1044,9 +1044,9 @@ def test_non_finite_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoin
                                             ("configurator", set()),
                                             ("models", {"rewards", "preflight"}), ("flux", {"models"}),
                                             ("sd3", {"models"}), ("qwen_image", {"models"}),
-                                            ("checkpoints", {"models", "preflight"}),
+                                            ("checkpoints", {"models", "preflight"}), ("fetch", {"models", "rewards"}),
                                             ("neighbor_grpo", {"models", "rewards", "report", "checkpoints", "guard",
-                                                               "configurator"})])
+                                                               "configurator", "fetch"})])
 def test_each_file_imports_only_the_files_below_it(module, allowed):
     import ast
 

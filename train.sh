@@ -5,7 +5,8 @@
 #   NODES=4 NODE_RANK=0 MASTER_ADDR=10.0.0.1 bash train.sh multi-8step   # on each of 4 nodes, NODE_RANK 0..3
 #   bash train.sh hps-8step --lr=5e-6                  # extra --field=value overrides
 #
-# First, once: python data/hpdv2/prepare.py (HPDv2's training and benchmark prompts).
+# First, once, with internet: bash train.sh RUN --fetch (FLUX.1-dev's folders, the rewards and judges, HPDv2's
+# prompts, into the Hugging Face cache; --fetch=plan lists them); then a run may set HF_HUB_OFFLINE=1.
 #
 # The paper trains one prompt group per GPU on 32 GPUs (Table 1; 16 for the ablations), so each iteration
 # averages 32 groups. With fewer GPUs each rank takes several groups (--groups_per_rank) to keep that batch:
@@ -32,6 +33,9 @@ case "$RUN" in
   qwen-image-lora) ARGS=(--preset=qwen-image-lora); GPUS=1; BATCH=${BATCH:-8} ;;  # Qwen-Image, LoRA r=64, one 80 GB GPU
   *) echo "unknown run '$RUN'"; exit 2 ;;
 esac
+if [[ " $* " == *" --fetch"* ]]; then  # the downloads of this run, in one process (neighbor_grpo.py --fetch)
+  exec python "${SCRIPT:-neighbor_grpo.py}" --preset=flux-dev "${ARGS[@]}" "$@"
+fi
 BATCH=${BATCH:-32}  # prompt groups per iteration (paper: 32; ablations: 16)
 GROUPS_PER_RANK=$(( BATCH / (NODES * GPUS) ))
 (( GROUPS_PER_RANK >= 1 )) || { echo "BATCH=$BATCH is smaller than NODES*GPUS=$((NODES * GPUS))"; exit 2; }
