@@ -14,8 +14,8 @@ solvers -> the noise neighborhood -> advantages -> the surrogate and clipped obj
 iteration -> the DDP/FSDP2 loop; then the machinery a reader can skip: SystemConfig (the engineering fields),
 validation, evaluation, build, main ("eq. N", "Alg. 1": the paper's). Beside it: models.py (loading, LoRA, NF4; a
 family a module: flux.py, sd3.py, qwen_image.py), rewards.py, report.py, checkpoints.py (checkpoints, resume,
-preemption), guard.py (the guard against reward hacking), configurator.py (the command line), preflight.py (whether
-it fits), sde_grpo.py, evaluate.py.
+preemption), guard.py (the guard against reward hacking), configurator.py (the command line), fetch.py (every
+download), preflight.py (whether it fits), sde_grpo.py, evaluate.py.
 """
 
 import contextlib
