@@ -1,7 +1,8 @@
 """
 What a run writes and prints, beside neighbor_grpo.py's loop: config.json, log.jsonl and a console line per iteration
 and evaluation (RunLog), curves.png, sample grids, an evaluation's summary and its Table-1-shaped markdown, the closing
-line. Rank 0 writes; nothing here touches the model, and every number arrives computed (and gathered over ranks).
+line. Rank 0 writes; nothing here changes the model (models.compiled_variants only counts its compiled blocks), and
+every number arrives computed (and gathered over ranks).
 """
 
 import dataclasses

@@ -1040,7 +1040,7 @@ def test_non_finite_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoin
 
 
 
-@pytest.mark.parametrize("module,allowed", [("rewards", set()), ("report", set()), ("preflight", set()), ("guard", set()),
+@pytest.mark.parametrize("module,allowed", [("rewards", set()), ("report", {"models"}), ("preflight", set()), ("guard", set()),
                                             ("configurator", set()),
                                             ("models", {"rewards", "preflight"}), ("flux", {"models"}),
                                             ("sd3", {"models"}), ("qwen_image", {"models"}),
