@@ -937,7 +937,7 @@ def test_reward_weights_are_normalised_to_sum_one(tmp_path):
 def test_resuming_a_finished_run_leaves_its_checkpoint_untouched(tmp_path, monkeypatch):
     ng.train(tiny_cfg(tmp_path, "--iterations=1", "--sample_every=0", "--eval_every=0"))
     saves = []
-    monkeypatch.setattr(ng, "save_checkpoint", lambda *args: saves.append(args))
+    monkeypatch.setattr(checkpoints, "save_checkpoint", lambda *args: saves.append(args))
     ng.train(tiny_cfg(tmp_path, "--iterations=1", "--sample_every=0", "--eval_every=0", "--resume"))
     assert saves == []  # nothing new to save: the latest checkpoint is never rewritten in place
     assert (tmp_path / "checkpoints/latest").read_text() == "step-000001"
@@ -996,6 +996,60 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_iteration(tmp_path):
     assert max_abs_diff(ranks[0], ranks[1]) == 0  # both returned after the same update
     ng.train(ng.parse_config([*SIGNAL_ARGS, f"--out_dir={out}", "--resume", "--groups_per_rank=2"]))
     assert len(read_log(out)) == 8
+
+
+# ---------------------------------------------------------------------------- what clusters do: restarts, a dead or hung rank
+
+FAULT_DRIVER = """
+import os, pathlib, signal, sys, time
+import neighbor_grpo as ng
+restart = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
+pathlib.Path(f"{sys.argv[1]}.round{restart}").write_text(str(time.time()))
+faults = dict(enumerate(f.split("@") for f in os.environ["FAULTS"].split(",")))  # round -> (fault, iteration)
+real = ng.train_iteration
+def faulty(run, cfg, iteration):  # rank 1 dies or hangs at this round's iteration
+    fault, at = faults.get(restart, ("", "-1"))
+    if run.rank == 1 and iteration == int(at):
+        if fault == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        pathlib.Path(f"{sys.argv[1]}.hung").write_text(str(time.time()))
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # hung, yet ended by torchrun's SIGTERM (not 30 s later's SIGKILL)
+        time.sleep(3600)
+    return real(run, cfg, iteration)
+ng.train_iteration = faulty
+""" + DRIVER
+ELASTIC_ARGS = ["--preset=tiny", "--iterations=6", "--sample_every=0", "--eval_every=0", "--ckpt_every=2",
+                "--num_train_steps=2", "--rewards=brightness", "--parallel=fsdp", "--steady_timeout=5"]
+
+
+def launch_faulty(tmp_path, name, faults, restarts):
+    """The FAULT_DRIVER over two gloo ranks, launched as train.sh does (c10d rendezvous); returns (status, output)."""
+    import subprocess
+
+    (tmp_path / "driver.py").write_text(FAULT_DRIVER)
+    command, env = launch(2, tmp_path / "driver.py", tmp_path / name, *ELASTIC_ARGS,
+                          torchrun=("--standalone", f"--max_restarts={restarts}"))
+    result = subprocess.run(command, env={**env, "FAULTS": faults}, capture_output=True, text=True, timeout=300)
+    return result.returncode, result.stdout + result.stderr
+
+
+def test_torchrun_restarts_a_killed_then_a_hung_rank_and_the_run_ends_like_an_uninterrupted_one(tmp_path):
+    """Round 0: rank 1 SIGKILLed at iteration 2 (after the first checkpoint). Round 1: rank 1 hangs at iteration 4, and
+    rank 0 stops within the steady-state timeout (5 s here; dist_timeout's hour without it), not at start-up's. Each
+    restart continues from the latest whole checkpoint in one line, and the run ends with an uninterrupted run's
+    transformer, each iteration logged once."""
+    status, output = launch_faulty(tmp_path, "straight", "none@-1", 0)
+    assert status == 0, output[-3000:]
+    status, output = launch_faulty(tmp_path, "faulty", "kill@2,hang@4", 2)
+    assert status == 0, output[-3000:]
+    restarts = [line for line in output.splitlines() if line.startswith("torchrun restart")]
+    assert [line.split(":")[0] for line in restarts] == ["torchrun restart 1", "torchrun restart 2"], output[-3000:]
+    assert "continuing from" in restarts[0] and "step-000004 (iteration 4)" in restarts[1]
+    noticed = float((tmp_path / "faulty.round2").read_text()) - float((tmp_path / "faulty.hung").read_text())
+    assert noticed < 60  # the timeout, torchrun's restart and the next round's imports: sanity, not a timing
+    assert [r["iter"] for r in read_log(tmp_path / "faulty") if "loss" in r] == list(range(6))
+    straight, faulty = (torch.load(tmp_path / f"{name}/params_rank0.pt") for name in ("straight", "faulty"))
+    assert max_abs_diff(straight, faulty) == 0
 
 
 def nan_on_calls(monkeypatch, calls):
