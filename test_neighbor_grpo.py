@@ -18,6 +18,7 @@ import evaluate
 import flux
 import models
 import neighbor_grpo as ng
+import preflight
 import report
 from conftest import (FLUX_SCHEDULER, assert_same_figures, exported, fixed_tiny_run, launch, max_abs_diff, read_log,
                       tiny_cfg, update_gradients)
@@ -941,6 +942,54 @@ def test_resuming_a_finished_run_leaves_its_checkpoint_untouched(tmp_path, monke
     ng.train(tiny_cfg(tmp_path, "--iterations=1", "--sample_every=0", "--eval_every=0", "--resume"))
     assert saves == []  # nothing new to save: the latest checkpoint is never rewritten in place
     assert (tmp_path / "checkpoints/latest").read_text() == "step-000001"
+
+
+def test_ckpt_minutes_checkpoints_on_time_or_every_ckpt_every_whichever_comes_first(tmp_path, monkeypatch):
+    """A clock that moves 40 s an iteration: ckpt_minutes=1 saves after 80 s (iterations 2 and 5), ckpt_every=3 in
+    between (iteration 3, which restarts the minutes), and the end saves the last."""
+    clock, saved, real, save = [0.0], [], ng.train_iteration, checkpoints.save_checkpoint
+    monkeypatch.setattr(checkpoints, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(ng, "train_iteration", lambda *args: clock.__setitem__(0, clock[0] + 40) or real(*args))
+    monkeypatch.setattr(checkpoints, "save_checkpoint", lambda *args: saved.append(args[3]) or save(*args))
+    ng.train(tiny_cfg(tmp_path, "--iterations=6", "--sample_every=0", "--eval_every=0", "--ckpt_every=3",
+                      "--ckpt_minutes=1", "--num_train_steps=2"))
+    assert saved == [2, 3, 5, 6] and (tmp_path / "checkpoints/latest").read_text() == "step-000006"
+
+
+def test_a_kill_during_a_background_write_leaves_the_last_checkpoint_loadable(tmp_path, monkeypatch):
+    """The write of step 4 held in flight (as a slow disk would) when the run dies in iteration 4: `latest` still names
+    step 2, whole, and a resumed run continues from it."""
+    import concurrent.futures
+    import threading
+
+    gate, writes, real, iterate = threading.Event(), [], checkpoints.dcp.async_save, ng.train_iteration
+
+    def held(*args, **kwargs):
+        writes.append(real(*args, **kwargs))
+        if len(writes) < 2:
+            return writes[-1]
+        future = concurrent.futures.Future()
+        threading.Thread(target=lambda: gate.wait() or future.set_result(writes[-1].result()), daemon=True).start()
+        return future
+
+    def dies(run, cfg, iteration):
+        if iteration == 4:
+            raise KeyboardInterrupt("killed during the write of step 4")
+        return iterate(run, cfg, iteration)
+
+    monkeypatch.setattr(checkpoints.dcp, "async_save", held)
+    monkeypatch.setattr(ng, "train_iteration", dies)
+    args = ["--iterations=6", "--sample_every=0", "--eval_every=0", "--ckpt_every=2", "--num_train_steps=2"]
+    with pytest.raises(KeyboardInterrupt):
+        ng.train(tiny_cfg(tmp_path, *args))
+    root = tmp_path / "checkpoints"
+    assert (root / "latest").read_text() == "step-000002" and (root / "tmp-000004").exists()
+    assert preflight.damaged_files(root / "step-000002/state") == []
+    gate.set()
+    monkeypatch.undo()
+    ng.train(tiny_cfg(tmp_path, *args, "--resume"))
+    assert [r["iter"] for r in read_log(tmp_path) if "loss" in r] == list(range(6))
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000006"]
 
 
 # ---------------------------------------------------------------------------- preemption, bad steps, flaky rewards
