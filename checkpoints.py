@@ -79,10 +79,10 @@ class Checkpointer:
 
     def __init__(self, run, cfg):
         self.run, self.cfg, self.pending, self.last = run, cfg, None, monotonic()
-        # its own gloo group: async_save needs a CPU backend (state_dict_saver.py), and the writer thread's collectives
-        # must not interleave with training's on the default group; it keeps dist_timeout, as a write may be long
+        # its own gloo group: async_save needs a CPU backend (state_dict_saver.py; NCCL alone fails, even in a world of
+        # one), and the writer thread's collectives must not interleave with training's; it keeps dist_timeout
         seconds = timedelta(seconds=cfg.dist_timeout)
-        self.group = dist.new_group(backend="gloo", timeout=seconds) if run.world > 1 else None
+        self.group = dist.new_group(backend="gloo", timeout=seconds) if dist.is_initialized() else None
 
     def __enter__(self):
         return self
@@ -141,7 +141,7 @@ def save_checkpoint(model, optimizer, cfg, iteration, guard_state, rank, world, 
                               "then --resume")
     model_state, optim_state = get_state_dict(model, optimizer, options=TRAINED)
     written = dcp.async_save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / "state",
-                             process_group=group, no_dist=world == 1)  # staged (copied) before it returns
+                             process_group=group, no_dist=group is None)  # staged (copied) before it returns
     # the export stays synchronous: FSDP gathers the full weights on every rank, which cannot leave the loop's thread
     export_model(model, tmp, rank, dtype, cfg.lora_rank)
     if rank != 0:
