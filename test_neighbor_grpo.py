@@ -944,6 +944,38 @@ def test_resuming_a_finished_run_leaves_its_checkpoint_untouched(tmp_path, monke
     assert (tmp_path / "checkpoints/latest").read_text() == "step-000001"
 
 
+def test_a_restarted_worker_continues_by_itself_in_one_line_and_a_plain_rerun_still_refuses(tmp_path, monkeypatch,
+                                                                                           capsys):
+    """Under torchrun's restarts (TORCHELASTIC_RESTART_COUNT > 0) the same command continues from the latest checkpoint,
+    or starts over when none was written yet, saying so and the iterations lost in one line; outside them it refuses."""
+    args = ["--iterations=4", "--sample_every=0", "--eval_every=0", "--ckpt_every=2", "--num_train_steps=2"]
+    real = ng.train_iteration
+
+    def dies_at(at):
+        def iteration(run, cfg, it):
+            if it == at:
+                raise KeyboardInterrupt(f"killed in iteration {at}")
+            return real(run, cfg, it)
+        return iteration
+
+    for name, at, said in [("early", 1, "no checkpoint yet: starting over in {} (iteration 0); 1 iteration(s) lost"),
+                           ("late", 3, "continuing from {}/checkpoints/step-000002 (iteration 2); 1 iteration(s) lost")]:
+        out = tmp_path / name
+        monkeypatch.setattr(ng, "train_iteration", dies_at(at))
+        with pytest.raises(KeyboardInterrupt):
+            ng.train(tiny_cfg(out, *args))
+        monkeypatch.setattr(ng, "train_iteration", real)
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+        capsys.readouterr()
+        ng.train(tiny_cfg(out, *args))
+        restarts = [line for line in capsys.readouterr().out.splitlines() if line.startswith("torchrun restart")]
+        assert restarts == [f"torchrun restart 1: {said.format(out)} since"]
+        assert [r["iter"] for r in read_log(out) if "loss" in r] == [0, 1, 2, 3]
+        monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT")
+        with pytest.raises(checkpoints.CheckpointError, match="already holds a run"):
+            ng.train(tiny_cfg(out, *args))
+
+
 def test_ckpt_minutes_checkpoints_on_time_or_every_ckpt_every_whichever_comes_first(tmp_path, monkeypatch):
     """A clock that moves 40 s an iteration: ckpt_minutes=1 saves after 80 s (iterations 2 and 5), ckpt_every=3 in
     between (iteration 3, which restarts the minutes), and the end saves the last."""
