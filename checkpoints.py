@@ -7,6 +7,7 @@ collective timeout). The two collectives they need live here too; neighbor_grpo.
 files every rank shares; each rank writes its own shards. What survives what: docs/cluster.md.
 """
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -88,8 +89,11 @@ class Checkpointer:
         return self
 
     def __exit__(self, kind, *exc):
-        if kind is None or issubclass(kind, Exception):  # the write in flight is a whole state: commit it (not on ^C)
+        if kind is None:
             self.commit(wait=True)
+        elif issubclass(kind, Exception):  # the write in flight is a whole state: commit it if it ends (not on ^C)
+            with contextlib.suppress(TimeoutError):  # a writer stuck on a hung rank: `latest` stays where it is
+                self.commit(wait=True, timeout=self.cfg.steady_timeout)
 
     def due(self, iteration):
         """Collective: whether to checkpoint after `iteration` iterations (the last one is saved by the loop's end)."""
@@ -110,13 +114,15 @@ class Checkpointer:
         if wait:
             self.commit(wait=True)
 
-    def commit(self, wait):
+    def commit(self, wait, timeout=None):
         """Rank 0 moves `latest` once its write is done: dcp writes the metadata after every rank's shards (its finish
         step gathers their results), so rank 0's future completing means the whole checkpoint is on disk."""
         if self.pending and (wait or self.pending[0].done()):
             written, commit = self.pending
+            failed = written.exception(timeout)  # TimeoutError if still in flight after timeout seconds
             self.pending = None
-            written.result()  # a failed write raises here; `latest` still names the checkpoint before
+            if failed:  # `latest` still names the checkpoint before
+                raise failed
             commit()
 
 
