@@ -54,13 +54,16 @@ def restart_count():
 
 
 def init_process_group(backend, seconds):
-    """The default group, its store keys under this round's prefix: torchrun keeps one TCPStore across restarts (static
-    rendezvous: static_tcp_rendezvous.py's `if not self._store`; c10d: dynamic_rendezvous.py's shared store), so a
-    restarted round would read the dead round's gloo addresses or NCCL id (docs/cluster.md)."""
+    """The default group. torchrun keeps its agent's TCPStore across restarts (static rendezvous:
+    static_tcp_rendezvous.py's `if not self._store`; c10d: dynamic_rendezvous.py's shared store), so a restarted round
+    would read the dead round's gloo addresses or NCCL id; on one node (one agent, one restart count) the keys go under
+    the restart's prefix. Across nodes the counts differ (api.py restarts a healthy node without counting), so
+    train.sh sets TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: a new store each round (docs/cluster.md)."""
     timeout = timedelta(seconds=seconds)
     store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
-    dist.init_process_group(backend, store=dist.PrefixStore(f"restart{restart_count()}", store), rank=rank,
-                            world_size=world, timeout=timeout)
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and os.environ.get("GROUP_WORLD_SIZE") == "1"
+    store = dist.PrefixStore(f"restart{restart_count()}", store) if shared else store
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
 
 
 def steady_timeout(cfg, iteration_seconds, world):
@@ -183,10 +186,11 @@ def export_best(model, cfg, state, rank, world, dtype):
     barrier(world)
 
 
-def resume_state(cfg, out, rank=0):
+def resume_state(cfg, out, rank=0, world=1):
     """The checkpoint --resume continues from, after refusing to overwrite a run or to resume nothing. Under torchrun's
-    restarts the same command continues from the latest checkpoint by itself (or starts over if none was written)."""
-    pointer, restart = out / "checkpoints" / "latest", restart_count()
+    restarts the same command continues from the latest checkpoint by itself (or starts over if none was written):
+    the largest count of any rank, as a node restarted for another's failure counts none (elastic/agent/server/api.py)."""
+    pointer, restart = out / "checkpoints" / "latest", max(all_gather_objects(restart_count(), world))
     if cfg.resume and not pointer.exists():
         raise CheckpointError(f"resume: out_dir={out} holds no checkpoint; drop --resume to start a new run")
     try:

@@ -922,7 +922,7 @@ def build(cfg, method=NEIGHBOR):
     rank, world, device = setup_distributed(cfg)
     dtype = compute_dtype(cfg)
     require([check_memory(cfg, device, world, rank, PRESETS)])  # preflight.py, before any weight loads
-    resume_from = resume_state(cfg, Path(cfg.out_dir), rank)
+    resume_from = resume_state(cfg, Path(cfg.out_dir), rank, world)
     prompts = load_prompts(cfg.prompt_file)
     home = torch.device("cpu") if cfg.reward_offload else device  # where the reward models wait between calls
     reward_fns = {name: load_reward(name, cfg, home, dtype) for name in cfg.rewards}

@@ -1104,13 +1104,15 @@ ELASTIC_ARGS = ["--preset=tiny", "--iterations=6", "--sample_every=0", "--eval_e
 
 
 def launch_faulty(tmp_path, name, faults, restarts):
-    """The FAULT_DRIVER over two gloo ranks, launched as train.sh does (c10d rendezvous); returns (status, output)."""
+    """The FAULT_DRIVER over two gloo ranks, launched as train.sh does (c10d rendezvous, a new TCPStore each restart);
+    returns (status, output)."""
     import subprocess
 
     (tmp_path / "driver.py").write_text(FAULT_DRIVER)
     command, env = launch(2, tmp_path / "driver.py", tmp_path / name, *ELASTIC_ARGS,
                           torchrun=("--standalone", f"--max_restarts={restarts}"))
-    result = subprocess.run(command, env={**env, "FAULTS": faults}, capture_output=True, text=True, timeout=300)
+    env = {**env, "FAULTS": faults, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     return result.returncode, result.stdout + result.stderr
 
 

@@ -40,6 +40,9 @@ GROUPS_PER_RANK=$(( BATCH / (NODES * GPUS) ))
 (( GROUPS_PER_RANK >= 1 )) || { echo "BATCH=$BATCH is smaller than NODES*GPUS=$((NODES * GPUS))"; exit 2; }
 
 RESTARTS=(--max_restarts="${MAX_RESTARTS:-3}")
+# a new TCPStore for each restart: a shared one keeps the dead round's keys, and across nodes the restart counts that
+# could tell the rounds apart differ (docs/cluster.md)
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 if (( NODES > 1 )); then  # c10d rendezvous (torchrun's docs): the node at MASTER_ADDR hosts it, ranks by arrival
   LAUNCH=(torchrun --nnodes="$NODES" --nproc_per_node="$GPUS" --rdzv_backend=c10d
           --rdzv_endpoint="${MASTER_ADDR:?}:${MASTER_PORT:-29500}" --rdzv_id="${RDZV_ID:-$RUN}" "${RESTARTS[@]}")
