@@ -576,7 +576,7 @@ def setup_distributed(cfg):
     if "RANK" not in os.environ:
         return 0, 1, device
     if not dist.is_initialized():
-        init_process_group("nccl" if device.type == "cuda" else "gloo", cfg.dist_timeout)  # keyed by torchrun's restart
+        init_process_group("nccl" if device.type == "cuda" else "gloo", cfg.dist_timeout)  # none of a dead round's keys
     return dist.get_rank(), dist.get_world_size(), device
 
 
