@@ -44,12 +44,13 @@ def exported(out_dir):
     return dict(FluxTransformer2DModel.from_pretrained(out_dir / "transformer").named_parameters())
 
 
-def launch(nproc, script, *args):
-    """The command and environment running script under torchrun with nproc gloo ranks (plain python for one)."""
+def launch(nproc, script, *args, torchrun=()):
+    """The command and environment running script under torchrun with nproc gloo ranks (plain python for one);
+    torchrun: more of its options (--standalone: c10d rendezvous on a free port, --max_restarts=1)."""
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(ng.__file__)), OMP_NUM_THREADS="1",
                PYTHONUNBUFFERED="1")
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1 else [
-        sys.executable]
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *torchrun] if nproc > 1 \
+        else [sys.executable]
     return [*launcher, str(script), *map(str, args)], env
 
 

@@ -31,7 +31,6 @@ import sys
 import typing
 import warnings
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -42,8 +41,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fetch
-from checkpoints import (CheckpointError, Preemption, all_gather_objects, barrier, export_best, restore, resume_state,
-                         save_checkpoint)
+from checkpoints import (CheckpointError, Checkpointer, Preemption, all_gather_objects, barrier, export_best,
+                         init_process_group, restore, resume_state, steady_timeout)
 from configurator import ConfigError, configure
 from guard import guard
 from models import (ATTENTION_BACKENDS, ModelError, adapters_off, blocks, check_compiler, check_memory, decode_images,
@@ -507,9 +506,7 @@ def train(cfg, method=NEIGHBOR):
     cfg.iterations or the guard stops it; returns the trained (wrapped) transformer."""
     run = build(cfg, method)
     log, skipped, out, it, guarded = RunLog(run, cfg), 0, Path(cfg.out_dir), run.start, run.guard
-    save = lambda at, guard_state: save_checkpoint(run.model, run.optimizer, cfg, at, guard_state, run.rank,  # noqa
-                                                   run.world, run.dtype)
-    with Preemption() as preempted:
+    with Preemption() as preempted, Checkpointer(run, cfg) as checkpoints:  # written in the background
         for it in range(run.start, cfg.iterations + 1):
             before, guarded = guarded, periodic(run, cfg, it, log, guarded)
             if it == cfg.iterations or guarded.get("stop"):
@@ -517,6 +514,8 @@ def train(cfg, method=NEIGHBOR):
             groups, stats, seconds = train_iteration(run, cfg, it)
             rewards, stats = iteration_record(run, cfg, groups, stats, seconds)
             log.iteration(it, rewards, stats)
+            if it == run.start:  # start-up is over: a hung rank now ends the run within minutes (docs/cluster.md)
+                steady_timeout(cfg, stats["time/total"], run.world)
             skipped = skipped + int(stats["skipped_steps"]) if stats["skipped_steps"] else 0
             if skipped >= cfg.max_skipped_steps:
                 raise TrainingError(
@@ -524,14 +523,14 @@ def train(cfg, method=NEIGHBOR):
                     f"was saved since, so the last checkpoint in {out / 'checkpoints'} is good: --resume from it with "
                     "a lower --lr, or raise --max_skipped_steps")
             if preempted(run.world, run.device):  # finish the iteration, checkpoint, exit 0; rerun with --resume
-                save(it + 1, guarded)
+                checkpoints.save(it + 1, guarded, wait=True)
                 log.stopped(it, preempted.signal)
                 barrier(run.world)
                 return run.model
-            if cfg.ckpt_every and (it + 1) % cfg.ckpt_every == 0 and it + 1 < cfg.iterations:
-                save(it + 1, guarded)
+            if checkpoints.due(it + 1):
+                checkpoints.save(it + 1, guarded)
         if run.start < it:  # a resumed run with nothing left to do keeps its checkpoint as it is
-            save(it, before)
+            checkpoints.save(it, before, wait=True)
         export_model(run.model, out, run.rank, run.dtype, cfg.lora_rank, cfg.export_merged)
         log.close(guarded)
         barrier(run.world)
@@ -578,7 +577,7 @@ def setup_distributed(cfg):
     if "RANK" not in os.environ:
         return 0, 1, device
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=cfg.dist_timeout))
+        init_process_group("nccl" if device.type == "cuda" else "gloo", cfg.dist_timeout)  # none of a dead round's keys
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -675,12 +674,14 @@ class SystemConfig(Config):
     # system: torchrun, memory, checkpoints, logging
     device: str = "auto"  # "auto" = cuda if available, else cpu
     parallel: str = "fsdp"  # "fsdp" (FSDP2, sharded: FLUX.1-dev needs it) or "ddp" (replicated, for models that fit)
-    dist_timeout: int = 3600  # seconds a rank waits in a collective: rank 0's first 24 GB download (docs/cluster.md)
+    dist_timeout: int = 3600  # seconds a rank waits in a collective at start-up: rank 0's first 24 GB download (docs)
+    steady_timeout: int = 600  # after the first iteration: max(this, 3 iterations); a hung rank ends the run (docs)
     memory_check: bool = True  # refuse, before loading, a recipe predicted not to fit this GPU (preflight.py)
     out_dir: str = "runs/neighbor_grpo"  # log.jsonl, sample grids and checkpoints go here
     overwrite: bool = False  # allow a new run in an out_dir that already holds one
     resume: bool = False  # continue the run in out_dir from its latest checkpoint
     ckpt_every: int = 50  # iterations between checkpoints (0 = only at the end); the latest one is kept
+    ckpt_minutes: float = 60.0  # or this many minutes, whichever first (0 = off): 1.3 % stall at 8 GPUs (docs/cluster)
     sample_every: int = 50  # iterations between sample grids (fixed prompts and noise, sigma = 0)
     num_samples: int = 4  # images in a sample grid
     wandb_project: str = ""  # also log every log.jsonl record to this Weights & Biases project (pip install wandb)
@@ -736,6 +737,8 @@ def validate(cfg):
          f"attention_backend={cfg.attention_backend}: use one of {', '.join(ATTENTION_BACKENDS)} (docs/cost.md)"),
         (cfg.ckpt_every >= 0, f"ckpt_every={cfg.ckpt_every}: must be >= 0 (0 = only at the end)"),
         (cfg.dist_timeout > 0, f"dist_timeout={cfg.dist_timeout}: must be > 0 seconds; use 3600"),
+        (cfg.steady_timeout > 0, f"steady_timeout={cfg.steady_timeout}: must be > 0 seconds; use 600"),
+        (cfg.ckpt_minutes >= 0, f"ckpt_minutes={cfg.ckpt_minutes}: must be >= 0 (0 = by iterations only)"),
         (cfg.max_skipped_steps >= 1, f"max_skipped_steps={cfg.max_skipped_steps}: must be >= 1; use 8"),
         (cfg.model_path != str(DIGITS_DIR) or (DIGITS_DIR / "model_index.json").is_file(),
          "preset=digits: data/digits holds no prepared model yet; run python data/digits/prepare.py (minutes on a CPU)"),
@@ -921,7 +924,7 @@ def build(cfg, method=NEIGHBOR):
     check_compiler(cfg, device)  # compile=true: a C compiler, before minutes of loading
     dtype = compute_dtype(cfg)
     require([check_memory(cfg, device, world, rank, PRESETS)])  # preflight.py, before any weight loads
-    resume_from = resume_state(cfg, Path(cfg.out_dir))
+    resume_from = resume_state(cfg, Path(cfg.out_dir), rank, world)
     fetch.require_downloads(cfg)  # every download here, or (offline) all missing ones named at once
     prompts = load_prompts(cfg.prompt_file)
     home = torch.device("cpu") if cfg.reward_offload else device  # where the reward models wait between calls

@@ -18,6 +18,7 @@ import evaluate
 import flux
 import models
 import neighbor_grpo as ng
+import preflight
 import report
 from conftest import (FLUX_SCHEDULER, assert_same_figures, exported, fixed_tiny_run, launch, max_abs_diff, read_log,
                       tiny_cfg, update_gradients)
@@ -945,11 +946,91 @@ def test_resuming_a_finished_run_leaves_its_checkpoint_untouched(tmp_path, monke
     meta.write_text(json.dumps(saved))
     capsys.readouterr()
     saves = []
-    monkeypatch.setattr(ng, "save_checkpoint", lambda *args: saves.append(args))
+    monkeypatch.setattr(checkpoints, "save_checkpoint", lambda *args: saves.append(args))
     ng.train(tiny_cfg(tmp_path, "--iterations=1", "--sample_every=0", "--eval_every=0", "--resume"))
     assert saves == []  # nothing new to save: the latest checkpoint is never rewritten in place
     assert (tmp_path / "checkpoints/latest").read_text() == "step-000001"
     assert "with changed fields: distance_reduction sum -> mean" in capsys.readouterr().out
+
+
+def test_a_restarted_worker_continues_by_itself_in_one_line_and_a_plain_rerun_still_refuses(tmp_path, monkeypatch,
+                                                                                           capsys):
+    """Under torchrun's restarts (TORCHELASTIC_RESTART_COUNT > 0) the same command continues from the latest checkpoint,
+    or starts over when none was written yet, saying so and the iterations lost in one line; outside them it refuses."""
+    args = ["--iterations=4", "--sample_every=0", "--eval_every=0", "--ckpt_every=2", "--num_train_steps=2"]
+    real = ng.train_iteration
+
+    def dies_at(at):
+        def iteration(run, cfg, it):
+            if it == at:
+                raise KeyboardInterrupt(f"killed in iteration {at}")
+            return real(run, cfg, it)
+        return iteration
+
+    for name, at, said in [("early", 1, "no checkpoint yet: starting over in {} (iteration 0); 1 iteration(s) lost"),
+                           ("late", 3, "continuing from {}/checkpoints/step-000002 (iteration 2); 1 iteration(s) lost")]:
+        out = tmp_path / name
+        monkeypatch.setattr(ng, "train_iteration", dies_at(at))
+        with pytest.raises(KeyboardInterrupt):
+            ng.train(tiny_cfg(out, *args))
+        monkeypatch.setattr(ng, "train_iteration", real)
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+        capsys.readouterr()
+        ng.train(tiny_cfg(out, *args))
+        restarts = [line for line in capsys.readouterr().out.splitlines() if line.startswith("torchrun restart")]
+        assert restarts == [f"torchrun restart 1: {said.format(out)} since"]
+        assert [r["iter"] for r in read_log(out) if "loss" in r] == [0, 1, 2, 3]
+        monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT")
+        with pytest.raises(checkpoints.CheckpointError, match="already holds a run"):
+            ng.train(tiny_cfg(out, *args))
+
+
+def test_ckpt_minutes_checkpoints_on_time_or_every_ckpt_every_whichever_comes_first(tmp_path, monkeypatch):
+    """A clock that moves 40 s an iteration: ckpt_minutes=1 saves after 80 s (iterations 2 and 5), ckpt_every=3 in
+    between (iteration 3, which restarts the minutes), and the end saves the last."""
+    clock, saved, real, save = [0.0], [], ng.train_iteration, checkpoints.save_checkpoint
+    monkeypatch.setattr(checkpoints, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(ng, "train_iteration", lambda *args: clock.__setitem__(0, clock[0] + 40) or real(*args))
+    monkeypatch.setattr(checkpoints, "save_checkpoint", lambda *args: saved.append(args[3]) or save(*args))
+    ng.train(tiny_cfg(tmp_path, "--iterations=6", "--sample_every=0", "--eval_every=0", "--ckpt_every=3",
+                      "--ckpt_minutes=1", "--num_train_steps=2"))
+    assert saved == [2, 3, 5, 6] and (tmp_path / "checkpoints/latest").read_text() == "step-000006"
+
+
+def test_a_kill_during_a_background_write_leaves_the_last_checkpoint_loadable(tmp_path, monkeypatch):
+    """The write of step 4 held in flight (as a slow disk would) when the run dies in iteration 4: `latest` still names
+    step 2, whole, and a resumed run continues from it."""
+    import concurrent.futures
+    import threading
+
+    gate, writes, real, iterate = threading.Event(), [], checkpoints.dcp.async_save, ng.train_iteration
+
+    def held(*args, **kwargs):
+        writes.append(real(*args, **kwargs))
+        if len(writes) < 2:
+            return writes[-1]
+        future = concurrent.futures.Future()
+        threading.Thread(target=lambda: gate.wait() or future.set_result(writes[-1].result()), daemon=True).start()
+        return future
+
+    def dies(run, cfg, iteration):
+        if iteration == 4:
+            raise KeyboardInterrupt("killed during the write of step 4")
+        return iterate(run, cfg, iteration)
+
+    monkeypatch.setattr(checkpoints.dcp, "async_save", held)
+    monkeypatch.setattr(ng, "train_iteration", dies)
+    args = ["--iterations=6", "--sample_every=0", "--eval_every=0", "--ckpt_every=2", "--num_train_steps=2"]
+    with pytest.raises(KeyboardInterrupt):
+        ng.train(tiny_cfg(tmp_path, *args))
+    root = tmp_path / "checkpoints"
+    assert (root / "latest").read_text() == "step-000002" and (root / "tmp-000004").exists()
+    assert preflight.damaged_files(root / "step-000002/state") == []
+    gate.set()
+    monkeypatch.undo()
+    ng.train(tiny_cfg(tmp_path, *args, "--resume"))
+    assert [r["iter"] for r in read_log(tmp_path) if "loss" in r] == list(range(6))
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000006"]
 
 
 # ---------------------------------------------------------------------------- preemption, bad steps, flaky rewards
@@ -1005,6 +1086,63 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_iteration(tmp_path):
     assert max_abs_diff(ranks[0], ranks[1]) == 0  # both returned after the same update
     ng.train(ng.parse_config([*SIGNAL_ARGS, f"--out_dir={out}", "--resume", "--groups_per_rank=2"]))
     assert len(read_log(out)) == 8
+
+
+# ---------------------------------------------------------------------------- what clusters do: restarts, a dead or hung rank
+
+FAULT_DRIVER = """
+import os, pathlib, signal, sys, time
+import neighbor_grpo as ng
+restart = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
+pathlib.Path(f"{sys.argv[1]}.round{restart}").write_text(str(time.time()))
+faults = dict(enumerate(f.split("@") for f in os.environ["FAULTS"].split(",")))  # round -> (fault, iteration)
+real = ng.train_iteration
+def faulty(run, cfg, iteration):  # rank 1 dies or hangs at this round's iteration
+    fault, at = faults.get(restart, ("", "-1"))
+    if run.rank == 1 and iteration == int(at):
+        if fault == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        pathlib.Path(f"{sys.argv[1]}.hung").write_text(str(time.time()))
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # hung, yet ended by torchrun's SIGTERM, not its SIGKILL 30 s on
+        time.sleep(3600)
+    return real(run, cfg, iteration)
+ng.train_iteration = faulty
+""" + DRIVER
+ELASTIC_ARGS = ["--preset=tiny", "--iterations=6", "--sample_every=0", "--eval_every=0", "--ckpt_every=2",
+                "--num_train_steps=2", "--rewards=brightness", "--parallel=fsdp", "--steady_timeout=8"]
+
+
+def launch_faulty(tmp_path, name, faults, restarts):
+    """The FAULT_DRIVER over two gloo ranks, launched as train.sh does (c10d rendezvous, a new TCPStore each restart);
+    returns (status, output)."""
+    import subprocess
+
+    (tmp_path / "driver.py").write_text(FAULT_DRIVER)
+    command, env = launch(2, tmp_path / "driver.py", tmp_path / name, *ELASTIC_ARGS,
+                          torchrun=("--standalone", f"--max_restarts={restarts}"))
+    env = {**env, "FAULTS": faults, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    return result.returncode, result.stdout + result.stderr
+
+
+def test_torchrun_restarts_a_killed_then_a_hung_rank_and_the_run_ends_like_an_uninterrupted_one(tmp_path):
+    """Round 0: rank 1 SIGKILLed in iteration 3 (after the first checkpoint). Round 1: rank 1 hangs in iteration 4, and
+    rank 0 stops within the steady-state timeout (8 s here; dist_timeout's hour without it), not start-up's. Each
+    restart continues from the latest whole checkpoint in one line, and the run ends with an uninterrupted run's
+    transformer, each iteration logged once."""
+    status, output = launch_faulty(tmp_path, "straight", "none@-1", 0)
+    assert status == 0, output[-3000:]
+    status, output = launch_faulty(tmp_path, "faulty", "kill@3,hang@4", 2)
+    assert status == 0, output[-3000:]
+    restarts = [line for line in output.splitlines() if line.startswith("torchrun restart")]
+    assert [line.split(":")[0] for line in restarts] == ["torchrun restart 1", "torchrun restart 2"], output[-3000:]
+    assert "step-000002 (iteration 2); 1 iteration(s) lost" in restarts[0]  # iteration 2 was logged, not saved
+    assert "step-000004 (iteration 4)" in restarts[1]
+    noticed = float((tmp_path / "faulty.round2").read_text()) - float((tmp_path / "faulty.hung").read_text())
+    assert noticed < 60  # the timeout, torchrun's restart and the next round's imports: sanity, not a timing
+    assert [r["iter"] for r in read_log(tmp_path / "faulty") if "loss" in r] == list(range(6))
+    straight, faulty = (torch.load(tmp_path / f"{name}/params_rank0.pt") for name in ("straight", "faulty"))
+    assert max_abs_diff(straight, faulty) == 0
 
 
 def nan_on_calls(monkeypatch, calls):

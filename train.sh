@@ -2,7 +2,7 @@
 # The paper's runs (He et al. 2026, Tables 1-3) as torchrun commands.
 #
 #   bash train.sh multi-8step                     # one node of 8 GPUs
-#   NODES=4 NODE_RANK=0 MASTER_ADDR=10.0.0.1 bash train.sh multi-8step   # on each of 4 nodes, NODE_RANK 0..3
+#   NODES=4 MASTER_ADDR=10.0.0.1 bash train.sh multi-8step   # the same line on each of 4 nodes (c10d rendezvous)
 #   bash train.sh hps-8step --lr=5e-6                  # extra --field=value overrides
 #
 # First, once, with internet: bash train.sh RUN --fetch (FLUX.1-dev's folders, the rewards and judges, HPDv2's
@@ -11,6 +11,9 @@
 # The paper trains one prompt group per GPU on 32 GPUs (Table 1; 16 for the ablations), so each iteration
 # averages 32 groups. With fewer GPUs each rank takes several groups (--groups_per_rank) to keep that batch:
 # the same update, proportionally more seconds per iteration.
+#
+# torchrun restarts every worker after a rank dies or hangs (MAX_RESTARTS, default 3); the same command then
+# continues from the latest checkpoint by itself (docs/cluster.md). A rerun of this script needs --resume.
 set -euo pipefail
 RUN=${1:?usage: bash train.sh RUN [--field=value ...]; RUN is one of the cases below}
 shift
@@ -40,11 +43,15 @@ BATCH=${BATCH:-32}  # prompt groups per iteration (paper: 32; ablations: 16)
 GROUPS_PER_RANK=$(( BATCH / (NODES * GPUS) ))
 (( GROUPS_PER_RANK >= 1 )) || { echo "BATCH=$BATCH is smaller than NODES*GPUS=$((NODES * GPUS))"; exit 2; }
 
-if (( NODES > 1 )); then
-  LAUNCH=(torchrun --nnodes="$NODES" --node_rank="${NODE_RANK:?}" --nproc_per_node="$GPUS"
-          --master_addr="${MASTER_ADDR:?}" --master_port="${MASTER_PORT:-29500}")
+RESTARTS=(--max_restarts="${MAX_RESTARTS:-3}")
+# a new TCPStore for each restart: a shared one keeps the dead round's keys, and across nodes the restart counts that
+# could tell the rounds apart differ (docs/cluster.md)
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+if (( NODES > 1 )); then  # c10d rendezvous (torchrun's docs): the node at MASTER_ADDR hosts it, ranks by arrival
+  LAUNCH=(torchrun --nnodes="$NODES" --nproc_per_node="$GPUS" --rdzv_backend=c10d
+          --rdzv_endpoint="${MASTER_ADDR:?}:${MASTER_PORT:-29500}" --rdzv_id="${RDZV_ID:-$RUN}" "${RESTARTS[@]}")
 else
-  LAUNCH=(torchrun --standalone --nproc_per_node="$GPUS")
+  LAUNCH=(torchrun --standalone --nproc_per_node="$GPUS" "${RESTARTS[@]}")
 fi
 exec "${LAUNCH[@]}" "${SCRIPT:-neighbor_grpo.py}" --preset=flux-dev --groups_per_rank="$GROUPS_PER_RANK" \
   --out_dir="runs/$RUN" "${ARGS[@]}" "$@"
