@@ -384,6 +384,8 @@ def meta_transformer(cfg, sizes, dtype):
     if cfg.lora_rank:
         with torch.device("meta"):
             models.add_lora(model, cfg, dtype)
+    if cfg.fp8:  # as on the GPU it prices: torchao's size rule
+        models.convert_fp8(model, torch.device("cuda"))
     return model
 
 
