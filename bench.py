@@ -767,7 +767,8 @@ def main(argv):
 
 
 def run(opts, cfg):
-    if opts["meta"]:
+    if opts["meta"]:  # update_batch_size=auto: no GPU's memory to fit here, so an optimizer step's transitions
+        cfg.update_batch_size = cfg.update_batch_size or models.auto_update_batch(cfg, torch.device("cpu"), 1)
         return meta(opts, cfg)
     if opts["sweep"]:
         return sweep(opts, cfg)

@@ -401,7 +401,7 @@ def transition_velocities(transformer, terms, grid, dtype):
 
 @torch.no_grad()
 def old_anchors(transformer, group, grid, cfg, dtype):
-    """pi_old's anchors in the update's precision (fp8="rollout": the rollout's FP8 ones would clip every ratio):
+    """pi_old's anchors in the update's precision (fp8="rollout": the rollout's FP8 ones put rho past the 1e-4 clip):
     theta_old's one-step DDIM prediction from X[j, k] recomputed for the B x K trained (j, k), batched as the update."""
     terms = [(group, j, k) for j, steps in zip(group.anchors, group.steps) for k in steps]
     with update_numerics(cfg.fp8):
