@@ -385,6 +385,8 @@ def meta_transformer(cfg, sizes, dtype):
     if cfg.lora_rank:
         with torch.device("meta"):
             models.add_lora(model, cfg, dtype)
+    if cfg.fp8:  # as on the GPU it prices: torchao's size rule
+        models.convert_fp8(model, torch.device("cuda"))
     return model
 
 
@@ -762,7 +764,8 @@ def main(argv):
 
 
 def run(opts, cfg):
-    if opts["meta"]:
+    if opts["meta"]:  # update_batch_size=auto: no GPU's memory to fit here, so an optimizer step's transitions
+        cfg.update_batch_size = cfg.update_batch_size or models.auto_update_batch(cfg, torch.device("cpu"), 1)
         return meta(opts, cfg)
     if opts["sweep"]:
         return sweep(opts, cfg)

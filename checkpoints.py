@@ -3,7 +3,7 @@ What a run survives, beside neighbor_grpo.py's loop: resumable checkpoints (torc
 trains and AdamW's state, written in the background, the transformer or adapter exported in diffusers' format beside
 it) every ckpt_every iterations or ckpt_minutes, the guard's best model, the checks before a resume, preemption
 (SIGTERM, SIGUSR1), torchrun's restarts (continued from the latest checkpoint) and a hung rank (the steady-state
-collective timeout). The two collectives they need live here too; neighbor_grpo.py imports them. Rank 0 writes the
+collective timeout). The loop's small collectives live here too; neighbor_grpo.py imports them. Rank 0 writes the
 files every rank shares; each rank writes its own shards. What survives what: docs/cluster.md.
 """
 
@@ -41,6 +41,15 @@ def all_gather_objects(obj, world):
     out = [None] * world
     dist.all_gather_object(out, obj)
     return out
+
+
+def all_mean(values, world, device):
+    """The mean over ranks of a dict of floats."""
+    if world == 1:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(values, (t / world).tolist()))
 
 
 def barrier(world):

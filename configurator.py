@@ -30,8 +30,9 @@ def convert(name, text, annotation):
         raise ConfigError(f"--{name}={text}: expected {getattr(annotation, '__name__', annotation)}") from None
 
 
-def configure(argv, config, presets, aliases=None):
-    """config(**presets[NAME]) with the overrides of argv (a bare --flag sets a bool to true; aliases: older names)."""
+def configure(argv, config, presets, aliases=None, auto=()):
+    """config(**presets[NAME]) with the overrides of argv (a bare --flag sets a bool to true; aliases: older names;
+    auto: int fields whose --field=auto sets 0, a value the program decides)."""
     fields, aliases, overrides = {f.name: f for f in dataclasses.fields(config)}, aliases or {}, {}
     for arg in argv:
         if arg in ("-h", "--help"):  # grouped: the method's Config, then the engineering, then a script's own
@@ -52,5 +53,5 @@ def configure(argv, config, presets, aliases=None):
         raise ConfigError(f"--preset={preset}: unknown preset; use one of {', '.join(presets)}")
     cfg = config(**presets[preset])
     for key, value in overrides.items():
-        setattr(cfg, key, convert(key, value, fields[key].type))
+        setattr(cfg, key, 0 if key in auto and value == "auto" else convert(key, value, fields[key].type))
     return cfg

@@ -42,6 +42,10 @@ from rewards import tokenizer_is_empty
 
 # bitsandbytes (which diffusers imports when it is installed) warns on every CPU that an optional hub kernel is absent
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# transformers and diffusers import torchao when it is installed (fp8): diffusers' quantizer (unused) looks for classes
+# torchao 0.18 moved, and torch warns of the enums torchao registers for torch.compile; both say so on every run
+logging.getLogger("diffusers.quantizers.torchao.torchao_quantizer").setLevel(logging.ERROR)
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 FAMILIES = ("flux", "sd3", "qwen_image")  # a new family: its module's name here
 
@@ -281,6 +285,8 @@ def load_pipeline(cfg, device, dtype, meta=False, inference=False):
         quantize_base(pipe.transformer, dtype, device)
     if cfg.lora_rank:
         add_lora(pipe.transformer, cfg, dtype)
+    if cfg.fp8:  # after add_lora: the frozen base's layers convert, the adapters stay in their dtype
+        convert_fp8(pipe.transformer, device)
     freeze_unreachable(pipe.transformer)
     pipe.set_progress_bar_config(disable=True)
     for m in (pipe.vae, *text_encoders(pipe)):
@@ -506,6 +512,113 @@ def check_compiler(cfg, device):
 
 
 # -----------------------------------------------------------------------------
+# FP8 matmuls (fp8): torchao's float8 training linears, rowwise scales, in the transformer's blocks (docs/fp8.md)
+
+FP8_MODES = ("", "rollout", "all")  # off; the calls without gradient (rollout, evaluation); every call
+_FP8_ON = True  # whether converted layers compute in FP8 now; update_numerics turns it off for fp8="rollout"
+
+
+def fp8_layer(module, name, device):
+    """Whether an nn.Linear of the transformer computes in FP8: a linear of a block (attention, MLP), not its
+    modulation (norm*.linear: a [batch, D] input, memory-bound), not the embedders or proj_out / norm_out outside the
+    blocks, not a LoRA adapter; on a GPU, torchao's size rule for rowwise scaling (_auto_filter_for_recipe: both dims
+    multiples of 16, N > 2048, K > 1024, not N <= 4096 with K <= 2048, below which FP8 was slower on an H100). On a CPU
+    FP8 is emulated and never faster: every block linear with dims in multiples of 16 converts, so that the tests and
+    the digits study run the numerics at their widest."""
+    from torchao.float8 import _auto_filter_for_recipe
+
+    in_blocks = name.startswith(("transformer_blocks.", "single_transformer_blocks."))
+    if not in_blocks or ".norm" in name or "lora_" in name:
+        return False
+    if device.type == "cuda":
+        return _auto_filter_for_recipe("rowwise", [])(module, name)
+    return module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+
+def convert_fp8(transformer, device):
+    """fp8: the transformer's block linears (fp8_layer) become torchao Float8Linears with rowwise dynamic scales:
+    input, weight and gradients cast to float8_e4m3 per row, scales a power of 2, the product in the input's dtype. Each
+    token's input scale is its own row's, so a sample's output does not depend on what it is batched with: the rollout
+    and the update compute theta_old's prediction alike (the ratio's round-off). Weights stay as they are (fp32 master,
+    or LoRA's bf16 base), cast per call, no copy kept; FSDP2 all-gathers them in the compute dtype (torchao's FP8
+    all-gather takes tensorwise scales only: a whole batch's). update_numerics switches them to high precision."""
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    convert_to_float8_training(transformer, module_filter_fn=lambda m, name: fp8_layer(m, name, device),
+                               config=Float8LinearConfig.from_recipe_name("rowwise"))
+    for m in transformer.modules():
+        if type(m).__name__ == "Float8Linear":
+            m.__class__ = switchable_float8_linear()  # the same module and weights, with a high-precision path
+    return transformer
+
+
+@functools.cache
+def switchable_float8_linear():
+    import types
+
+    from torchao.float8.float8_linear import Float8Linear, matmul_with_hp_or_float8_args as fp8_matmul
+    from torchao.float8.float8_scaling_utils import get_maybe_axiswise_dim, hp_tensor_to_float8_dynamic
+    from torchao.float8.float8_training_tensor import GemmInputRole
+
+    def cast(t, cast_config, mm_config, role, dim, round_scales):
+        return hp_tensor_to_float8_dynamic(t, cast_config.target_dtype, mm_config, gemm_input_role=role,
+                                           scaling_granularity=cast_config.scaling_granularity,
+                                           axiswise_dim=get_maybe_axiswise_dim(dim, cast_config.scaling_granularity),
+                                           round_scales_to_power_of_2=round_scales)
+
+    @torch._dynamo.allow_in_graph
+    class FrozenWeightMatmul(torch.autograd.Function):
+        """torchao's FP8 matmul for a weight that does not train (LoRA's base): its forward, and of its backward only
+        the input's gradient. torchao's keeps every input and computes the weight's gradient regardless (at
+        FLUX.1-dev's size with LoRA, bench.py --meta: +40 % of the update's FLOPs, +10.6 GiB of activations)."""
+
+        @staticmethod
+        def forward(ctx, x, weight_t, mm_config, config):
+            ctx.save_for_backward(weight_t)
+            ctx.mm_config, ctx.config = mm_config, config
+            return fp8_matmul.forward(types.SimpleNamespace(save_for_backward=lambda *a: None), x, weight_t,
+                                      mm_config, config)
+
+        @staticmethod
+        def backward(ctx, grad_output):  # the first half of torchao's backward, as written there
+            (weight_t,), c, shape = ctx.saved_tensors, ctx.config, grad_output.shape
+            g = cast(grad_output.reshape(-1, shape[-1]), c.cast_config_grad_output, ctx.mm_config,
+                     GemmInputRole.GRAD_OUTPUT, -1, c.round_scales_to_power_of_2)
+            w = cast(weight_t, c.cast_config_weight_for_grad_input, ctx.mm_config, GemmInputRole.WEIGHT, -1,
+                     c.round_scales_to_power_of_2)
+            return torch.mm(g, w.t()).reshape(*shape[:-1], -1), None, None, None
+
+    class SwitchableFloat8Linear(Float8Linear):
+        """torchao's Float8Linear, or plain nn.Linear's matmul while update_numerics says so (the same weights); a
+        frozen weight's backward computes the input's gradient alone, as nn.Linear's does."""
+
+        def forward(self, x):
+            if not _FP8_ON:
+                return torch.nn.functional.linear(x, self.weight, self.bias)
+            if torch.is_autocast_enabled(x.device.type):  # torchao follows CUDA's autocast only; a CPU's alike
+                x = x.to(torch.get_autocast_dtype(x.device.type))
+            if self.weight.requires_grad:
+                return super().forward(x)
+            out = FrozenWeightMatmul.apply(x, self.weight.t(), self.linear_mm_config, self.config)
+            return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    return SwitchableFloat8Linear
+
+
+@contextlib.contextmanager
+def update_numerics(fp8):
+    """The update's arithmetic: fp8="rollout" computes it (and pi_old's anchor, neighbor_grpo.old_anchors) in the
+    compute dtype, FP8 left to the calls without gradient; "all" and "" change nothing. A compiled block guards on the
+    flag: one more variant of each."""
+    global _FP8_ON
+    before, _FP8_ON = _FP8_ON, fp8 != "rollout"
+    try:
+        yield
+    finally:
+        _FP8_ON = before
+
+
+# -----------------------------------------------------------------------------
 # What the loop calls, forwarded to the family
 
 
@@ -562,6 +675,23 @@ def check_memory(cfg, device, world, rank, presets):
         offers[f"--preset={p}"] = (dataclasses.replace(cfg, **presets[p]), 1)
     offers["torchrun over 8 GPUs"] = (dataclasses.replace(cfg, **presets["flux-dev"]), 8)
     return memory_fits(cfg, world, capacity, offers, rank, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def auto_update_batch(cfg, device, world):
+    """update_batch_size=auto: the largest divisor of an optimizer step's transitions whose predicted peak fits this
+    GPU's usable memory (preflight.largest_update_batch; the least free memory of the world's ranks); on a CPU, where
+    nothing is checked, all of them in one call."""
+    import preflight
+
+    fam, capacity = family(cfg.model_path), device_memory(device, world)
+    if capacity is None:
+        return preflight.largest_update_batch(cfg, None, None, world, None, False)
+    if fam.NAME != "FLUX":
+        raise ModelError(f"update_batch_size=auto: preflight.py prices FLUX only; set a number for {fam.NAME} "
+                         "(python bench.py --meta prices it)")
+    sizes = fam.model_sizes(cfg.model_path)
+    return preflight.largest_update_batch(cfg, sizes, fam.transformer_config(**sizes), world, capacity,
+                                          sizes is fam.FLUX_DEV)
 
 
 def memory_fits(cfg, world, capacity, offers, rank, ranks_per_node):

@@ -9,13 +9,10 @@ SD3.5 and Qwen-Image through the same loop.
     torchrun --nproc_per_node=8 neighbor_grpo.py     # FLUX.1-dev, the paper's 8-step DPM++ setting
     python neighbor_grpo.py --help                   # every field with its default and where it comes from
 
-Any field can be set as --field=value. The file reads top to bottom like the method: its Config -> time grid and
-solvers -> the noise neighborhood -> advantages -> the surrogate and clipped objective -> the policy update and one
-iteration -> the DDP/FSDP2 loop; then the machinery a reader can skip: SystemConfig (the engineering fields),
-validation, evaluation, build, main ("eq. N", "Alg. 1": the paper's). Beside it: models.py (loading, LoRA, NF4; a
-family a module: flux.py, sd3.py, qwen_image.py), rewards.py, report.py, checkpoints.py (checkpoints, resume,
-preemption), guard.py (the guard against reward hacking), configurator.py (the command line), fetch.py (every
-download), preflight.py (whether it fits), sde_grpo.py, evaluate.py.
+Any field can be set as --field=value. The file reads top to bottom like the method: its Config, time grid and
+solvers, the noise neighborhood, advantages, the surrogate and clipped objective, the policy update and one iteration,
+the DDP/FSDP2 loop; then the machinery a reader can skip (SystemConfig's engineering fields, validation, evaluation,
+build, main). "eq. N", "Alg. 1": the paper's. Each file beside it has one job (README's table).
 """
 
 import contextlib
@@ -41,13 +38,14 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fetch
-from checkpoints import (CheckpointError, Checkpointer, Preemption, all_gather_objects, barrier, export_best,
+from checkpoints import (CheckpointError, Checkpointer, Preemption, all_gather_objects, all_mean, barrier, export_best,
                          init_process_group, restore, resume_state, steady_timeout)
 from configurator import ConfigError, configure
 from guard import guard
-from models import (ATTENTION_BACKENDS, ModelError, adapters_off, blocks, check_compiler, check_memory, decode_images,
-                    draw_noise, encode_prompt, export_model, load_pipeline, prepare_blocks, presets as family_presets,
-                    schedule, set_attention, stack_conditions, text_encoders, velocity)
+from models import (ATTENTION_BACKENDS, FP8_MODES, ModelError, adapters_off, auto_update_batch, blocks, check_compiler,
+                    check_memory, decode_images, draw_noise, encode_prompt, export_model, load_pipeline, prepare_blocks,
+                    presets as family_presets, schedule, set_attention, stack_conditions, text_encoders,
+                    update_numerics, velocity)
 from report import RunLog, Stopwatch, progress, save_grid, write_evaluation
 from rewards import RewardError, load_reward, reward_config_problems, score
 
@@ -398,6 +396,18 @@ def transition_velocities(transformer, terms, grid, dtype):
     return x, velocity(transformer, x, [grid[k] for _, _, k in terms], cond, dtype)
 
 
+@torch.no_grad()
+def old_anchors(transformer, group, grid, cfg, dtype):
+    """pi_old's anchors in the update's precision (fp8="rollout": the rollout's FP8 ones put rho past the 1e-4 clip):
+    theta_old's one-step DDIM prediction from X[j, k] recomputed for the B x K trained (j, k), batched as the update."""
+    terms = [(group, j, k) for j, steps in zip(group.anchors, group.steps) for k in steps]
+    with update_numerics(cfg.fp8):
+        for call in batches(terms, cfg.update_batch_size):
+            x, v = transition_velocities(transformer, call, grid, dtype)
+            for (_, j, k), x_jk, v_jk in zip(call, x, v):
+                group.old_next[j, k] = euler_step(x_jk, v_jk, grid[k], grid[k + 1])
+
+
 def transitions_loss(model, method, terms, grid, cfg, dtype, reference):
     """The loss kl_coef * kl - J of each transition in terms, from one transformer call with gradient (and, with
     kl_coef, one of the reference without), with its clip fraction, |log rho| and kl [n]."""
@@ -424,7 +434,7 @@ def step_gradient(model, method, terms, grid, cfg, dtype, reference=None):
     model.zero_grad(set_to_none=True)
     calls, out = batches(terms, cfg.update_batch_size), []
     for n, call in enumerate(calls):
-        with gradient_sync(model, sync=n == len(calls) - 1):
+        with gradient_sync(model, sync=n == len(calls) - 1), update_numerics(cfg.fp8):  # fp8="rollout": not FP8
             loss, *logs = transitions_loss(model, method, call, grid, cfg, dtype, reference)
             loss = loss / len(terms)
             loss.sum().backward()
@@ -483,6 +493,9 @@ def make_group(run, cfg, prompt, gen, lap=lambda phase: None):
     rewards = score_samples(run.pipe, run.reward_fns, states[:, -1], prompt, cfg, run.device)
     group = run.method.group(prompt, cond, states, old, rewards, run.weights, cfg, gen)
     lap("reward")
+    if cfg.fp8 == "rollout" and cfg.old_anchor == "train_solver":  # the rollout's anchors were FP8, the update's not
+        old_anchors(run.pipe.transformer, group, run.grid, cfg, run.dtype)
+        lap("old_anchors")
     return group
 
 
@@ -607,15 +620,6 @@ def shard(model, mesh, dtype):
     fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
-def all_mean(values, world, device):
-    """The mean over ranks of a dict of floats."""
-    if world == 1:
-        return values
-    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return dict(zip(values, (t / world).tolist()))
-
-
 def batches(items, n):
     """items in consecutive lists of at most n."""
     return [items[b: b + n] for b in range(0, len(items), n)]
@@ -639,7 +643,8 @@ class SystemConfig(Config):
     compile: bool = False  # torch.compile each transformer block; the first iteration pays ~1.5 min (docs/cost.md)
     grad_checkpointing: bool = True  # recompute each transformer block in the backward pass
     rollout_batch_size: int = 12  # candidates per transformer call during the rollout
-    update_batch_size: int = 4  # transitions per transformer call in the update: an anchor's K in one (docs/cost.md)
+    update_batch_size: int = 4  # transitions per transformer call in the update (docs/cost.md); auto (0): what fits
+    fp8: str = ""  # FP8 block matmuls (torchao, rowwise): "rollout" (no-grad calls), "all" (docs/fp8.md); "" = off
     # LoRA: low-rank adapters on a frozen base, for one GPU (DanceGRPO's and Flow-GRPO's LoRA scripts)
     lora_rank: int = 0  # 0 = full fine-tuning (the paper); r > 0 = peft LoRA of rank r (Flow-GRPO: 64)
     lora_alpha: float = 128.0  # adapters scale by alpha / r (Flow-GRPO: 128 at r = 64; DanceGRPO: 256 at 128)
@@ -698,7 +703,7 @@ class TrainingError(RuntimeError):
 
 def parse_config(argv, config=SystemConfig, presets=PRESETS):
     """--preset=NAME first, then --field=value overrides (configurator.py), then validated."""
-    cfg = configure(argv, config, presets, ALIASES)
+    cfg = configure(argv, config, presets, ALIASES, auto=("update_batch_size",))  # --field=auto: 0, build() decides
     validate(cfg)
     return cfg
 
@@ -745,14 +750,18 @@ def validate(cfg):
         (not cfg.wandb_project or importlib.util.find_spec("wandb"),
          f"wandb_project={cfg.wandb_project}: needs the wandb package (not a requirement): pip install wandb"),
         (not (cfg.resume and cfg.overwrite), "resume and overwrite: pick one; --resume continues the run in out_dir"),
-        (min(cfg.groups_per_rank, cfg.rollout_batch_size, cfg.update_batch_size, cfg.reward_batch_size,
+        (min(cfg.groups_per_rank, cfg.rollout_batch_size, cfg.update_batch_size + 1, cfg.reward_batch_size,
              cfg.eval_batch_size) >= 1,
-         "groups_per_rank, rollout_batch_size, update_batch_size, reward_batch_size and eval_batch_size must be >= 1"),
+         "groups_per_rank, rollout_batch_size, reward_batch_size and eval_batch_size must be >= 1, update_batch_size "
+         ">= 1 or auto"),
         (cfg.sample_every >= 0 and cfg.num_samples >= 1, "sample_every must be >= 0 (0 = never) and num_samples >= 1"),
         (cfg.lora_rank >= 0, f"lora_rank={cfg.lora_rank}: must be >= 0 (0 = full fine-tuning; Flow-GRPO uses 64)"),
         (cfg.lora_alpha > 0, f"lora_alpha={cfg.lora_alpha}: must be > 0; use 2 * lora_rank (Flow-GRPO)"),
         (not cfg.lora_rank or cfg.lora_targets, "lora_targets: name at least one module, e.g. --lora_targets=to_q,to_v"),
         (cfg.base_quantization in ("", "nf4"), f"base_quantization={cfg.base_quantization}: use nf4 or '' (bf16)"),
+        (cfg.fp8 in FP8_MODES, f"fp8={cfg.fp8}: use rollout, all, or '' (off)"),
+        (not (cfg.fp8 and cfg.base_quantization), f"fp8={cfg.fp8} and base_quantization=nf4: drop one"),
+        (not cfg.fp8 or importlib.util.find_spec("torchao"), "fp8 needs torchao: pip install -r requirements.txt"),
         (not cfg.base_quantization or cfg.lora_rank and cfg.parallel == "ddp" and not cfg.export_merged,
          "base_quantization=nf4: a 4-bit base only carries LoRA adapters: add --lora_rank=64 --parallel=ddp (and "
          "merge an adapter onto the bf16 base, not with --export_merged)"),
@@ -826,7 +835,7 @@ def eval_subset(prompts, size):
     return [prompts[i * len(prompts) // size] for i in range(size)]
 
 
-def eval_grid(pipe, cfg):
+def eval_grid(pipe, cfg):  # the pipeline's own grid, no training shift, eval_steps steps: the same for any method
     return pipeline_grid(pipe, cfg, cfg.eval_steps or cfg.num_steps, shift=0.0)
 
 
@@ -923,6 +932,7 @@ def build(cfg, method=NEIGHBOR):
     rank, world, device = setup_distributed(cfg)
     check_compiler(cfg, device)  # compile=true: a C compiler, before minutes of loading
     dtype = compute_dtype(cfg)
+    cfg.update_batch_size = cfg.update_batch_size or auto_update_batch(cfg, device, world)  # auto: what fits here
     require([check_memory(cfg, device, world, rank, PRESETS)])  # preflight.py, before any weight loads
     resume_from = resume_state(cfg, Path(cfg.out_dir), rank, world)
     fetch.require_downloads(cfg)  # every download here, or (offline) all missing ones named at once

@@ -5,6 +5,7 @@ largest phase 1 % apart at FLUX.1-dev's size, and test_bench.py holds them toget
 checkpoint's bytes on disk, and whether a checkpoint's files are whole. Imports nothing of ours.
 """
 
+import dataclasses
 import functools
 import json
 import math
@@ -76,6 +77,17 @@ def update_batch(cfg):
     return min(cfg.update_batch_size, cfg.groups_per_rank * cfg.num_train_steps)
 
 
+def largest_update_batch(cfg, sizes, config, world, capacity, real_models):
+    """update_batch_size=auto: the largest divisor of an optimizer step's transitions (groups_per_rank * K: calls of
+    one size) whose predicted peak per rank (gpu_phases) fits capacity bytes; capacity None (a CPU): all of them."""
+    n = cfg.groups_per_rank * cfg.num_train_steps
+    for batch in [b for b in range(n, 0, -1) if n % b == 0]:
+        c = dataclasses.replace(cfg, update_batch_size=batch)
+        if capacity is None or max(gpu_phases(c, sizes, config, world, real_models).values()) <= capacity:
+            return batch
+    return 1
+
+
 def image_tokens(cfg, sizes):
     """Packed latent tokens of one image at cfg.resolution: the VAE's downsampling, then FLUX's 2x2 patches."""
     return (cfg.resolution // 2 ** (len(sizes["vae_channels"]) - 1) // 2) ** 2
@@ -111,6 +123,19 @@ def decode_bytes(batch, resolution, half, sizes):
     return 3.12 * GIB * batch / 4 * (resolution / 720) ** 2 * half / 2 * sizes["vae_channels"][0] / 128
 
 
+def fp8_bytes(cfg, tokens, D, linears, phase):
+    """What fp8's casts add to the rollout's or the update's peak (models.convert_fp8; the update only with "all"):
+    torchao casts per call, one layer at a time, keeping what nn.Linear keeps: in the forward the widest input (the
+    single blocks' proj_out: 5D a token) and a weight; in the backward the MLP's 4D gradient twice (rowwise along each
+    dim) and its D input, and two weights. An FP8 byte an element compiled (fused); eager, each cast also holds the
+    fp32 copy and its scaled product: 8 bytes (bench.py --meta, eager: +3.2 GiB at the rollout's 12 x 2537 tokens)."""
+    if not cfg.fp8 or phase == "update" and cfg.fp8 != "all":
+        return 0
+    per = 1 if cfg.compile else 8
+    forward = per * (tokens * 5 * D + max(linears))
+    return forward if phase == "rollout" else max(forward, per * (tokens * 9 * D + 2 * max(linears)))
+
+
 def gpu_phases(cfg, sizes, config, world, real_models, adamw="fused"):
     """Predicted peak bytes per rank of each phase (start-up, rollout, rewards, update, evaluation), as bench.py
     --meta's memory_phases measures them: the transformer's weights, gradients and AdamW state counted exactly; its
@@ -130,7 +155,7 @@ def gpu_phases(cfg, sizes, config, world, real_models, adamw="fused"):
     # checkpointed: each block's input kept, one block's forward and backward live; else the hidden states a block
     # keeps for its backward: 17 eager, 13 compiled (fused elementwise ops), as an H200 measured them at 720²
     kept = (blocks + 30) if cfg.grad_checkpointing else (13 if cfg.compile else 17) * blocks
-    work = kept * tokens(ub) + 0.27 * GIB * (D / 3072) ** 2
+    work = kept * tokens(ub) + 0.27 * GIB * (D / 3072) ** 2 + fp8_bytes(cfg, ub * (L + S), D, linears, "update")
     if cfg.lora_rank:
         rest = half * n - (2 * sum(linears) - nf4_bytes(linears) if cfg.base_quantization else 0) + 12 * adapters
         grads, gathered = 4 * adapters, (2 * max(linears) if cfg.base_quantization else 0)  # NF4: one dequantized
@@ -144,6 +169,7 @@ def gpu_phases(cfg, sizes, config, world, real_models, adamw="fused"):
             rest += half * n / shards  # like the model under FSDP; LoRA's is its adapters switched off, no copy
     update = rest + grads + inputs + max(gathered + work, step)  # the step runs after the backward has let go
     rollout = rest + inputs + rolled + 13 * tokens(min(cfg.rollout_batch_size, G))
+    rollout += fp8_bytes(cfg, min(cfg.rollout_batch_size, G) * (L + S), D, linears, "rollout")
     vae = decode_bytes(cfg.reward_batch_size, cfg.resolution, half, sizes)
     resident = half * VAE["flux"] if real_models or sizes["vae_channels"][0] == 128 else 0  # FLUX.1-dev's VAE
     encoders, rewards, guards = 0, [], []

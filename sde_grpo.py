@@ -47,6 +47,8 @@ def parse_config(argv):
         (K <= T - 1, f"num_train_steps={K}: the SDE baseline never trains the step into t = 0, need K <= num_steps - 1 "
                      f"= {T - 1}"),
         (cfg.sde_eta > 0, f"sde_eta={cfg.sde_eta}: must be > 0; use 0.3 (DanceGRPO)"),
+        (cfg.fp8 != "rollout", "fp8=rollout: the SDE baseline's pi_old is its FP8 rollout's, the update's would not be; "
+                               "use --fp8=all"),
         (cfg.sde_samples_per_step >= 1,
          f"sde_samples_per_step={cfg.sde_samples_per_step}: must be >= 1; use 12 (DanceGRPO) or 1 (a step a sample)")])
     return cfg

@@ -368,7 +368,9 @@ def test_inference_sampler_is_flux_pipeline_sampling(tiny_pipe):
     (["--num_anchor=4"], "num_anchors"),
     (["--preset=huge"], "preset"),
     (["--prompt_file=/nonexistent/prompts.txt"], "prompt_file"),
-    (["--update_batch_size=0"], "update_batch_size"),
+    (["--update_batch_size=-1"], "update_batch_size"),  # 0 is auto
+    (["--fp8=half"], "fp8"),
+    (["--lora_rank=4", "--base_quantization=nf4", "--fp8=rollout"], "fp8"),
     (["--rewards=brightness", "--guard_rewards=brightness,jpeg_incompressibility"], "guard_rewards"),
     (["--guard_rewards=brightness", "--eval_every=0"], "guard_rewards"),
     (["--guard_rewards=realism"], "guard_rewards"),
