@@ -87,6 +87,21 @@ def gemm_rate(device):
     return 2 * n**3 / bench.timed(lambda: a @ b, device, repeats)
 
 
+def fp8_gemm_rate(device):
+    """FLOP/s of a large rowwise-scaled FP8 matmul (torch._scaled_mm, e4m3, bf16 out: what --fp8's Float8Linear runs),
+    the second MFU denominator; None where the GPU has no FP8 matmul (before Hopper / Ada) or on a CPU."""
+    if device.type != "cuda":
+        return None
+    n, fp8 = 8192, torch.float8_e4m3fn
+    a, b = (torch.randn(n, n, device=device).to(fp8) for _ in range(2))
+    scale_a, scale_b = torch.ones(n, 1, device=device), torch.ones(1, n, device=device)
+    try:
+        return 2 * n**3 / bench.timed(lambda: torch._scaled_mm(a, b.t(), scale_a, scale_b, out_dtype=torch.bfloat16),
+                                      device, 20)
+    except RuntimeError:  # no FP8 tensor cores here
+        return None
+
+
 def check_bf16(device):
     a, b = (torch.randn(512, 512, generator=torch.Generator().manual_seed(i)).to(device) for i in (0, 1))
     exact = a.double() @ b.double()
@@ -166,6 +181,7 @@ def check_kernels(spec, device, found):
                  torch=torch.__version__, cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
                  diffusers=diffusers.__version__, bitsandbytes=bitsandbytes.__version__)
     found["gemm_tflops"] = gemm_rate(device) * 1e-12
+    found["fp8_gemm_tflops"] = (fp8_gemm_rate(device) or 0) * 1e-12 or None
     for name, check in (("bf16 matmul", check_bf16), ("collectives", check_collectives),
                         ("training's attention kernel", lambda d: {"by attention_backend": training_attention(d)}),
                         ("bitsandbytes NF4", check_nf4)):
@@ -339,7 +355,7 @@ def check_iterations(spec, device, found):
     found.update(s_per_iteration=timings["total"], phases_s={k: v for k, v in timings.items() if k != "total"},
                  first_iteration_s=seconds[0], compile_s=seconds[0] - seconds[-1] if cfg.compile and len(seconds) > 1
                  else None, peak_gib=peak, abs_log_ratio=stats["first_anchor_abs_log_ratio"],
-                 grad_norm=stats["grad_norm"], finite=math.isfinite(stats["loss"]) and not stats["skipped_steps"],
+                 clip_frac=stats["clip_frac"], grad_norm=stats["grad_norm"], finite=math.isfinite(stats["loss"]) and not stats["skipped_steps"],
                  GTBK=f"{cfg.group_size}, {cfg.num_steps}, {bench.trained_per_group(cfg)}, {cfg.num_train_steps}")
     if cfg.compile:  # every batch size the run met by now: the static set prepare_blocks names
         found.update(compiled_variants=models.compiled_variants(s.model))
@@ -426,10 +442,14 @@ LEVERS = (  # the LoRA recipe's settings, each adding a lever to the one before 
     ("lora-compiled", "LoRA, + compiled blocks", {**EAGER, "attention_backend": "cudnn_forward", "compile": True}),
     ("lora-no-checkpointing", "LoRA, + no checkpointing", dict(compile=True, attention_backend="cudnn_forward",
                                                               grad_checkpointing=False, update_batch_size=0)))
+FP8 = (  # the preset as it ships at 19 + 38 blocks, + FP8 block matmuls (docs/fp8.md): its speed and its clip fraction
+    ("lora-fp8-rollout", "flux-dev-lora + fp8=rollout", dict(fp8="rollout")),
+    ("lora-fp8-all", "flux-dev-lora + fp8=all", dict(fp8="all")))
 ORDER = ("kernels", "preset", "attention-flash", "attention-efficient", "attention-cudnn", "gradient", "nf4-lora",
          "full", "sde", "lora-eager")  # the default run: what a user must know first, first
-STUDIES = ("lora-cudnn-forward", "lora-compiled", "lora-no-checkpointing", "profile", "flops")  # --only=...: a second
-# run, the levers one by one, the eager iteration's top kernels, its FLOPs counted beside --meta's
+STUDIES = ("lora-cudnn-forward", "lora-compiled", "lora-no-checkpointing", "lora-fp8-rollout", "lora-fp8-all",
+           "profile", "flops")  # --only=...: a second run, the levers one by one, FP8, the eager iteration's top kernels,
+# its FLOPs counted beside --meta's
 ESTIMATES = {  # seconds on an H200 from a cold process (~20 s: Python, torch, a random model), from docs/cost.md's
     "kernels": 25,  # an 8192³ bf16 matmul rate, NF4 at 4096 rows with its backward, one all-reduce, SDPA's choice
     "preset": 175,  # 19 + 38 blocks: 25 s to build; the sample grid's and evaluation's variants compiled and run, ~45;
@@ -441,6 +461,7 @@ ESTIMATES = {  # seconds on an H200 from a cold process (~20 s: Python, torch, a
     "sde": 65,  # 6 + 12 blocks: its transformer calls once, then an iteration of ~35 s (5.3x full's: Table 3)
     "lora-eager": 30,  # 6 + 12 blocks: two eager iterations of ~5 s
     "lora-cudnn-forward": 30, "lora-compiled": 120, "lora-no-checkpointing": 120,  # compiled: ~90 s at any depth
+    "lora-fp8-rollout": 130, "lora-fp8-all": 130,  # 19 + 38 blocks compiled, FP8's casts compiled too (not measured)
     "profile": 35, "flops": 60}  # one eager iteration profiled; one counted, and --meta's count on fake tensors
 NOT_SELECTED = "not selected (the default run, or --only)"
 H200 = 139.8 * 2**30  # docs/cost.md's card: what --plan plans for where there is no GPU
@@ -520,6 +541,7 @@ def plan(device, capacity, opts):
         if not fields["update_batch_size"]:
             fields = {**fields, "update_batch_size": memory_batch(fields, capacity) if gpu else 2}
         checks.append(timed_check(name, label, "lora", fields, device, capacity, most))
+    checks += [timed_check(name, label, "lora", fields, device, capacity, "19,38") for name, label, fields in FP8]
     checks += [timed_check("profile", "LoRA r=64, eager, profiled", "lora", EAGER, device, capacity, most,
                            iterations=1, profile=str(out / "profile_eager.txt")),
                timed_check("flops", "LoRA r=64, eager, FLOPs counted", "lora", EAGER, device, capacity, most,
@@ -711,13 +733,14 @@ def timed_runs(report):
 def summarise(report):
     """MFU, each run's correctness, attention's verdicts, the fastest correct LoRA setting, Table 3's ratio."""
     kernels = report["checks"].get("kernels", {})
-    rate = kernels.get("gemm_tflops")
+    rate, fp8 = kernels.get("gemm_tflops"), kernels.get("fp8_gemm_tflops")
     sheet = next((v for k, v in BF16_TFLOPS.items() if k in (report.get("device") or "")), None)
     for run in timed_runs(report).values():
         tflop = run.get("tflop_counted") or run.get("tflop_meta")
         run["tflop_per_s"] = tflop and tflop / run["s_per_iteration"]
         run["mfu"] = rate and run["tflop_per_s"] and run["tflop_per_s"] / rate
         run["mfu_sheet"] = sheet and run["tflop_per_s"] and run["tflop_per_s"] / sheet
+        run["mfu_fp8"] = fp8 and run["tflop_per_s"] and run["tflop_per_s"] / fp8  # FP8's tensor-core rate
         run["count_vs_meta"] = run.get("tflop_counted") and run.get("tflop_meta") and (
             run["tflop_counted"] / run["tflop_meta"])
         why = [w for w, bad in (("not finite", not run["finite"]), (f"|log rho| over {MAX_LOG_RATIO:g}",
@@ -819,17 +842,17 @@ def runs_markdown(report):
     if not runs:
         return []
     lines = ["", "| timed iteration | G, T, B, K | s/iter | rollout | reward | update | first iter | TFLOP counted | "
-             "--meta | ratio | MFU (measured matmul) | MFU (sheet) | peak GiB | predicted GiB | preflight | "
-             f"\\|log ρ\\| (limit {MAX_LOG_RATIO:g}) | correct |", "| --- |" + " --- |" * 16]
+             "--meta | ratio | MFU (measured matmul) | MFU (FP8 matmul) | MFU (sheet) | peak GiB | predicted GiB | "
+             f"preflight | \\|log ρ\\| (limit {MAX_LOG_RATIO:g}) | clip fraction | correct |", "| --- |" + " --- |" * 18]
     for r in runs.values():
         p = r["phases_s"]
         lines.append(
             f"| {r['label']} | {r['GTBK']} | {r['s_per_iteration']:.2f} | {fmt(p.get('rollout'), '.2f')} | "
             f"{fmt(p.get('reward'), '.2f')} | {fmt(p.get('update'), '.2f')} | {r['first_iteration_s']:.2f} | "
             f"{fmt(r.get('tflop_counted'))} | {fmt(r.get('tflop_meta'))} | {fmt(r.get('count_vs_meta'), '.3f')} | "
-            f"{fmt(r.get('mfu'), '.1%')} | {fmt(r.get('mfu_sheet'), '.1%')} | {fmt(r['peak_gib'], '.1f')} | "
-            f"{fmt(r.get('predicted_gib'), '.1f')} | {r.get('preflight') or '-'} | {r['abs_log_ratio']:.1e} "
-            f"(margin {r['log_ratio_margin']:.1e}) | "
+            f"{fmt(r.get('mfu'), '.1%')} | {fmt(r.get('mfu_fp8'), '.1%')} | {fmt(r.get('mfu_sheet'), '.1%')} | "
+            f"{fmt(r['peak_gib'], '.1f')} | {fmt(r.get('predicted_gib'), '.1f')} | {r.get('preflight') or '-'} | "
+            f"{r['abs_log_ratio']:.1e} (margin {r['log_ratio_margin']:.1e}) | {fmt(r.get('clip_frac'), '.2f')} | "
             f"{'yes' if r['correct'] else 'no: ' + ', '.join(r['not_correct_because'])} |")
     fastest = report.get("fastest_correct_lora_setting")
     lines += ["", f"- the fastest correct LoRA setting (finite, |log ρ| <= {MAX_LOG_RATIO:g}): " + (
