@@ -79,8 +79,9 @@ def steady_timeout(cfg, iteration_seconds, world):
     """After start-up (weights broadcast, prompts encoded) a collective waits max(steady_timeout, 3 iterations), not
     dist_timeout: a hung rank then ends the run in minutes and torchrun restarts it (NCCL's watchdog aborts at it)."""
     seconds = max(cfg.steady_timeout, 3 * iteration_seconds)
-    if world > 1:
-        dist.set_timeout(timedelta(seconds=seconds))
+    if world > 1:  # dist.set_timeout is torch 2.14's name; the GPUs' 2.11 has only the private one (deprecated since)
+        set_timeout = getattr(dist, "set_timeout", None) or dist.distributed_c10d._set_pg_timeout
+        set_timeout(timedelta(seconds=seconds))
     return seconds
 
 
