@@ -201,6 +201,8 @@ def resume_state(cfg, out, rank=0, world=1):
     restarts the same command continues from the latest checkpoint by itself (or starts over if none was written):
     the largest count of any rank, as a node restarted for another's failure counts none (elastic/agent/server/api.py)."""
     pointer, restart = out / "checkpoints" / "latest", max(all_gather_objects(restart_count(), world))
+    refused = out / ".refused"  # the first round refused this out_dir: its restarts (exit 2 counts) refuse it too
+    restart = 0 if refused.exists() else restart
     if cfg.resume and not pointer.exists():
         raise CheckpointError(f"resume: out_dir={out} holds no checkpoint; drop --resume to start a new run")
     try:
@@ -208,9 +210,11 @@ def resume_state(cfg, out, rank=0, world=1):
     except OSError as e:
         raise CheckpointError(f"out_dir={out}: cannot be created ({e.strerror}); pass a directory this user can write")
     if not (cfg.resume or restart) and (out / "log.jsonl").exists() and not cfg.overwrite:
+        refused.touch()  # by every rank: whichever exits first leaves it for torchrun's restart
         raise CheckpointError(f"out_dir={out}: already holds a run (log.jsonl); pass --resume to continue it, "
                               "--overwrite to replace it, or another --out_dir")
     path = pointer.parent / pointer.read_text().strip() if (cfg.resume or restart) and pointer.exists() else None
+    refused.unlink(missing_ok=True)
     if restart and rank == 0:
         print(restart_line(restart, out, path))
     return path

@@ -96,8 +96,10 @@ def fp8_gemm_rate(device):
     a, b = (torch.randn(n, n, device=device).to(fp8) for _ in range(2))
     scale_a, scale_b = torch.ones(n, 1, device=device), torch.ones(1, n, device=device)
     try:
-        return 2 * n**3 / bench.timed(lambda: torch._scaled_mm(a, b.t(), scale_a, scale_b, out_dtype=torch.bfloat16),
-                                      device, 20)
+        # fast accumulation: Float8Linear's forward (torchao's gemm_config_output); without it the rowwise kernel
+        # is the slow one torchao avoids (float8_ops.addmm_float8_unwrapped), and the rate would understate FP8
+        return 2 * n**3 / bench.timed(lambda: torch._scaled_mm(a, b.t(), scale_a, scale_b, out_dtype=torch.bfloat16,
+                                                               use_fast_accum=True), device, 20)
     except RuntimeError:  # no FP8 tensor cores here
         return None
 

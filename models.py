@@ -544,12 +544,26 @@ def convert_fp8(transformer, device):
     all-gather takes tensorwise scales only: a whole batch's). update_numerics switches them to high precision."""
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
+    if device.type == "cpu" and not cpu_rowwise_fp8():  # else an internal assert in the first FP8 matmul
+        raise ModelError(f"fp8 on a CPU: torch {torch.__version__}'s CPU matmul takes per-tensor FP8 scales only, not "
+                         "rowwise ones (torch 2.14's does); run --fp8 on a GPU (Hopper, Ada) or with the pinned torch")
     convert_to_float8_training(transformer, module_filter_fn=lambda m, name: fp8_layer(m, name, device),
                                config=Float8LinearConfig.from_recipe_name("rowwise"))
     for m in transformer.modules():
         if type(m).__name__ == "Float8Linear":
             m.__class__ = switchable_float8_linear()  # the same module and weights, with a high-precision path
     return transformer
+
+
+@functools.cache
+def cpu_rowwise_fp8():
+    """Whether this torch's CPU torch._scaled_mm takes rowwise scales (2.14's does; 2.11's asserts per-tensor only)."""
+    a = torch.ones(16, 16).to(torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(a, a.t(), torch.ones(16, 1), torch.ones(1, 16), out_dtype=torch.bfloat16)
+        return True
+    except RuntimeError:
+        return False
 
 
 @functools.cache

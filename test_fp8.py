@@ -13,6 +13,7 @@ from conftest import tiny_cfg
 
 SMALL = ["--rewards=brightness", "--eval_every=0", "--sample_every=0", "--group_size=4", "--num_steps=3",
          "--num_train_steps=2", "--num_anchors=2", "--update_batch_size=2"]
+CPU_FP8 = pytest.mark.skipif(not models.cpu_rowwise_fp8(), reason="this torch's CPU _scaled_mm has no rowwise scales")
 
 
 def fp8_iteration(*args):
@@ -31,6 +32,7 @@ def float8_layers(model):
     return {name for name, m in model.named_modules() if type(m).__name__ == "SwitchableFloat8Linear"}
 
 
+@CPU_FP8
 def test_fp8_converts_the_blocks_linears_and_leaves_modulation_embedders_and_adapters_alone():
     run = ng.build(tiny_cfg(None, *SMALL, "--fp8=all", "--lora_rank=4", "--lora_alpha=8"))
     converted = float8_layers(run.model)
@@ -49,6 +51,7 @@ def test_fp8_converts_the_blocks_linears_and_leaves_modulation_embedders_and_ada
     assert not models.fp8_layer(linear(32, 32), "transformer_blocks.0.attn.to_q", cuda)  # N <= 2048: slower in FP8
 
 
+@CPU_FP8
 def test_a_frozen_fp8_layer_gives_torchaos_output_and_input_gradient_without_the_weights():
     """LoRA's base: only the input's gradient is computed (and only the weight kept), bit for bit torchao's."""
     x, out = torch.randn(3, 10, 64, generator=torch.Generator().manual_seed(0)), []
@@ -65,7 +68,8 @@ def test_a_frozen_fp8_layer_gives_torchaos_output_and_input_gradient_without_the
     assert out[0][2] is not None and out[1][2] is None
 
 
-@pytest.mark.parametrize("mode", ["", "rollout", "all", "rollout+lora", "all+lora"])
+@pytest.mark.parametrize("mode", ["", *(pytest.param(m, marks=CPU_FP8) for m in ("rollout", "all", "rollout+lora",
+                                                                                  "all+lora"))])
 def test_rho_is_one_at_theta_old_to_round_off_in_every_fp8_mode(mode):
     """lr = 0: every anchor is at theta_old, so every ratio is 1 to round-off and none is clipped; "rollout"'s FP8
     rollout is scored against pi_old's anchors recomputed in the update's precision (old_anchors)."""
@@ -75,6 +79,7 @@ def test_rho_is_one_at_theta_old_to_round_off_in_every_fp8_mode(mode):
     assert all(torch.isfinite(g).all() and g.norm() > 0 for g in steps)  # a gradient through the FP8 layers
 
 
+@CPU_FP8
 def test_fp8_changes_the_rollout_and_a_gradient_step_trains():
     _, states, _, _ = fp8_iteration("--fp8=", "--lr=0")
     run, fp8_states, stats, steps = fp8_iteration("--fp8=all", "--lr=1e-2")
@@ -85,12 +90,21 @@ def test_fp8_changes_the_rollout_and_a_gradient_step_trains():
     assert stats["skipped_steps"] == 0 and len(steps) == 2 and stats["first_anchor_abs_log_ratio"] <= 1e-6
 
 
+@CPU_FP8
 def test_an_fp8_anchor_against_a_full_precision_update_clips_most_ratios(monkeypatch):
     """What old_anchors prevents: pi_old's anchor from the FP8 rollout, the update in fp32. At theta_old (lr = 0) the
     ratios move by the FP8 error; with the literal eq. 8 (summed distances) that is far beyond the 1e-4 clip."""
     monkeypatch.setattr(ng, "old_anchors", lambda *args: None)
     _, _, stats, _ = fp8_iteration("--fp8=rollout", "--lr=0", "--distance_reduction=sum")
     assert stats["first_anchor_abs_log_ratio"] > 100 * 1e-4 and stats["clip_frac"] >= 0.5
+
+
+def test_fp8_on_a_cpu_whose_torch_lacks_rowwise_scales_is_refused_in_one_line(monkeypatch):
+    """torch 2.11 (the GPUs' image) scales FP8 per tensor only on a CPU: a ModelError before any FP8 call, not an
+    internal assert mid-rollout."""
+    monkeypatch.setattr(models, "cpu_rowwise_fp8", lambda: False)
+    with pytest.raises(models.ModelError, match="per-tensor FP8 scales only"):
+        ng.build(tiny_cfg(None, *SMALL, "--fp8=all"))
 
 
 def test_fp8_with_an_nf4_base_is_refused_in_one_line():

@@ -985,6 +985,10 @@ def test_a_restarted_worker_continues_by_itself_in_one_line_and_a_plain_rerun_st
         monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT")
         with pytest.raises(checkpoints.CheckpointError, match="already holds a run"):
             ng.train(tiny_cfg(out, *args))
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # torchrun restarts the refused round: refused again
+        with pytest.raises(checkpoints.CheckpointError, match="already holds a run"):
+            ng.train(tiny_cfg(out, *args))
+        monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT")
 
 
 def test_ckpt_minutes_checkpoints_on_time_or_every_ckpt_every_whichever_comes_first(tmp_path, monkeypatch):
