@@ -200,9 +200,9 @@ def resume_state(cfg, out, rank=0, world=1):
     """The checkpoint --resume continues from, after refusing to overwrite a run or to resume nothing. Under torchrun's
     restarts the same command continues from the latest checkpoint by itself (or starts over if none was written):
     the largest count of any rank, as a node restarted for another's failure counts none (elastic/agent/server/api.py)."""
-    pointer, restart = out / "checkpoints" / "latest", max(all_gather_objects(restart_count(), world))
-    refused = out / ".refused"  # the first round refused this out_dir: its restarts (exit 2 counts) refuse it too
-    restart = 0 if refused.exists() else restart
+    pointer, refused = out / "checkpoints" / "latest", out / ".refused"  # a refused round's restarts refuse it too
+    seen = all_gather_objects((restart_count(), refused.exists()), world)  # one decision for every rank
+    restart = 0 if any(r for _, r in seen) else max(n for n, _ in seen)
     if cfg.resume and not pointer.exists():
         raise CheckpointError(f"resume: out_dir={out} holds no checkpoint; drop --resume to start a new run")
     try:
