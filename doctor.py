@@ -494,13 +494,11 @@ def sized(args, parse, capacity, most):
 
 
 def memory_batch(fields, capacity):
-    """The largest update_batch_size (4, 2, 1) a run at FLUX.1-dev's 19 + 38 blocks fits on this GPU with these
-    levers (preflight), so that the lever measures what a real run here would use."""
-    for batch in (4, 2, 1):
-        cfg = ng.parse_config(["--preset=flux-dev-lora", *SMALL, *as_args({**fields, "update_batch_size": batch})])
-        if capacity is None or prediction(cfg) <= capacity:
-            return batch
-    return 1
+    """The largest update_batch_size a run at FLUX.1-dev's 19 + 38 blocks fits on this GPU with these levers, as
+    update_batch_size=auto decides it (preflight.largest_update_batch): the lever measures what a run here uses."""
+    cfg = ng.parse_config(["--preset=flux-dev-lora", *SMALL, *as_args({**fields, "update_batch_size": 0})])
+    sizes = flux.model_sizes(cfg.model_path)
+    return preflight.largest_update_batch(cfg, sizes, flux.transformer_config(**sizes), 1, capacity, False)
 
 
 def timed_check(name, label, recipe, fields, device, capacity, most, method="neighbor", **spec):
