@@ -52,6 +52,14 @@ def all_mean(values, world, device):
     return dict(zip(values, (t / world).tolist()))
 
 
+def all_max(value, world, device):
+    """The largest of a float over ranks: one decision every rank takes alike."""
+    t = torch.tensor([float(value)], device=device)
+    if world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
 def barrier(world):
     if world > 1:
         dist.barrier()
@@ -111,12 +119,10 @@ class Checkpointer:
     def due(self, iteration):
         """Collective: whether to checkpoint after `iteration` iterations (the last one is saved by the loop's end)."""
         self.commit(wait=False)
-        minutes = torch.tensor([(monotonic() - self.last) / 60], device=self.run.device)
-        if self.run.world > 1:
-            dist.all_reduce(minutes, op=dist.ReduceOp.MAX)
+        minutes = all_max((monotonic() - self.last) / 60, self.run.world, self.run.device)
         every, limit = self.cfg.ckpt_every, self.cfg.ckpt_minutes
-        return iteration < self.cfg.iterations and bool(
-            (every and iteration % every == 0) or (limit and minutes.item() >= limit))
+        due = (every and iteration % every == 0) or (limit and minutes >= limit)
+        return iteration < self.cfg.iterations and bool(due)
 
     def save(self, iteration, guard_state, wait=False):
         self.commit(wait=True)  # one write at a time
@@ -267,10 +273,7 @@ class Preemption:
         self.signal = signal.Signals(signum).name
 
     def __call__(self, world, device):
-        flag = torch.tensor([float(self.signal is not None)], device=device)
-        if world > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return bool(all_max(self.signal is not None, world, device))
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():

@@ -36,8 +36,9 @@ class RunLog:
             self.wandb = importlib.import_module("wandb")
             self.wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg), dir=self.out, resume="allow",
                             id=cfg.wandb_id or None)
-        print(f"{run.method.describe(cfg)} | {code} | {cfg.model_path} | {run.world} process(es) x {cfg.groups_per_rank} "
-              f"group(s) | G={cfg.group_size} T={cfg.num_steps} K={cfg.num_train_steps} | start at iteration {run.start}")
+        print(f"{run.method.describe(cfg)} | {code} | {cfg.model_path} | {run.world} process(es) x "
+              f"{cfg.groups_per_rank} group(s) | G={cfg.group_size} T={cfg.num_steps} K={cfg.num_train_steps} | "
+              f"start at iteration {run.start}")
 
     def evaluation(self, it, summary, n, guard):
         """summary: {reward: mean, se, ...} of the held-out prompts; guard: the guard's decision (neighbor_grpo.guard)."""
