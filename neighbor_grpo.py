@@ -486,7 +486,7 @@ def update_stats(terms, norms, steps):
 
 def make_group(run, cfg, prompt, gen, lap=lambda phase: None):
     """One prompt's group: rolled out with theta_old (the method's rollout), decoded and scored, then given its
-    advantages and what it trains (the method's group); lap(phase) times the two phases."""
+    advantages and what it trains (the method's group); lap(phase) times each phase (and fp8=rollout's old_anchors)."""
     cond = encode_prompt(run.pipe, prompt, cfg, run.cache)
     states, old = run.method.rollout(run.pipe, cond, cfg, run.grid, gen, run.dtype)
     lap("rollout")
